@@ -1,0 +1,251 @@
+"""The worker side of supervision: environment contract, heartbeats, parent watch.
+
+Any torchrun script can take part in a supervised run in two or three lines::
+
+    from trainer import supervised
+    env = supervised.from_env()          # None when not supervised
+    supervised.guard_parent()            # exit when the supervisor (or torchrun) is gone
+    beat = supervised.Heartbeat(rank)    # no-op when not supervised
+    beat(step, phase="train")            # throttled; always written on a phase change
+
+The supervisor sets the ``ROSE_*`` variables documented in ``docs/architecture.md``; this module
+only reads them. It imports nothing heavy (no torch), so tiny scripts start fast.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_RUN_DIR = "ROSE_RUN_DIR"
+ENV_ATTEMPT = "ROSE_ATTEMPT"
+ENV_RESUME_FROM = "ROSE_RESUME_FROM"
+ENV_HEARTBEAT_DIR = "ROSE_HEARTBEAT_DIR"
+ENV_SUPERVISOR_PID = "ROSE_SUPERVISOR_PID"
+
+PHASES = ("startup", "train", "eval", "checkpoint", "done")
+"""The phases a heartbeat may report (see the heartbeat contract)."""
+
+ORPHAN_EXIT_CODE = 1
+"""Exit status of a worker that found its supervisor or torchrun gone."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class SupervisedEnv:
+    """What the supervisor told this worker."""
+
+    run_dir: Path
+    """Absolute run directory."""
+    attempt: int
+    """Attempt number, 1-based."""
+    resume_from: Path | None
+    """Checkpoint directory every rank must load, or None for a fresh start."""
+    heartbeat_dir: Path
+    """Where ``rank-<R>.json`` heartbeats go."""
+    supervisor_pid: int
+    """The supervisor's pid."""
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> SupervisedEnv | None:
+    """Read the supervisor's environment contract.
+
+    Returns None when ``ROSE_RUN_DIR`` is unset or empty (the run is not supervised).
+    Raises ValueError, naming the variable, when a variable is present but malformed.
+    """
+    env = os.environ if environ is None else environ
+    run_dir = env.get(ENV_RUN_DIR, "")
+    if not run_dir:
+        return None
+    attempt = _int_var(env, ENV_ATTEMPT, default=1)
+    if attempt < 1:
+        raise ValueError(f"{ENV_ATTEMPT}={attempt} is not a positive attempt number")
+    resume = env.get(ENV_RESUME_FROM, "")
+    heartbeat_dir = env.get(ENV_HEARTBEAT_DIR, "") or os.path.join(run_dir, "heartbeats")
+    return SupervisedEnv(
+        run_dir=Path(run_dir).absolute(),
+        attempt=attempt,
+        resume_from=Path(resume).absolute() if resume else None,
+        heartbeat_dir=Path(heartbeat_dir).absolute(),
+        supervisor_pid=_int_var(env, ENV_SUPERVISOR_PID, default=0),
+    )
+
+
+def _int_var(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only).
+
+    Returns True when armed, False where prctl is unavailable. Never raises.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is dead for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+_guard_started = False
+_guard_lock = threading.Lock()
+
+
+def guard_parent(poll_interval: float = 0.5) -> bool:
+    """Make this worker exit when its supervisor or its parent (torchrun) is gone: no orphans.
+
+    Arms the parent-death signal (SIGKILL) where Linux offers it, and starts one daemon thread
+    that checks every ``poll_interval`` seconds that the parent is unchanged and that
+    ``ROSE_SUPERVISOR_PID`` is alive, and calls ``os._exit(ORPHAN_EXIT_CODE)`` when not. The
+    thread watches liveness only; progress is reported by heartbeats from the training loop.
+    Idempotent. Returns True when armed, False when not supervised (then it does nothing).
+    """
+    global _guard_started
+    env = from_env()
+    if env is None:
+        return False
+    with _guard_lock:
+        if _guard_started:
+            return True
+        parent = os.getppid()
+        set_parent_death_signal(signal.SIGKILL)
+        # The parent may have died before prctl took effect; then we were re-parented already.
+        supervisor = env.supervisor_pid
+        if parent == 1 or (supervisor and not _pid_alive(supervisor)):
+            os._exit(ORPHAN_EXIT_CODE)
+        thread = threading.Thread(
+            target=_watch_parent,
+            args=(parent, supervisor, poll_interval),
+            name="rose-guard-parent",
+            daemon=True,
+        )
+        thread.start()
+        _guard_started = True
+    return True
+
+
+def _watch_parent(parent: int, supervisor: int, poll_interval: float) -> None:
+    while True:
+        time.sleep(poll_interval)
+        if os.getppid() != parent or (supervisor and not _pid_alive(supervisor)):
+            try:
+                sys.stderr.write(
+                    f"rank process {os.getpid()}: supervisor or torchrun is gone; exiting\n"
+                )
+                sys.stderr.flush()
+            finally:
+                os._exit(ORPHAN_EXIT_CODE)
+
+
+class Heartbeat:
+    """Per-rank progress reports for the supervisor's hang detection.
+
+    ``beat(step, phase)`` replaces ``heartbeats/rank-<R>.json`` atomically. Writes are throttled to
+    one per ``min_interval`` seconds unless the phase changes, so calling it every step costs
+    nothing measurable. Call it from the training loop itself: a beat from a background thread
+    would hide a stuck loop. A no-op when the run is not supervised.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        *,
+        min_interval: float = 0.2,
+        env: SupervisedEnv | None = None,
+    ) -> None:
+        """Prepare rank ``rank``'s heartbeat; ``env`` defaults to :func:`from_env`.
+
+        Raises ValueError for a negative rank or interval.
+        """
+        if rank < 0:
+            raise ValueError(f"rank={rank} must be >= 0")
+        if min_interval < 0:
+            raise ValueError(f"min_interval={min_interval} must be >= 0")
+        self.rank = rank
+        self.min_interval = min_interval
+        self.env = env if env is not None else from_env()
+        self._pid = os.getpid()
+        self._last_time = float("-inf")
+        self._last_phase: str | None = None
+        self._last_step: int | None = None
+        self._dir_ready = False
+        if self.env is not None:
+            self.path: Path | None = self.env.heartbeat_dir / f"rank-{rank}.json"
+            self._tmp = self.env.heartbeat_dir / f".rank-{rank}.json.{self._pid}.tmp"
+        else:
+            self.path = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when the run is supervised and beats are written."""
+        return self.env is not None
+
+    def __call__(self, step: int, phase: str = "train") -> bool:
+        """Report ``step`` completed optimizer steps in ``phase``.
+
+        Returns True when a file was written, False when throttled or unsupervised.
+        Raises ValueError for an unknown phase. I/O errors are swallowed: a full disk must not
+        stop training (the supervisor then sees a stale heartbeat and treats it as a hang).
+        """
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r} is not one of {', '.join(PHASES)}")
+        if self.env is None:
+            return False
+        now = time.monotonic()
+        if phase == self._last_phase and now - self._last_time < self.min_interval:
+            return False
+        record = {
+            "rank": self.rank,
+            "pid": self._pid,
+            "attempt": self.env.attempt,
+            "step": int(step),
+            "phase": phase,
+            "time": time.time(),
+        }
+        try:
+            if not self._dir_ready:
+                self.env.heartbeat_dir.mkdir(parents=True, exist_ok=True)
+                self._dir_ready = True
+            with open(self._tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record))
+            os.replace(self._tmp, self.path)  # type: ignore[arg-type]
+        except OSError:
+            return False
+        self._last_time = now
+        self._last_phase = phase
+        self._last_step = int(step)
+        return True
+
+    beat = __call__
