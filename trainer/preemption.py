@@ -1,0 +1,62 @@
+"""Preemption inside a worker: SIGTERM or SIGUSR1 asks the run to stop after the current step.
+
+The signal handler only sets a flag (acting inside a handler could interrupt a collective or a
+checkpoint write halfway). Once per step the ranks agree on the flag with one tiny all-reduce
+(MAX), so every rank stops after the same step even when only one of them was signalled. A
+second signal means "now": the process dies of that signal at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preemption:
+    """Watches for SIGTERM/SIGUSR1 once `install()` is called."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Take over SIGTERM and SIGUSR1 (main thread only, as Python requires)."""
+        for sig in PREEMPT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Give SIGTERM and SIGUSR1 back to the handlers they had before `install()`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            # Second signal: the caller has lost patience. Die of the signal itself, so the parent
+            # sees exactly what happened, and skip every cleanup that could block.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process has received a preemption signal."""
+        return self.signum is not None
+
+    def agreed(self, device: torch.device | str = "cpu") -> bool:
+        """Whether any rank has been asked to stop; every rank gets the same answer.
+
+        A collective: in a distributed run every rank must call it at the same point of each step.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
