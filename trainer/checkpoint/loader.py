@@ -1,0 +1,142 @@
+"""Load a verified checkpoint into a model, optimizer and grad scaler without running its code.
+
+Tensors come from safetensors files (a header of JSON plus raw bytes: there is nothing to execute);
+everything else is JSON. A payload that is not a safetensors file — a pickle, say — is refused
+before any of it is interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from . import state as st
+from .errors import CheckpointIncompatible, CheckpointInvalid
+from .layout import MODEL_FILE, OPTIM_FILE, STATE_FILE
+from .verify import verify
+
+
+def _device(map_location: Any) -> str:
+    if map_location is None:
+        return "cpu"
+    if isinstance(map_location, (str, torch.device)):
+        return str(map_location)
+    raise TypeError(f"map_location must be a device string or torch.device, got {map_location!r}")
+
+
+def _read_tensors(ckpt: Path, name: str, device: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(ckpt / name, device=device)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointInvalid(f"{name} is not a readable safetensors file ({e})", ckpt) from e
+
+
+def _check_model(
+    expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], ckpt: Path
+) -> None:
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(saved)
+        if tuple(saved[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if shapes:
+        problems.append("shape mismatch: " + "; ".join(shapes))
+    if missing:
+        problems.append("missing from checkpoint: " + ", ".join(missing))
+    if unexpected:
+        problems.append("not in model: " + ", ".join(unexpected))
+    if problems:
+        raise CheckpointIncompatible(f"{ckpt} does not fit this model — " + " | ".join(problems))
+
+
+def load(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    map_location: Any = "cpu",
+) -> dict[str, Any]:
+    """Verify checkpoint directory ``path``, load it into the objects given, return its manifest.
+
+    ``model`` may be DDP-wrapped. The loaded parameters are checked against the manifest's
+    ``params_sha256``. Raises CheckpointInvalid (fails verification or a payload is not
+    safetensors/JSON), CheckpointIncompatible (tensor names or shapes differ from the model or
+    optimizer — the message names them — or a newer format version).
+    """
+    ckpt = Path(path)
+    man = verify(ckpt)
+    device = _device(map_location)
+    try:
+        saved_state = json.loads((ckpt / STATE_FILE).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointInvalid(f"{STATE_FILE} is not valid JSON ({e})", ckpt) from e
+    tensors = _read_tensors(ckpt, MODEL_FILE, device)
+    for name, target in (saved_state.get("model_aliases") or {}).items():
+        if target not in tensors:
+            raise CheckpointInvalid(f"{STATE_FILE} aliases {name} to missing tensor {target}", ckpt)
+        tensors[name] = tensors[target]
+    inner = st.unwrap(model)
+    _check_model(st.model_state(inner), tensors, ckpt)
+    inner.load_state_dict(tensors, strict=True)
+    if st.params_sha256(inner) != man["params_sha256"]:
+        raise CheckpointInvalid("loaded parameters do not match params_sha256", ckpt)
+
+    need_extra = (optimizer is not None and saved_state.get("optimizer") is not None) or (
+        scaler is not None and saved_state.get("scaler") is not None
+    )
+    extra = (
+        _read_tensors(ckpt, OPTIM_FILE, device) if need_extra and OPTIM_FILE in man["files"] else {}
+    )
+    if optimizer is not None:
+        skeleton = saved_state.get("optimizer")
+        if skeleton is None:
+            raise CheckpointIncompatible(
+                f"{ckpt} holds no optimizer state, but an optimizer was given"
+            )
+        try:
+            osd = st.decode(skeleton, extra)
+        except KeyError as e:
+            raise CheckpointInvalid(f"optimizer state refers to missing tensor {e}", ckpt) from e
+        _check_optimizer(optimizer, osd, ckpt)
+        try:
+            optimizer.load_state_dict(osd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointIncompatible(
+                f"{ckpt}: optimizer state does not fit this optimizer: {e}"
+            ) from e
+    if scaler is not None and saved_state.get("scaler") is not None:
+        scaler.load_state_dict(st.decode(saved_state["scaler"], extra))
+    return man
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, osd: dict[str, Any], ckpt: Path) -> None:
+    """Name optimizer state tensors whose shapes differ from the parameter they belong to."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_ids = [i for g in osd.get("param_groups", []) for i in g.get("params", [])]
+    if len(saved_ids) != len(params):
+        raise CheckpointIncompatible(
+            f"{ckpt}: optimizer has {len(params)} parameters, checkpoint has {len(saved_ids)}"
+        )
+    by_id = dict(zip(saved_ids, params, strict=True))
+    bad = []
+    for pid, pstate in (osd.get("state") or {}).items():
+        p = by_id.get(pid)
+        if p is None or not isinstance(pstate, dict):
+            continue
+        for key, v in pstate.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                bad.append(
+                    f"state[{pid}].{key}: checkpoint {tuple(v.shape)} vs parameter {tuple(p.shape)}"
+                )
+    if bad:
+        raise CheckpointIncompatible(f"{ckpt}: optimizer state does not fit — " + "; ".join(bad))

@@ -1,0 +1,261 @@
+"""``CheckpointStore``: the trainer's handle on its run directory's checkpoints.
+
+Saving is asynchronous by default. ``save()`` blocks only while the state is copied to host
+memory; a background *thread* then serialises, hashes, writes, fsyncs and commits. A thread was
+chosen over a process after measuring both (docs/checkpoints.md, "Benchmarks"): the heavy parts
+(file writes, fsync, sha256) release the GIL, and a process would need the same host copy plus a
+hand-over through shared memory. At most one save is in flight; the next ``save()`` waits for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import fsio, manifest
+from .commit import write_checkpoint
+from .errors import CheckpointError, CheckpointInvalid, CheckpointWriteFailed
+from .layout import checkpoints_dir, step_name
+from .lock import WriterLock
+from .retention import RetentionPolicy, prune
+from .state import Snapshot, capture
+from .verify import EventSink, emit, quarantine, remove_stale_work_dirs, step_dirs, verify, warn
+
+#: Preflight wants this much more free space than the checkpoint itself needs.
+PREFLIGHT_MARGIN = 1.05
+
+
+class CheckpointStore:
+    """Saves checkpoints into ``RUN_DIR/checkpoints``; only the writer (global rank 0) writes.
+
+    Args:
+        run_dir: the run directory (``checkpoints/`` is created inside it).
+        is_writer: True on exactly one process (global rank 0). Other ranks get a store whose
+            methods return at once, so every rank can run the same code.
+        keep_last, keep_every: retention, see :class:`RetentionPolicy`.
+        async_save: write in a background thread (default) or inside ``save()``.
+        fail_fatal: a failed write raises CheckpointWriteFailed from the next ``save()``,
+            ``wait()`` or ``close()`` (from ``save()`` itself when synchronous); otherwise it is
+            reported (``on_event`` + stderr) and training goes on.
+        on_event: called with one dict per event (``checkpoint_saved``, ``checkpoint_write_failed``,
+            ``checkpoint_pruned``…); may be called from the background thread.
+
+    Raises CheckpointLocked when another process holds the writer lock, ValueError for bad
+    arguments.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        is_writer: bool,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        async_save: bool = True,
+        fail_fatal: bool = False,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = checkpoints_dir(run_dir)
+        self.policy = RetentionPolicy(keep_last=keep_last, keep_every=keep_every)
+        self.is_writer = bool(is_writer)
+        self.async_save = bool(async_save)
+        self.fail_fatal = bool(fail_fatal)
+        self.on_event = on_event
+        self.last_path: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: CheckpointWriteFailed | None = None
+        self._closed = False
+        self._last_size: int | None = None
+        self._known_valid: set[Path] = set()
+        self._lock: WriterLock | None = None
+        if not self.is_writer:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = WriterLock(self.dir)
+        self._lock.acquire()
+        # We hold the lock, so no other writer lives: every temp dir not ours is debris.
+        remove_stale_work_dirs(self.dir, on_event, all_but_self=True)
+        for _, path in step_dirs(self.dir):
+            self._last_size = fsio.dir_size(path)
+            break
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scaler: Any,
+        train_state: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
+    ) -> None:
+        """Checkpoint ``step``; returns once the state is in host memory (async) or committed.
+
+        Waits first for the previous save. Raises CheckpointWriteFailed (``fail_fatal`` only) for
+        this or an earlier failed write, ValueError when ``train_state``/``meta`` are not JSON,
+        CheckpointError when the store is closed.
+        """
+        if not self.is_writer:
+            return
+        if self._closed:
+            raise CheckpointError("save() on a closed CheckpointStore")
+        manifest.check_meta(meta or {})
+        self.wait()
+        snap = capture(step, model, optimizer, scaler, train_state, meta)
+        if not self.async_save:
+            self._write(snap)
+            self._raise_failure()
+            return
+        self._thread = threading.Thread(
+            target=self._write, args=(snap,), name=f"checkpoint-{step_name(step)}", daemon=False
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) has committed or failed.
+
+        Raises CheckpointWriteFailed when it failed and ``fail_fatal`` is set (once per failure).
+        """
+        t = self._thread
+        if t is not None:
+            t.join()
+            self._thread = None
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Wait for the last save, then release the writer lock. Idempotent.
+
+        Raises CheckpointWriteFailed like :meth:`wait`; the lock is released either way.
+        """
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a background save is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the writing side ---------------------------------------------------------------------
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None and self.fail_fatal:
+            raise failure
+
+    def _write(self, snap: Snapshot) -> None:
+        started = time.monotonic()
+        try:
+            self._preflight(snap)
+            final = self.dir / step_name(snap.step)
+            if final.exists() and self._exists_valid(final, snap.step):
+                return
+            path, _ = write_checkpoint(self.dir, snap)
+        except BaseException as e:  # noqa: B036 - reported, re-raised via fail_fatal
+            self._report_failure(snap.step, e)
+            return
+        size = fsio.dir_size(path)
+        self._last_size = size
+        self.last_path = path
+        self._known_valid.add(path)
+        emit(
+            self.on_event,
+            {
+                "type": "checkpoint_saved",
+                "step": snap.step,
+                "path": str(path),
+                "bytes": size,
+                "seconds": round(time.monotonic() - started, 4),
+            },
+        )
+        try:
+            prune(self.dir, self.policy, self.on_event, is_valid=self._is_valid_cached)
+        except OSError as e:
+            warn(
+                self.on_event,
+                f"checkpoint pruning failed: {e}",
+                {"type": "checkpoint_prune_failed", "error": str(e)},
+            )
+
+    def _exists_valid(self, final: Path, step: int) -> bool:
+        """A checkpoint of this step is already there: keep it if it verifies, else set it aside."""
+        try:
+            verify(final)
+        except CheckpointInvalid as e:
+            dest = quarantine(final, e.reason)
+            warn(
+                self.on_event,
+                f"checkpoint {final} is invalid ({e.reason}); moved to {dest}",
+                {
+                    "type": "checkpoint_quarantined",
+                    "path": str(final),
+                    "to": str(dest),
+                    "reason": e.reason,
+                },
+            )
+            return False
+        emit(self.on_event, {"type": "checkpoint_exists", "step": step, "path": str(final)})
+        self.last_path = final
+        return True
+
+    def _preflight(self, snap: Snapshot) -> None:
+        need = int(max(self._last_size or 0, snap.nbytes) * PREFLIGHT_MARGIN)
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"not enough free space for checkpoint {step_name(snap.step)}: "
+                f"{free} bytes free in {self.dir}, about {need} needed",
+            )
+
+    def _report_failure(self, step: int, e: BaseException) -> None:
+        code = getattr(e, "errno", None)
+        kind = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+        what = f"{kind}: {e}" if kind else f"{type(e).__name__}: {e}"
+        warn(
+            self.on_event,
+            f"checkpoint {step_name(step)} was not written ({what}); older checkpoints are intact"
+            + ("" if self.fail_fatal else ", training goes on"),
+            {
+                "type": "checkpoint_write_failed",
+                "step": step,
+                "errno": kind or None,
+                "error": str(e),
+            },
+        )
+        failure = CheckpointWriteFailed(
+            f"checkpoint {step_name(step)} could not be written: {what}"
+        )
+        failure.__cause__ = e
+        self._failure = failure
+
+    def _is_valid_cached(self, path: Path) -> bool:
+        if path in self._known_valid:
+            return True
+        try:
+            verify(path)
+        except CheckpointError:
+            return False
+        self._known_valid.add(path)
+        return True

@@ -1,0 +1,235 @@
+"""Decide which checkpoints are valid: verify, find the newest valid, quarantine, clean temp dirs.
+
+Validity is decided here and only here: a checkpoint is valid when its manifest parses and passes
+its self-hash, its format version is one this code reads, its step matches its directory name, and
+every file it lists is present with the listed size and sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import fsio, manifest
+from .errors import CheckpointIncompatible, CheckpointInvalid
+from .layout import (
+    MODEL_FILE,
+    QUARANTINE,
+    REASON_FILE,
+    STATE_FILE,
+    checkpoints_dir,
+    parse_step,
+    parse_work_name,
+    this_host,
+)
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def verify(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the manifest of the checkpoint directory ``path`` if every check passes.
+
+    Raises CheckpointInvalid(reason) when it does not verify, and CheckpointIncompatible when it
+    was written in a newer format than this code reads (valid, but not ours to judge).
+    """
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise CheckpointInvalid("not a directory" if ckpt.exists() else "does not exist", ckpt)
+    man = manifest.read(ckpt)
+    dir_step = parse_step(ckpt.name)
+    if dir_step is not None and dir_step != man["step"]:
+        raise CheckpointInvalid(
+            f"manifest says step {man['step']} but directory is {ckpt.name}", ckpt
+        )
+    files = man["files"]
+    for required in (MODEL_FILE, STATE_FILE):
+        if required not in files:
+            raise CheckpointInvalid(f"manifest lists no {required}", ckpt)
+    for name, info in sorted(files.items()):
+        if "/" in name or name in ("", ".", ".."):
+            raise CheckpointInvalid(f"manifest lists a file outside the checkpoint: {name!r}", ckpt)
+        f = ckpt / name
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointInvalid(f"missing file {name}", ckpt) from None
+        if not isinstance(info, dict) or size != info.get("size"):
+            want = info.get("size") if isinstance(info, dict) else None
+            raise CheckpointInvalid(f"{name} is {size} bytes, manifest says {want}", ckpt)
+        if fsio.file_sha256(f) != info.get("sha256"):
+            raise CheckpointInvalid(f"{name} sha256 does not match the manifest", ckpt)
+    return man
+
+
+def _emit(on_event: EventSink | None, event: dict[str, Any]) -> None:
+    event = {"type": event.pop("type"), "time": time.time(), **event}
+    if on_event is not None:
+        try:
+            on_event(event)
+        except Exception as e:  # a broken logger must not stop recovery
+            print(f"warning: checkpoint event handler failed: {e!r}", file=sys.stderr)
+
+
+def warn(on_event: EventSink | None, message: str, event: dict[str, Any]) -> None:
+    """Print one warning line to stderr and pass ``event`` to ``on_event``."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+    _emit(on_event, event)
+
+
+def emit(on_event: EventSink | None, event: dict[str, Any]) -> None:
+    """Pass ``event`` (a ``type`` key plus details) to ``on_event`` with a ``time`` stamp."""
+    _emit(on_event, dict(event))
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move the checkpoint ``path`` to ``checkpoints/quarantine/<name>[-N]/`` with REASON.txt.
+
+    Never deletes anything. Returns the new location.
+    """
+    qdir = path.parent / QUARANTINE
+    qdir.mkdir(exist_ok=True)
+    n = 0
+    while True:
+        dest = qdir / (path.name if n == 0 else f"{path.name}-{n}")
+        try:
+            # rename onto an existing empty directory would succeed: make the name ours first.
+            dest.mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        dest.rmdir()
+        path.rename(dest)
+        break
+    (dest / REASON_FILE).write_text(f"{reason}\nquarantined_at: {time.time():.3f}\n")
+    fsio.fsync_dir(qdir)
+    fsio.fsync_dir(path.parent)
+    return dest
+
+
+def _writer_alive(host: str, pid: int) -> bool:
+    # Another host's process cannot be checked from here: assume it lives (never delete its work).
+    if host != this_host():
+        return True
+    return psutil.pid_exists(pid)
+
+
+def remove_stale_work_dirs(
+    ckpt_dir: Path, on_event: EventSink | None = None, *, all_but_self: bool = False
+) -> list[Path]:
+    """Remove ``.tmp-``/``.del-`` directories whose writer is dead; return what was removed.
+
+    Rule: a directory is removed when its name matches our own pattern and the pid in it is not
+    alive on this host. With ``all_but_self`` (used by the writer that holds the writer lock, so no
+    other writer can exist) every such directory not made by this process is removed.
+    """
+    removed: list[Path] = []
+    if not ckpt_dir.is_dir():
+        return removed
+    me = os.getpid()
+    for entry in sorted(ckpt_dir.iterdir()):
+        work = parse_work_name(entry.name)
+        if work is None or not entry.is_dir():
+            continue
+        if work.host == this_host() and work.pid == me:
+            continue
+        if not all_but_self and _writer_alive(work.host, work.pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+            emit(on_event, {"type": "checkpoint_tmp_removed", "path": str(entry)})
+    return removed
+
+
+def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Committed-looking ``step-XXXXXXXX`` directories, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for entry in ckpt_dir.iterdir():
+        step = parse_step(entry.name)
+        if step is not None and entry.is_dir():
+            out.append((step, entry))
+    return sorted(out, reverse=True)
+
+
+def find_latest_valid(
+    run_dir: str | os.PathLike[str], on_event: EventSink | None = None
+) -> Path | None:
+    """The newest checkpoint under ``RUN_DIR/checkpoints`` that verifies, or None.
+
+    On the way, each invalid checkpoint newer than it is quarantined (event
+    ``checkpoint_quarantined`` with ``path``, ``to`` and ``reason``, plus a line on stderr), and
+    temp directories of dead writers are removed. A checkpoint in a newer format is skipped, not
+    quarantined (event ``checkpoint_skipped``). Never raises for a bad checkpoint; OSError from the
+    file system itself (e.g. permission denied on the directory) propagates.
+    """
+    ckpt_dir = checkpoints_dir(run_dir)
+    remove_stale_work_dirs(ckpt_dir, on_event)
+    for _, path in step_dirs(ckpt_dir):
+        try:
+            verify(path)
+            return path
+        except CheckpointIncompatible as e:
+            warn(
+                on_event,
+                f"skipping checkpoint {path}: {e}",
+                {"type": "checkpoint_skipped", "path": str(path), "reason": str(e)},
+            )
+        except CheckpointInvalid as e:
+            if not path.exists():  # pruned by a live writer while we looked: not a fault
+                continue
+            try:
+                dest = quarantine(path, e.reason)
+            except FileNotFoundError:
+                continue
+            warn(
+                on_event,
+                f"checkpoint {path} is invalid ({e.reason}); moved to {dest}",
+                {
+                    "type": "checkpoint_quarantined",
+                    "path": str(path),
+                    "to": str(dest),
+                    "reason": e.reason,
+                },
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One row of :func:`list_checkpoints`."""
+
+    step: int
+    path: Path
+    size: int
+    valid: bool
+    reason: str | None
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Every ``step-XXXXXXXX`` directory under ``RUN_DIR/checkpoints``, newest first, verified.
+
+    Read-only: nothing is quarantined or removed.
+    """
+    rows = []
+    for step, path in step_dirs(checkpoints_dir(run_dir)):
+        try:
+            verify(path)
+            valid, reason = True, None
+        except (CheckpointInvalid, CheckpointIncompatible) as e:
+            valid, reason = False, getattr(e, "reason", None) or str(e)
+        try:
+            size = fsio.dir_size(path)
+        except FileNotFoundError:
+            continue
+        rows.append(CheckpointInfo(step, path, size, valid, reason))
+    return rows
