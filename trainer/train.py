@@ -1,0 +1,475 @@
+"""Train a GPT: alone (`python trainer/train.py`) or under `torchrun ... trainer/train.py`.
+
+Exit codes (docs/architecture.md): 0 finished, 2 bad flag / data / checkpoint, 75 preempted
+(checkpoint written), 76 checkpoint write failed with --ckpt-fail-fatal, 77 another process
+holds the checkpoint writer lock.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: Python put trainer/ itself on sys.path; put the repository root there
+    # instead, so `import trainer` works without installing and no module here shadows another.
+    _root = str(Path(__file__).resolve().parent.parent)
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = _root
+    else:
+        sys.path.insert(0, _root)
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer import supervised
+from trainer.checkpoint import (
+    CheckpointError,
+    CheckpointIncompatible,
+    CheckpointLocked,
+    CheckpointStore,
+    CheckpointWriteFailed,
+    find_latest_valid,
+    load,
+    params_sha256,
+)
+from trainer.config import ConfigError, TrainConfig, parse_args
+from trainer.data import Corpus, DataError, load_corpus
+from trainer.model import GPT
+from trainer.preemption import Preemption
+from trainer.sampler import ResumableSampler, derive_seed
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+EXIT_CKPT_FAILED = 76
+EXIT_CKPT_LOCKED = 77
+
+
+class UsageError(Exception):
+    """Something the user must fix (a flag that cannot work here, an incompatible checkpoint)."""
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay to
+    --min-lr at the last step. A pure function of the step, so it needs no saved state."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def default_threads(cfg: TrainConfig) -> int:
+    """CPU threads for this rank: --threads, else $OMP_NUM_THREADS (torchrun sets 1 per rank when
+    it starts several), else every core."""
+    if cfg.threads:
+        return cfg.threads
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass
+class Dist:
+    """Where this process sits in the run."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _dist_from_env() -> Dist:
+    env = os.environ
+    return Dist(
+        rank=int(env.get("RANK", "0")),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        world_size=int(env.get("WORLD_SIZE", "1")),
+    )
+
+
+def _resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", d.local_rank)
+    if cfg.amp == "fp16":
+        raise UsageError("--amp fp16 needs CUDA (fp16 with a grad scaler); use --amp bf16 on CPU")
+    return torch.device("cpu")
+
+
+class Trainer:
+    """One rank's training run, from start-up (or resume) to the last step."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        corpus: Corpus,
+        run_dir: Path,
+        resume: Path | str | None,
+        d: Dist,
+        device: torch.device,
+        preemption: Preemption,
+    ) -> None:
+        self.cfg, self.corpus, self.run_dir, self.d, self.device = cfg, corpus, run_dir, d, device
+        self.preemption = preemption
+        self.beat = supervised.Heartbeat(d.rank)
+        self.beat(0, phase="startup")
+
+        self.model_cfg = cfg.model_config(corpus.vocab_size)
+        # Same seed on every rank: identical initial weights (DDP would broadcast them anyway).
+        torch.manual_seed(derive_seed("init", cfg.seed))
+        self.model = GPT(self.model_cfg).to(device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.sampler = ResumableSampler(
+            num_samples=corpus.num_samples(cfg.seq_len),
+            seed=cfg.seed,
+            world_size=d.world_size,
+            rank=d.rank,
+            micro_batch=cfg.micro_batch,
+            grad_accum=cfg.grad_accum,
+        )
+        self.step = 0
+        self.position = 0  # global sampler position: samples consumed by all ranks so far
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_offset = 0
+        self.last_loss = float("nan")
+        self.last_saved_step = -1
+
+        if resume is not None:
+            self._resume(Path(resume))
+        # DDP after loading: it broadcasts rank 0's parameters, which are the loaded ones.
+        self.ddp = DDP(self.model) if d.enabled else None
+        self.store = CheckpointStore(
+            run_dir,
+            is_writer=d.is_main,
+            keep_last=cfg.keep_last,
+            keep_every=cfg.keep_every,
+            async_save=not cfg.ckpt_sync,
+            fail_fatal=cfg.ckpt_fail_fatal,
+        )
+        self.sample_log = None
+        if cfg.sample_log:
+            Path(cfg.sample_log).mkdir(parents=True, exist_ok=True)
+            self.sample_log = open(Path(cfg.sample_log) / f"rank-{d.rank}.jsonl", "a")  # noqa: SIM115
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # Lines written after the checkpoint we resumed from describe steps that are about
+            # to be redone; drop them so metrics.jsonl holds each step once.
+            if (
+                self.metrics_path.exists()
+                and self.metrics_path.stat().st_size > self.metrics_offset
+            ):
+                with open(self.metrics_path, "r+b") as f:
+                    f.truncate(self.metrics_offset)
+            self.metrics = open(self.metrics_path, "a")  # noqa: SIM115
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def _resume(self, path: Path) -> None:
+        manifest = load(path, self.model, self.optimizer, self.scaler, map_location=self.device)
+        state = manifest.get("train_state") or {}
+        expected = {"seq_len": self.cfg.seq_len, "num_samples": self.sampler.num_samples}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise CheckpointIncompatible(
+                    f"{path}: saved with {key}={state.get(key)!r}, this run has {value!r} "
+                    "(the data order would not continue); use the same --data and --seq-len"
+                )
+        self.step = int(state["step"])
+        self.position = int(state["position"])
+        self.metrics_offset = int(state.get("metrics_offset", 0))
+        self.last_saved_step = self.step
+        self._log(f"resumed from {path} at step {self.step}")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train to --steps; return the exit code (0 finished, 75 preempted)."""
+        cfg, model = self.cfg, self.ddp or self.model
+        model.train()
+        tokens_per_step = self.sampler.global_batch * cfg.seq_len
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            grad_norm = self._train_step(model)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.position += self.sampler.global_batch
+            self.beat(self.step, phase="train")
+            self._write_metrics(
+                {
+                    "step": self.step,
+                    "loss": self.last_loss,
+                    "lr": lr_at(cfg, self.step - 1),
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_step / dt,
+                    "step_time": dt,
+                    "time": time.time(),
+                }
+            )
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                self._log(
+                    f"step {self.step}/{cfg.steps} loss {self.last_loss:.4f} "
+                    f"lr {lr_at(cfg, self.step - 1):.2e} grad_norm {grad_norm:.3f} "
+                    f"tok/s {tokens_per_step / dt:.0f}"
+                )
+            if self.preemption.agreed(self.device):
+                self._save(sync=True)
+                self._barrier()
+                self._log(f"preempted: checkpoint at step {self.step} written; exiting")
+                return EXIT_PREEMPTED
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._eval()
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                self._save(sync=cfg.ckpt_sync)
+        if cfg.ckpt_every and self.last_saved_step != self.step:
+            self._save(sync=True)
+        self.beat(self.step, phase="checkpoint")
+        self.store.wait()
+        self._barrier()
+        self.beat(self.step, phase="done")
+        if self.d.is_main:
+            print(
+                f"done step={self.step} loss={self.last_loss:.4f} "
+                f"params_sha256={params_sha256(self.model)}",
+                flush=True,
+            )
+        return EXIT_OK
+
+    def _train_step(self, model: torch.nn.Module) -> float:
+        cfg = self.cfg
+        # Everything random inside the step (dropout) draws from a generator seeded by
+        # (seed, rank, step): a resumed run replays it exactly without any saved RNG state.
+        torch.manual_seed(derive_seed("step", cfg.seed, self.d.rank, self.step))
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            ids = self.sampler.micro_batch_ids(self.position, micro)
+            if self.sample_log is not None:
+                self.sample_log.write(
+                    json.dumps({"step": self.step, "micro": micro, "ids": ids, "pid": os.getpid()})
+                    + "\n"
+                )
+            x, y = self._batch(ids)
+            last = micro == cfg.grad_accum - 1
+            # Gradients are all-reduced once per optimizer step, on the last micro-step.
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync, self._autocast():
+                _, loss = model(x, y)
+                assert loss is not None
+                loss = loss / cfg.grad_accum
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            loss_sum += loss.item()
+        if self.sample_log is not None:
+            self.sample_log.flush()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = self._mean_over_ranks(loss_sum)
+        return grad_norm
+
+    def _batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([self.corpus.sample(i, self.cfg.seq_len) for i in ids])
+        t = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def _val_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, mb, T = (
+            self.corpus.num_val_samples(self.cfg.seq_len),
+            self.cfg.micro_batch,
+            self.cfg.seq_len,
+        )
+        start = (k * self.d.world_size + self.d.rank) * mb
+        rows = np.stack([self.corpus.val_sample((start + j) % n, T) for j in range(mb)])
+        t = torch.from_numpy(rows).to(self.device)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def _eval(self) -> None:
+        self.beat(self.step, phase="eval")
+        self.model.eval()
+        total = 0.0
+        for k in range(self.cfg.eval_batches):
+            x, y = self._val_batch(k)
+            with self._autocast():
+                _, loss = self.model(x, y)
+            assert loss is not None
+            total += loss.item()
+        self.model.train()
+        eval_loss = self._mean_over_ranks(total / self.cfg.eval_batches)
+        self._write_metrics({"step": self.step, "eval_loss": eval_loss, "time": time.time()})
+        self._log(f"step {self.step}/{self.cfg.steps} eval_loss {eval_loss:.4f}")
+        self.beat(self.step, phase="train")
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if not self.d.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)  # gloo has no AVG: sum, then divide
+        return float(t.item()) / self.d.world_size
+
+    def _barrier(self) -> None:
+        if self.d.enabled:
+            dist.barrier()
+
+    # -- checkpoints and metrics --------------------------------------------------------------
+
+    def _save(self, sync: bool) -> None:
+        self.beat(self.step, phase="checkpoint")
+        train_state = {
+            "step": self.step,
+            "position": self.position,
+            "global_batch": self.sampler.global_batch,
+            "seq_len": self.cfg.seq_len,
+            "num_samples": self.sampler.num_samples,
+            "metrics_offset": self.metrics_offset,
+        }
+        meta = {
+            "tokens_seen": self.position * self.cfg.seq_len,
+            "world_size": self.d.world_size,
+            "config": {"model": dataclasses.asdict(self.model_cfg), "train": self.cfg.to_dict()},
+            "data": self.corpus.name,
+        }
+        self.store.save(self.step, self.model, self.optimizer, self.scaler, train_state, meta)
+        if sync:
+            self.store.wait()
+        self.last_saved_step = self.step
+        self.beat(self.step, phase="train")
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if not self.d.is_main:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        self.metrics_offset = self.metrics.tell()
+
+    def _log(self, message: str) -> None:
+        if self.d.is_main:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        """Stop the checkpoint store's writer and close files (idempotent)."""
+        with contextlib.suppress(Exception):
+            self.store.close()
+        for f in (getattr(self, "metrics", None), self.sample_log):
+            if f is not None and not f.closed:
+                f.close()
+
+
+def _find_resume(cfg: TrainConfig, run_dir: Path, d: Dist, env: Any) -> Path | None:
+    """Which checkpoint to start from: the supervisor's choice when supervised, else the flags.
+    With --resume auto only rank 0 searches (the search may quarantine); the others take its
+    answer, so every rank loads the same step."""
+    if env is not None:
+        return env.resume_from
+    if cfg.resume_from:
+        return Path(cfg.resume_from)
+    if cfg.resume != "auto":
+        return None
+    found: list[Any] = [None]
+    if d.is_main:
+        latest = find_latest_valid(run_dir)
+        found[0] = str(latest) if latest is not None else None
+    if d.enabled:
+        dist.broadcast_object_list(found, src=0)
+    return Path(found[0]) if found[0] else None
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, train, and return the process exit code (see the module docstring).
+
+    Every check that can fail on user input (flags, supervisor environment, data, device) runs
+    before any process group is created.
+    """
+    preemption = Preemption()
+    preemption.install()
+    try:
+        cfg = parse_args(argv)
+        env = supervised.from_env()
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    run_dir = env.run_dir if env is not None else Path(cfg.run_dir)
+    d = _dist_from_env()
+    try:
+        corpus = load_corpus(
+            cfg.data,
+            cache_dir=cfg.data_cache_dir(),
+            vocab_size=cfg.vocab_size,
+            val_fraction=cfg.val_fraction,
+            seq_len=cfg.seq_len,
+        )
+        device = _resolve_device(cfg, d)
+    except (DataError, UsageError) as e:
+        return _fail(str(e), EXIT_USAGE)
+
+    torch.set_num_threads(default_threads(cfg))
+    supervised.guard_parent()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if d.enabled:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    trainer = None
+    try:
+        resume = _find_resume(cfg, run_dir, d, env)
+        trainer = Trainer(cfg, corpus, run_dir, resume, d, device, preemption)
+        return trainer.run()
+    except CheckpointLocked as e:
+        return _fail(f"{e} (is another run using {run_dir}?)", EXIT_CKPT_LOCKED)
+    except CheckpointWriteFailed as e:
+        return _fail(f"checkpoint write failed: {e}", EXIT_CKPT_FAILED)
+    except (CheckpointError, UsageError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
