@@ -1,0 +1,325 @@
+"""``launch.py``: the command users type.
+
+``python launch.py [launcher flags] [SCRIPT [SCRIPT ARGS...]]`` supervises SCRIPT (default: the
+built-in trainer) under torchrun; ``python launch.py status RUN_DIR`` shows a run's state.
+Bad input gives one line and exit code 2 before anything is launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import filelock
+
+from supervisor import exit_codes
+from supervisor.config import LaunchConfig
+from supervisor.events import EventLog
+from supervisor.heartbeat import HangConfig
+from supervisor.loop import Supervisor
+from supervisor.policy import PolicyConfig
+from supervisor.proctree import set_child_subreaper
+from supervisor.runner import PROJECT_ROOT, TorchrunRunner
+from supervisor.status import format_status, read_state
+
+BUILTIN_TRAINER = PROJECT_ROOT / "trainer" / "train.py"
+LOCK_FILE = "supervisor.lock"
+PROG = "launch.py"
+
+
+class UsageError(Exception):
+    """Bad input from the command line; the message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's flags (see docs/supervisor.md for each one's meaning)."""
+    p = _Parser(
+        prog=PROG,
+        description="Run a torchrun script under a supervisor that restarts it from the newest "
+        "valid checkpoint after crashes and hangs.",
+        usage=f"{PROG} [flags] [SCRIPT [SCRIPT ARGS...]]  |  {PROG} status RUN_DIR",
+    )
+    g = p.add_argument_group("workers")
+    g.add_argument(
+        "--nproc",
+        "--nproc-per-node",
+        dest="nproc",
+        type=int,
+        default=1,
+        help="worker processes on this node (default 1)",
+    )
+    g.add_argument(
+        "--run-dir", default=None, help="run directory (default runs/run-YYYYmmdd-HHMMSS)"
+    )
+    g = p.add_argument_group("restarts")
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="restarts allowed in total, or within --restart-window (default 3)",
+    )
+    g.add_argument(
+        "--restart-window",
+        type=float,
+        default=0.0,
+        help="count restarts only within the last S seconds (default 0: forever)",
+    )
+    g.add_argument(
+        "--crash-loop",
+        type=int,
+        default=3,
+        help="give up after K consecutive failed attempts without a new valid "
+        "checkpoint (default 3; 0 turns the guard off)",
+    )
+    g.add_argument(
+        "--backoff-initial",
+        type=float,
+        default=0.5,
+        help="first backoff of a failure streak, seconds; doubles (default 0.5)",
+    )
+    g.add_argument(
+        "--backoff-max", type=float, default=30.0, help="cap on one backoff, seconds (default 30)"
+    )
+    g.add_argument(
+        "--healthy-after",
+        type=float,
+        default=60.0,
+        help="an attempt healthy this long resets the backoff (default 60)",
+    )
+    g = p.add_argument_group("detection and stopping")
+    g.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=None,
+        help="seconds without a new step before a hang (default: derived, "
+        "10 x the slowest recent step, at least --hang-floor)",
+    )
+    g.add_argument(
+        "--hang-floor",
+        type=float,
+        default=30.0,
+        help="least derived hang timeout, seconds (default 30)",
+    )
+    g.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=180.0,
+        help="seconds from launch to the first step (default 180)",
+    )
+    g.add_argument(
+        "--checkpoint-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank may spend in a checkpoint or eval phase (default 300)",
+    )
+    g.add_argument(
+        "--require-heartbeats",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="treat a worker with no heartbeat after --startup-timeout as hung "
+        "(auto: yes for the built-in trainer, no for other scripts)",
+    )
+    g.add_argument(
+        "--stop-grace",
+        type=float,
+        default=2.0,
+        help="after a failure, seconds between SIGTERM and SIGKILL (default 2)",
+    )
+    g.add_argument(
+        "--term-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGINT/SIGTERM, seconds the workers get to write an emergency "
+        "checkpoint before SIGKILL (default 30)",
+    )
+    g = p.add_argument_group("multi-node (passed to torchrun)")
+    g.add_argument("--nnodes", default="1", help="nodes, N or MIN:MAX (default 1)")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank")
+    g.add_argument("--rdzv-endpoint", default=None, help="rendezvous HOST:PORT")
+    g.add_argument("--rdzv-backend", default="c10d", help="rendezvous backend (default c10d)")
+    g.add_argument("--rdzv-id", default=None, help="rendezvous id (default: run dir name)")
+    p.add_argument(
+        "script",
+        nargs="?",
+        default=None,
+        help="the torchrun script (default: the built-in trainer)",
+    )
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> LaunchConfig:
+    """Turn parsed flags into a validated configuration. Raises UsageError with one line."""
+    if args.script is None:
+        script = BUILTIN_TRAINER
+    else:
+        script = Path(args.script)
+        if not script.is_file():
+            raise UsageError(f"script {args.script!r} not found (or not a file)")
+    run_dir = Path(args.run_dir or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+    require = args.require_heartbeats
+    require_heartbeats = script == BUILTIN_TRAINER if require == "auto" else require == "yes"
+    if args.max_restarts < 0:
+        raise UsageError(f"--max-restarts {args.max_restarts}: must be >= 0")
+    try:
+        policy = PolicyConfig(
+            max_restarts=args.max_restarts,
+            restart_window=args.restart_window,
+            crash_loop=args.crash_loop,
+            backoff_initial=args.backoff_initial,
+            backoff_max=args.backoff_max,
+            backoff_jitter=args.backoff_initial,
+            healthy_after=args.healthy_after,
+        )
+        hang = HangConfig(
+            hang_timeout=args.hang_timeout,
+            hang_floor=args.hang_floor,
+            startup_timeout=args.startup_timeout,
+            checkpoint_timeout=args.checkpoint_timeout,
+            require_heartbeats=require_heartbeats,
+        )
+        config = LaunchConfig(
+            script=script.absolute(),
+            run_dir=run_dir,
+            script_args=tuple(args.script_args),
+            nproc=args.nproc,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_backend=args.rdzv_backend,
+            rdzv_id=args.rdzv_id,
+            stop_grace=args.stop_grace,
+            term_timeout=args.term_timeout,
+            policy=policy,
+            hang=hang,
+        )
+    except ValueError as e:
+        raise UsageError(_flag_names(str(e))) from None
+    return config
+
+
+def _flag_names(message: str) -> str:
+    # Dataclass validation speaks in field names; the user typed flags.
+    head, sep, rest = message.partition("=")
+    if sep and head.isidentifier():
+        return f"--{head.replace('_', '-')} {rest}"
+    return message
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run directory and prove it writable. Raises UsageError when it is not."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+
+
+def _lock_holder(run_dir: Path) -> str:
+    try:
+        pid = read_state(run_dir).get("supervisor_pid")
+        return f" (pid {pid})" if pid else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def run(argv: Sequence[str]) -> int:
+    """Supervise a script; returns the exit code (see ``supervisor.exit_codes``)."""
+    args = build_parser().parse_args(list(argv))
+    config = config_from_args(args)
+    prepare_run_dir(config.run_dir)
+    lock = filelock.FileLock(str(config.run_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        print(
+            f"{PROG}: error: run directory {config.run_dir} is owned by another supervisor"
+            f"{_lock_holder(config.run_dir)}; stop it, or choose another --run-dir",
+            file=sys.stderr,
+        )
+        return exit_codes.RUN_DIR_LOCKED
+    try:
+        set_child_subreaper()
+        events = EventLog(config.run_dir / "events.jsonl")
+        supervisor = Supervisor(config, TorchrunRunner(config), events)
+        restore = _install_signal_handlers(supervisor.request_stop)
+        try:
+            code = supervisor.run()
+        finally:
+            restore()
+            events.close()
+        print(
+            f"{PROG}: {exit_codes.describe(code)} (exit {code}); run dir {config.run_dir}",
+            file=sys.stderr,
+        )
+        return code
+    finally:
+        lock.release()
+
+
+def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], None]:
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, _frame: callback(signum))
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def status(argv: Sequence[str]) -> int:
+    """``launch.py status RUN_DIR [--json]``: print the run's state; exit 2 when there is none."""
+    p = _Parser(prog=f"{PROG} status", description="Show a supervised run's state.")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print supervisor.json as it is")
+    args = p.parse_args(list(argv))
+    run_dir = Path(args.run_dir).absolute()
+    try:
+        state = read_state(run_dir)
+    except FileNotFoundError:
+        raise UsageError(
+            f"{run_dir} has no supervisor.json: not a supervised run directory"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        import json
+
+        print(json.dumps(state, indent=2, sort_keys=True))
+    else:
+        print(format_status(run_dir, state))
+    return exit_codes.SUCCESS
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"status": status}
+"""Subcommands taken from the first argument; anything else is a script to supervise."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``launch.py``; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        return run(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The supervisor's configuration: what to run, where, and how to watch it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisor.heartbeat import HangConfig
+from supervisor.policy import PolicyConfig
+
+_NNODES = re.compile(r"^[1-9]\d*(:[1-9]\d*)?$")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One supervised run. Validation names the bad value; the CLI turns it into exit 2."""
+
+    script: Path
+    """The torchrun script every rank runs."""
+    run_dir: Path
+    """The run directory (absolute)."""
+    script_args: tuple[str, ...] = ()
+    """Arguments after the script."""
+    nproc: int = 1
+    """Worker processes on this node (torchrun's ``--nproc-per-node``)."""
+    nnodes: str = "1"
+    """Nodes, ``N`` or ``MIN:MAX``; more than one needs ``rdzv_endpoint``."""
+    node_rank: int | None = None
+    """This node's rank among the nodes (None: assigned by the rendezvous)."""
+    rdzv_endpoint: str | None = None
+    """``HOST:PORT`` of the rendezvous; None on one node (a fresh local port each attempt)."""
+    rdzv_backend: str = "c10d"
+    """torchrun's rendezvous backend for multi-node runs."""
+    rdzv_id: str | None = None
+    """Rendezvous id shared by all nodes (default: the run directory's name)."""
+    poll_interval: float = 0.1
+    """Seconds between cheap process checks."""
+    heartbeat_interval: float = 0.5
+    """Seconds between reads of the heartbeat files."""
+    stop_grace: float = 2.0
+    """After a failure: seconds between SIGTERM and SIGKILL for the surviving workers."""
+    term_timeout: float = 30.0
+    """On SIGINT/SIGTERM: seconds the workers get to write an emergency checkpoint."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    hang: HangConfig = field(default_factory=HangConfig)
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ValueError(f"--nproc {self.nproc}: needs at least 1 worker process")
+        if not _NNODES.match(self.nnodes):
+            raise ValueError(f"--nnodes {self.nnodes!r}: expected N or MIN:MAX with N >= 1")
+        if self.nnodes != "1" and not self.rdzv_endpoint:
+            raise ValueError(f"--nnodes {self.nnodes}: a multi-node run needs --rdzv-endpoint")
+        if self.node_rank is not None and self.node_rank < 0:
+            raise ValueError(f"--node-rank {self.node_rank}: must be >= 0")
+        if self.rdzv_endpoint is not None and not re.match(r"^[^:\s]+:\d+$", self.rdzv_endpoint):
+            raise ValueError(f"--rdzv-endpoint {self.rdzv_endpoint!r}: expected HOST:PORT")
+        for name in ("poll_interval", "heartbeat_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.stop_grace < 0:
+            raise ValueError(f"--stop-grace {self.stop_grace}: must be >= 0")
+        if self.term_timeout < 0:
+            raise ValueError(f"--term-timeout {self.term_timeout}: must be >= 0")
+
+    @property
+    def single_node(self) -> bool:
+        return self.nnodes == "1"
+
+    @property
+    def heartbeat_dir(self) -> Path:
+        return self.run_dir / "heartbeats"
+
+    def attempt_log_dir(self, attempt: int) -> Path:
+        return self.run_dir / "logs" / f"attempt-{attempt}"

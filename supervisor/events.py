@@ -1,0 +1,94 @@
+"""``RUN_DIR/events.jsonl``: the supervisor's log, one JSON object a line, plus the console line.
+
+Every event has ``time`` (seconds since the epoch), ``mono`` (the supervisor's monotonic clock,
+for durations that a wall-clock jump cannot distort) and ``type``. The recovery phases are the
+gaps between ``worker_failed``/``hang_detected`` → ``stopping`` → ``stopped`` → ``backoff`` →
+``launch`` → ``first_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+# Field order for the console line; the rest follow alphabetically.
+_CONSOLE_FIRST = ("attempt", "rank", "pid", "exit_code", "signal", "step", "reason")
+
+
+class EventLog:
+    """Appends events to ``events.jsonl`` and prints a concise line for each to the console."""
+
+    def __init__(self, path: Path, console: TextIO | None = sys.stderr) -> None:
+        """Open ``path`` for appending (created with its parent). Raises OSError if it cannot."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the log
+        self._console = console
+        self._lock = threading.Lock()
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """Write one event (flushed and fsync'd, so a killed supervisor leaves its story)."""
+        record: dict[str, Any] = {"time": time.time(), "mono": time.monotonic(), "type": type_}
+        record.update(fields)
+        line = json.dumps(record, default=str)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+            try:
+                os.fsync(self._file.fileno())
+            except OSError:
+                pass
+            if self._console is not None:
+                try:
+                    self._console.write(_console_line(record) + "\n")
+                    self._console.flush()
+                except (OSError, ValueError):
+                    pass
+        return record
+
+    def close(self) -> None:
+        """Close the file; later emits raise ValueError."""
+        with self._lock:
+            self._file.close()
+
+
+def _console_line(record: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(record["time"]))
+    if record["type"] == "workers_started":
+        workers = ", ".join(f"rank {r} pid {p}" for r, p in (record.get("workers") or {}).items())
+        return (
+            f"[rose {stamp}] attempt {record.get('attempt')} running: {workers or 'no workers'} "
+            f"(torchrun pid {record.get('torchrun_pid')})\n"
+            f"    run dir {record.get('run_dir')}; worker output in "
+            f"logs/attempt-{record.get('attempt')}/"
+        )
+    parts = []
+    keys = [k for k in _CONSOLE_FIRST if k in record]
+    keys += sorted(k for k in record if k not in keys and k not in ("time", "mono", "type"))
+    for key in keys:
+        value = record[key]
+        if key == "log_tail" or value is None or value == "":
+            continue
+        parts.append(f"{key}={value}")
+    line = f"[rose {stamp}] {record['type']}: " + " ".join(parts)
+    tail = record.get("log_tail")
+    if tail:
+        line += "\n    " + "\n    ".join(str(tail).splitlines()[-8:])
+    return line
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every complete event in ``path`` (a torn last line is skipped). Raises OSError."""
+    events = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events

@@ -1,0 +1,47 @@
+"""The supervisor's exit codes (``launch.py``): one per way a run can end.
+
+Each is distinct so that scripts and CI can tell them apart; docs/supervisor.md lists them.
+"""
+
+from __future__ import annotations
+
+SUCCESS = 0
+"""Every worker finished (torchrun exited 0)."""
+
+INTERNAL_ERROR = 1
+"""The supervisor itself failed unexpectedly (a bug: please report it with events.jsonl)."""
+
+BAD_INPUT = 2
+"""A bad flag, a missing script or an unusable run directory; nothing was launched."""
+
+BUDGET_EXHAUSTED = 3
+"""The restart budget (``--max-restarts``, within ``--restart-window``) is spent."""
+
+CRASH_LOOP = 4
+"""``--crash-loop`` consecutive attempts failed without a new valid checkpoint."""
+
+RUN_DIR_LOCKED = 5
+"""Another supervisor owns the run directory (``supervisor.lock`` is held)."""
+
+WORKER_BAD_INPUT = 6
+"""A worker exited 2 (bad flag, bad data, incompatible checkpoint): retrying cannot help."""
+
+INTERRUPTED = 75
+"""SIGINT/SIGTERM: workers were asked to write an emergency checkpoint and stopped.
+Relaunching on the same run directory resumes. Same value as the trainer's "preempted"."""
+
+DESCRIPTIONS: dict[int, str] = {
+    SUCCESS: "success",
+    INTERNAL_ERROR: "internal error",
+    BAD_INPUT: "bad input",
+    BUDGET_EXHAUSTED: "restart budget exhausted",
+    CRASH_LOOP: "crash loop",
+    RUN_DIR_LOCKED: "run directory locked by another supervisor",
+    WORKER_BAD_INPUT: "worker reported bad input",
+    INTERRUPTED: "interrupted",
+}
+
+
+def describe(code: int) -> str:
+    """A short human name for a supervisor exit code ("exit N" for an unknown one)."""
+    return DESCRIPTIONS.get(code, f"exit {code}")

@@ -1,0 +1,211 @@
+"""Hang detection from the workers' heartbeat files (``heartbeats/rank-<R>.json``).
+
+A rank hangs when its heartbeat stops advancing for longer than its phase allows:
+
+- ``startup`` (or no heartbeat yet): ``startup_timeout`` from the launch;
+- ``train``: the hang timeout, either given or derived from observed step times
+  (``max(hang_floor, hang_factor × slowest recent step)``);
+- ``eval`` and ``checkpoint``: the longer of the hang timeout and ``checkpoint_timeout``;
+- ``done``: never (the rank finished; its peers' own timeouts still apply).
+
+Stall time is measured on the supervisor's monotonic clock from when it last saw the rank's step
+or phase change, so skewed worker clocks do not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HangConfig:
+    """How long each phase may go without progress before the attempt counts as hung."""
+
+    hang_timeout: float | None = None
+    """Seconds without a new step in ``train``; None derives it from observed step times."""
+    hang_floor: float = 30.0
+    """Least derived hang timeout, seconds."""
+    hang_factor: float = 10.0
+    """Derived timeout = this × the slowest recent step time (at least ``hang_floor``)."""
+    startup_timeout: float = 180.0
+    """Seconds from launch until a rank must leave ``startup`` (import, rendezvous, loading)."""
+    checkpoint_timeout: float = 300.0
+    """Seconds a rank may stay in ``checkpoint`` or ``eval``."""
+    require_heartbeats: bool = False
+    """True: a worker with no heartbeat after ``startup_timeout`` hangs, even when no rank beats
+    (right for scripts known to beat, such as the built-in trainer). False: a script whose ranks
+    never beat is taken not to beat, and only crashes are detected."""
+
+    def __post_init__(self) -> None:
+        if self.hang_timeout is not None and self.hang_timeout <= 0:
+            raise ValueError(f"hang_timeout={self.hang_timeout!r} must be > 0")
+        for name in ("hang_floor", "hang_factor", "startup_timeout", "checkpoint_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+
+
+@dataclass
+class RankState:
+    """The newest heartbeat of one rank, as the supervisor saw it."""
+
+    rank: int
+    pid: int
+    step: int
+    phase: str
+    time: float
+    """The worker's own timestamp (epoch seconds)."""
+    changed_at: float
+    """Supervisor monotonic time when step or phase last changed."""
+
+
+@dataclass(frozen=True)
+class Hang:
+    """A rank that stopped making progress."""
+
+    rank: int | None
+    """Global rank, or None when the stuck worker never wrote a heartbeat."""
+    pid: int | None
+    step: int | None
+    phase: str
+    stalled_for: float
+    timeout: float
+    reason: str
+
+
+@dataclass
+class HeartbeatMonitor:
+    """Reads the heartbeat files of one attempt and decides whether it hangs."""
+
+    heartbeat_dir: Path
+    attempt: int
+    config: HangConfig
+    started_at: float
+    """Supervisor monotonic time of the launch."""
+    clock: Callable[[], float] = time.monotonic
+    ranks: dict[int, RankState] = field(default_factory=dict)
+    _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    _logged_timeout: float | None = None
+
+    def poll(self, worker_pids: Iterable[int] | None = None) -> None:
+        """Read every rank's file. Only files of this attempt (and, when given, of these pids)
+        count; unreadable or half-written files are skipped until the next poll."""
+        pids = set(worker_pids) if worker_pids is not None else None
+        now = self.clock()
+        try:
+            paths = list(self.heartbeat_dir.glob("rank-*.json"))
+        except OSError:
+            return
+        for path in paths:
+            try:
+                rec = json.loads(path.read_text(encoding="utf-8"))
+                rank, pid, step = int(rec["rank"]), int(rec["pid"]), int(rec["step"])
+                phase, stamp, attempt = str(rec["phase"]), float(rec["time"]), int(rec["attempt"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if attempt != self.attempt or (pids is not None and pid not in pids):
+                continue
+            self._observe(rank, pid, step, phase, stamp, now)
+
+    def _observe(
+        self, rank: int, pid: int, step: int, phase: str, stamp: float, now: float
+    ) -> None:
+        old = self.ranks.get(rank)
+        if old is None:
+            self.ranks[rank] = RankState(rank, pid, step, phase, stamp, now)
+            return
+        if step > old.step and phase == "train" and old.phase == "train" and stamp > old.time:
+            self._step_times.append((stamp - old.time) / (step - old.step))
+        if step != old.step or phase != old.phase:
+            old.changed_at = now
+        old.pid, old.step, old.phase, old.time = pid, step, phase, stamp
+
+    def hang_timeout(self) -> float:
+        """The timeout in force for the ``train`` phase, seconds."""
+        cfg = self.config
+        if cfg.hang_timeout is not None:
+            return cfg.hang_timeout
+        slowest = max(self._step_times, default=0.0)
+        return max(cfg.hang_floor, cfg.hang_factor * slowest)
+
+    def timeout_to_log(self) -> float | None:
+        """The hang timeout when new or moved by over 25 % since last logged, else None."""
+        current = self.hang_timeout()
+        last = self._logged_timeout
+        if last is None or abs(current - last) > 0.25 * last:
+            self._logged_timeout = current
+            return current
+        return None
+
+    def allowance(self, phase: str) -> float | None:
+        """Seconds ``phase`` may go without progress (None: unlimited)."""
+        if phase == "done":
+            return None
+        if phase == "startup":
+            return self.config.startup_timeout
+        if phase in ("eval", "checkpoint"):
+            return max(self.hang_timeout(), self.config.checkpoint_timeout)
+        return self.hang_timeout()
+
+    def max_step(self) -> int | None:
+        """The highest step any rank reported, or None before the first heartbeat."""
+        return max((r.step for r in self.ranks.values()), default=None)
+
+    def check(self, worker_pids: Iterable[int]) -> Hang | None:
+        """The rank stalled longest past its allowance, or None.
+
+        ``worker_pids`` are the attempt's live workers; one of them without a heartbeat counts
+        as stuck in ``startup``. When no worker has written a heartbeat by the end of the
+        start-up allowance, the script is taken not to beat and no hang is reported.
+        """
+        now = self.clock()
+        worst: Hang | None = None
+        for state in self.ranks.values():
+            allowed = self.allowance(state.phase)
+            if state.phase == "startup":
+                stalled = now - self.started_at
+            else:
+                stalled = now - state.changed_at
+            if allowed is not None and stalled > allowed:
+                if worst is None or stalled - allowed > worst.stalled_for - worst.timeout:
+                    worst = Hang(
+                        rank=state.rank,
+                        pid=state.pid,
+                        step=state.step,
+                        phase=state.phase,
+                        stalled_for=stalled,
+                        timeout=allowed,
+                        reason=f"rank {state.rank} stuck at step {state.step} in {state.phase} "
+                        f"for {stalled:.1f} s (timeout {allowed:.1f} s)",
+                    )
+        if worst is not None:
+            return worst
+        if not self.ranks and not self.config.require_heartbeats:
+            return None
+        beating = {s.pid for s in self.ranks.values()}
+        silent = [pid for pid in worker_pids if pid not in beating]
+        stalled = now - self.started_at
+        if silent and stalled > self.config.startup_timeout:
+            return Hang(
+                rank=None,
+                pid=silent[0],
+                step=None,
+                phase="startup",
+                stalled_for=stalled,
+                timeout=self.config.startup_timeout,
+                reason=f"worker pid {silent[0]} wrote no heartbeat within the start-up "
+                f"timeout ({self.config.startup_timeout:.1f} s)",
+            )
+        return None
+
+    def silent(self) -> bool:
+        """True when the start-up allowance passed and no rank ever wrote a heartbeat."""
+        return (
+            not self.config.require_heartbeats
+            and not self.ranks
+            and self.clock() - self.started_at > self.config.startup_timeout
+        )

@@ -1,0 +1,354 @@
+"""The Supervisor: a state machine over attempts. It decides; the runner acts.
+
+One pass per attempt: choose the checkpoint → launch → watch → on a failure or hang stop the
+tree, consult the restart policy, back off, and go again; on success or an unrecoverable
+condition, return the documented exit code. Signals only set a flag; the loop acts on it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from supervisor import exit_codes
+from supervisor.config import LaunchConfig
+from supervisor.events import EventLog
+from supervisor.policy import RestartPolicy
+from supervisor.proctree import StopReport
+from supervisor.resume import checkpoint_step, select_checkpoint
+from supervisor.runner import Failure, Observation
+from supervisor.states import Outcome, State
+from supervisor.status import write_state
+
+# Worker exit codes that no restart can fix (see the trainer's exit codes).
+FATAL_WORKER_CODES = {2: exit_codes.WORKER_BAD_INPUT}
+
+
+class Runner(Protocol):
+    """The mechanics the loop drives (``supervisor.runner.TorchrunRunner``, or a fake in tests)."""
+
+    def start(self, attempt: int, resume_from: Path | None) -> int: ...
+    def poll(self) -> Observation: ...
+    def forward_sigterm(self) -> int: ...
+    def stop(self, grace: float, already_signalled: bool = False) -> StopReport: ...
+    def complete(self, failure: Failure) -> Failure: ...
+    def worker_pids(self) -> dict[str, int]: ...
+
+
+class Supervisor:
+    """Owns one run directory for its lifetime (the caller holds ``supervisor.lock``)."""
+
+    def __init__(
+        self,
+        config: LaunchConfig,
+        runner: Runner,
+        events: EventLog,
+        policy: RestartPolicy | None = None,
+        *,
+        select: Callable[..., Path | None] = select_checkpoint,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.events = events
+        self.policy = policy or RestartPolicy(config.policy, clock=clock)
+        self._select = select
+        self._clock = clock
+        self._sleep = sleep
+        self.state = State.INIT
+        self.attempt = 0
+        self.step: int | None = None
+        self.resume_from: Path | None = None
+        self.torchrun_pid: int | None = None
+        self._signals: list[int] = []
+        self._state_written_at = float("-inf")
+        self._started_at = time.time()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def request_stop(self, signum: int) -> None:
+        """Called from a signal handler: only records the request; the loop acts on it."""
+        self._signals.append(signum)
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self._signals)
+
+    # -- state file --------------------------------------------------------------------------
+
+    def _write_state(self, force: bool = True, **extra: Any) -> None:
+        now = self._clock()
+        if not force and now - self._state_written_at < 1.0:
+            return
+        self._state_written_at = now
+        state = {
+            "state": self.state.value,
+            "supervisor_pid": _getpid(),
+            "run_dir": str(self.config.run_dir),
+            "script": str(self.config.script),
+            "attempt": self.attempt,
+            "step": self.step,
+            "torchrun_pid": self.torchrun_pid,
+            "workers": self.runner.worker_pids() if self.state == State.RUNNING else {},
+            "newest_valid_checkpoint": str(self.resume_from) if self.resume_from else None,
+            "restarts_used": self.policy.restarts_used,
+            "restarts_left": self.policy.restarts_left(),
+            "max_restarts": self.config.policy.max_restarts,
+            "started_at": self._started_at,
+            "updated_at": time.time(),
+        }
+        state.update(extra)
+        try:
+            write_state(self.config.run_dir, state)
+        except OSError as e:
+            self.events.emit("warning", reason=f"cannot write supervisor.json: {e}")
+
+    def _enter(self, state: State) -> None:
+        self.state = state
+        self._write_state()
+
+    def _finish(self, state: State, code: int) -> int:
+        self.state = state
+        self._write_state(exit_code=code, exit_reason=exit_codes.describe(code))
+        return code
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run attempts until success or a reason to stop; returns the exit code."""
+        self.events.emit(
+            "supervisor_started",
+            run_dir=str(self.config.run_dir),
+            script=str(self.config.script),
+            script_args=list(self.config.script_args),
+            nproc=self.config.nproc,
+            nnodes=self.config.nnodes,
+            max_restarts=self.config.policy.max_restarts,
+            restart_window=self.config.policy.restart_window,
+            crash_loop=self.config.policy.crash_loop,
+        )
+        self.resume_from = self._choose_checkpoint()
+        while True:
+            if self.interrupted:
+                return self._interrupted_idle()
+            self.attempt += 1
+            outcome, info = self._run_attempt()
+            if outcome == Outcome.SUCCEEDED:
+                self.events.emit(
+                    "done",
+                    attempt=self.attempt,
+                    step=self.step,
+                    restarts_used=self.policy.restarts_used,
+                    seconds=round(time.time() - self._started_at, 3),
+                )
+                return self._finish(State.SUCCEEDED, exit_codes.SUCCESS)
+            if outcome == Outcome.RUNNING:  # interrupted while running: already stopped
+                return self._finish(State.INTERRUPTED, exit_codes.INTERRUPTED)
+            code = self._after_failure(info)
+            if code is not None:
+                return code
+
+    def _choose_checkpoint(self) -> Path | None:
+        def on_event(event: dict[str, Any]) -> None:
+            fields = {k: v for k, v in event.items() if k not in ("type", "time")}
+            self.events.emit(str(event.get("type", "checkpoint_event")), **fields)
+
+        return self._select(self.config.run_dir, on_event=on_event)
+
+    def _run_attempt(self) -> tuple[Outcome, dict[str, Any]]:
+        """Launch and watch one attempt. Returns (SUCCEEDED | FAILED | HUNG | RUNNING, details);
+        RUNNING means it was interrupted by a signal and has been stopped."""
+        resume_step = checkpoint_step(self.resume_from)
+        self.events.emit(
+            "checkpoint_selected",
+            attempt=self.attempt,
+            path=str(self.resume_from) if self.resume_from else None,
+            step=resume_step,
+        )
+        self._enter(State.STARTING)
+        launched_at = self._clock()
+        self.torchrun_pid = self.runner.start(self.attempt, self.resume_from)
+        self.events.emit(
+            "launch",
+            attempt=self.attempt,
+            torchrun_pid=self.torchrun_pid,
+            resume_from=str(self.resume_from) if self.resume_from else None,
+            resume_step=resume_step,
+            restarts_left=self.policy.restarts_left(),
+        )
+        self.step = resume_step if self.resume_from else self.step
+        self._enter(State.RUNNING)
+        first_step_seen = False
+        while True:
+            if self.interrupted:
+                self._stop_interrupted()
+                return Outcome.RUNNING, {}
+            obs = self.runner.poll()
+            for type_, fields in obs.notes:
+                self.events.emit(type_, **fields)
+                if type_ == "workers_started":
+                    self._write_state()
+            if obs.step is not None and obs.step != self.step:
+                self.step = obs.step
+                self._write_state(force=False)
+            if not first_step_seen and obs.step is not None and obs.step > resume_step:
+                first_step_seen = True
+                self.events.emit(
+                    "first_step",
+                    attempt=self.attempt,
+                    step=obs.step,
+                    since_launch=round(self._clock() - launched_at, 3),
+                )
+            if obs.outcome == Outcome.SUCCEEDED:
+                return Outcome.SUCCEEDED, {}
+            if obs.outcome in (Outcome.FAILED, Outcome.HUNG):
+                return obs.outcome, self._stop_failed(obs, launched_at)
+            self._sleep(self.config.poll_interval)
+
+    def _stop_failed(self, obs: Observation, launched_at: float) -> dict[str, Any]:
+        detected_at = self._clock()
+        runtime = detected_at - launched_at
+        if obs.failure is not None:
+            self.events.emit("worker_failed", attempt=self.attempt, **obs.failure.fields())
+            reason = "worker failed"
+        else:
+            hang = obs.hang
+            assert hang is not None
+            self.events.emit(
+                "hang_detected",
+                attempt=self.attempt,
+                rank=hang.rank,
+                pid=hang.pid,
+                step=hang.step,
+                phase=hang.phase,
+                stalled_for=round(hang.stalled_for, 3),
+                timeout=round(hang.timeout, 3),
+                reason=hang.reason,
+            )
+            reason = "hang"
+        self._enter(State.STOPPING)
+        grace = self.config.stop_grace
+        self.events.emit("stopping", attempt=self.attempt, reason=reason, grace=grace)
+        report = self.runner.stop(grace)
+        root: dict[str, Any] = {}
+        if obs.failure is not None:
+            failure = self.runner.complete(obs.failure)
+            root = failure.fields()
+        self.events.emit(
+            "stopped",
+            attempt=self.attempt,
+            seconds=round(report.seconds, 3),
+            terminated=report.terminated,
+            killed=report.killed,
+            leftovers=report.leftovers,
+            root_cause={k: v for k, v in root.items() if k != "log_tail"} or None,
+        )
+        return {"runtime": runtime, "failure": obs.failure}
+
+    def _after_failure(self, info: dict[str, Any]) -> int | None:
+        """Decide after a failed attempt: None to go on (after the backoff), or an exit code."""
+        failure: Failure | None = info.get("failure")
+        if failure is not None and failure.exit_code in FATAL_WORKER_CODES:
+            code = FATAL_WORKER_CODES[failure.exit_code]
+            self.events.emit(
+                "fatal",
+                attempt=self.attempt,
+                rank=failure.rank,
+                exit_code=failure.exit_code,
+                reason=f"rank {failure.rank} exited {failure.exit_code} (bad input): "
+                "a restart cannot fix it; see the log tail above",
+            )
+            return self._finish(State.FAILED, code)
+        previous = self.resume_from
+        newest = self._choose_checkpoint()
+        progressed = newest is not None and (
+            previous is None or checkpoint_step(newest) > checkpoint_step(previous)
+        )
+        self.resume_from = newest
+        decision = self.policy.on_failure(attempt_runtime=info["runtime"], progressed=progressed)
+        if not decision.restart:
+            assert decision.exit_code is not None
+            type_ = (
+                "crash_loop" if decision.exit_code == exit_codes.CRASH_LOOP else "budget_exhausted"
+            )
+            self.events.emit(
+                type_,
+                attempt=self.attempt,
+                attempts=self.attempt,
+                restarts_used=decision.restarts_used,
+                reason=decision.reason,
+                exit_code=decision.exit_code,
+            )
+            return self._finish(State.FAILED, decision.exit_code)
+        self.events.emit(
+            "backoff",
+            attempt=self.attempt,
+            delay=round(decision.delay, 3),
+            restarts_used=decision.restarts_used,
+            restarts_left=decision.restarts_left,
+            progressed=progressed,
+        )
+        self._enter(State.BACKOFF)
+        deadline = self._clock() + decision.delay
+        while self._clock() < deadline:
+            if self.interrupted:
+                return self._interrupted_idle()
+            self._sleep(min(self.config.poll_interval, max(0.0, deadline - self._clock())))
+        return None
+
+    def _stop_interrupted(self) -> None:
+        signum = self._signals[0]
+        name = _signal_name(signum)
+        self.events.emit("interrupted", attempt=self.attempt, signal=name, step=self.step)
+        self._enter(State.STOPPING)
+        forwarded = self.runner.forward_sigterm()
+        timeout = self.config.term_timeout
+        self.events.emit(
+            "stopping",
+            attempt=self.attempt,
+            reason=f"{name}: workers asked to checkpoint and exit",
+            grace=timeout,
+            forwarded=forwarded,
+        )
+        # A second signal cuts the wait short.
+        deadline = self._clock() + timeout
+        had_workers = bool(self.runner.worker_pids())
+        while self._clock() < deadline and len(self._signals) < 2:
+            obs = self.runner.poll()
+            if obs.step is not None:
+                self.step = obs.step
+            live = self.runner.worker_pids()
+            if obs.outcome != Outcome.RUNNING or (had_workers and not live):
+                break
+            had_workers = had_workers or bool(live)
+            self._sleep(self.config.poll_interval)
+        report = self.runner.stop(0.0, already_signalled=True)
+        self.events.emit(
+            "stopped",
+            attempt=self.attempt,
+            seconds=round(report.seconds, 3),
+            terminated=report.terminated,
+            killed=report.killed,
+            leftovers=report.leftovers,
+        )
+
+    def _interrupted_idle(self) -> int:
+        name = _signal_name(self._signals[0])
+        self.events.emit("interrupted", attempt=self.attempt, signal=name, step=self.step)
+        return self._finish(State.INTERRUPTED, exit_codes.INTERRUPTED)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _getpid() -> int:
+    return os.getpid()

@@ -1,0 +1,370 @@
+"""The mechanics of one attempt: start a fresh torchrun, watch it, stop it.
+
+The loop (``supervisor.loop``) decides; this module only acts and observes. Each ``poll`` is
+cheap: ``Popen.poll`` of torchrun plus a psutil look at the workers; heartbeat files are read
+every ``heartbeat_interval``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.config import LaunchConfig
+from supervisor.heartbeat import Hang, HeartbeatMonitor
+from supervisor.proctree import AttemptTree, StopReport, Worker, signal_name, start_in_new_session
+from supervisor.states import Outcome
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# torchrun reaps its workers on this interval. The supervisor polls faster, so it usually sees
+# a dead worker as a zombie and reads its exit status before torchrun reaps it.
+TORCHRUN_MONITOR_INTERVAL = "1"
+
+_EXITCODE_PID = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
+_FAILED_LINE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
+
+
+@dataclass
+class Failure:
+    """Why an attempt failed: the earliest failing rank, or torchrun itself."""
+
+    source: str
+    """``worker`` or ``torchrun``."""
+    rank: int | None = None
+    local_rank: int | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    """Popen convention: the code, or -N for signal N; None when not (yet) known."""
+    log_tail: str = ""
+
+    @property
+    def signal(self) -> str | None:
+        return signal_name(self.exit_code)
+
+    def fields(self) -> dict[str, Any]:
+        """The event fields describing this failure."""
+        return {
+            "source": self.source,
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "log_tail": self.log_tail,
+        }
+
+
+@dataclass
+class Observation:
+    """One look at the running attempt."""
+
+    outcome: Outcome
+    failure: Failure | None = None
+    hang: Hang | None = None
+    step: int | None = None
+    """Highest step any rank reported (None before the first heartbeat)."""
+    notes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    """Events the loop should log (``workers_started``, ``hang_timeout``, …)."""
+
+
+class TorchrunRunner:
+    """Runs attempts as fresh ``torchrun --max-restarts 0`` processes."""
+
+    def __init__(self, config: LaunchConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.tree: AttemptTree | None = None
+        self.monitor: HeartbeatMonitor | None = None
+        self.attempt = 0
+        self._failure: Failure | None = None
+        self._next_heartbeat_read = 0.0
+        self._announced_workers = False
+        self._announced_silent = False
+
+    # -- start -------------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        """The torchrun command line for one attempt."""
+        cfg = self.config
+        cmd = [sys.executable, "-m", "torch.distributed.run"]
+        if cfg.single_node:
+            # --standalone: a fresh c10d store on a free local port for every attempt.
+            cmd += ["--standalone", "--nnodes", "1"]
+        else:
+            cmd += [
+                "--nnodes",
+                cfg.nnodes,
+                "--rdzv-backend",
+                cfg.rdzv_backend,
+                "--rdzv-endpoint",
+                str(cfg.rdzv_endpoint),
+                "--rdzv-id",
+                cfg.rdzv_id or cfg.run_dir.name,
+            ]
+            if cfg.node_rank is not None:
+                cmd += ["--node-rank", str(cfg.node_rank)]
+        cmd += [
+            "--nproc-per-node",
+            str(cfg.nproc),
+            "--max-restarts",
+            "0",
+            "--monitor-interval",
+            TORCHRUN_MONITOR_INTERVAL,
+            "--tee",
+            "3",
+            "--log-dir",
+            str(self.config.attempt_log_dir(self.attempt) / "ranks"),
+            str(cfg.script),
+            *cfg.script_args,
+        ]
+        return cmd
+
+    def environment(self, resume_from: Path | None) -> dict[str, str]:
+        """The workers' environment: ours plus the ``ROSE_*`` contract."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "ROSE_RUN_DIR": str(self.config.run_dir),
+                "ROSE_ATTEMPT": str(self.attempt),
+                "ROSE_RESUME_FROM": str(resume_from) if resume_from else "",
+                "ROSE_HEARTBEAT_DIR": str(self.config.heartbeat_dir),
+                "ROSE_SUPERVISOR_PID": str(os.getpid()),
+            }
+        )
+        # Worker logs are read for root causes: keep them current.
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # So that user scripts can `from trainer import supervised` without installing.
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if str(PROJECT_ROOT) not in paths:
+            env["PYTHONPATH"] = os.pathsep.join([*paths, str(PROJECT_ROOT)])
+        return env
+
+    def start(self, attempt: int, resume_from: Path | None) -> int:
+        """Launch attempt ``attempt``; returns torchrun's pid. Raises OSError if it cannot start."""
+        self.attempt = attempt
+        self._failure = None
+        self._announced_workers = False
+        self._announced_silent = False
+        log_dir = self.config.attempt_log_dir(attempt)
+        if log_dir.exists():  # left by an earlier supervisor of this run dir that died mid-attempt
+            shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.config.heartbeat_dir.mkdir(parents=True, exist_ok=True)
+        started = self.clock()
+        proc = start_in_new_session(
+            self.command(),
+            self.environment(resume_from),
+            log_dir / "torchrun.log",
+            parent_death_signal=signal.SIGTERM,
+        )
+        self.tree = AttemptTree(proc)
+        self.monitor = HeartbeatMonitor(
+            self.config.heartbeat_dir, attempt, self.config.hang, started, clock=self.clock
+        )
+        self._next_heartbeat_read = started
+        return proc.pid
+
+    # -- watch -------------------------------------------------------------------------------
+
+    def worker_pids(self) -> dict[str, int]:
+        """Live workers by rank (``"?"``-prefixed pid keys where the rank is unknown)."""
+        if self.tree is None:
+            return {}
+        out: dict[str, int] = {}
+        for w in sorted(self.tree.workers.values(), key=lambda w: (w.rank is None, w.rank or 0)):
+            if w.gone_at is None:
+                out[str(w.rank) if w.rank is not None else f"?{w.pid}"] = w.pid
+        return out
+
+    def poll(self) -> Observation:
+        """Look once. Never blocks longer than a few file reads."""
+        assert self.tree is not None and self.monitor is not None, "start() first"
+        tree, monitor = self.tree, self.monitor
+        notes: list[tuple[str, dict[str, Any]]] = []
+        now = self.clock()
+        exited = tree.refresh()
+        if not self._announced_workers and len(tree.workers) >= self.config.nproc:
+            self._announced_workers = True
+            notes.append(
+                (
+                    "workers_started",
+                    {
+                        "attempt": self.attempt,
+                        "torchrun_pid": tree.torchrun_pid,
+                        "workers": self.worker_pids(),
+                        "run_dir": str(self.config.run_dir),
+                    },
+                )
+            )
+        read_heartbeats = now >= self._next_heartbeat_read or bool(exited)
+        if read_heartbeats:
+            self._next_heartbeat_read = now + self.config.heartbeat_interval
+            monitor.poll(tree.workers.keys())
+            new_timeout = monitor.timeout_to_log() if monitor.ranks else None
+            if new_timeout is not None:
+                notes.append(
+                    (
+                        "hang_timeout",
+                        {
+                            "attempt": self.attempt,
+                            "timeout": round(new_timeout, 3),
+                            "derived": self.config.hang.hang_timeout is None,
+                            "startup_timeout": self.config.hang.startup_timeout,
+                            "checkpoint_timeout": self.config.hang.checkpoint_timeout,
+                        },
+                    )
+                )
+        step = monitor.max_step()
+
+        if self._failure is None:
+            for worker in exited:
+                self._judge_exit(worker)
+        if self._failure is not None:
+            return Observation(Outcome.FAILED, failure=self._failure, step=step, notes=notes)
+
+        rc = tree.root.poll()
+        if rc is not None:
+            tree.refresh()
+            if rc == 0:
+                return Observation(Outcome.SUCCEEDED, step=step, notes=notes)
+            self._failure = self._blame_after_torchrun_exit(rc)
+            return Observation(Outcome.FAILED, failure=self._failure, step=step, notes=notes)
+
+        if read_heartbeats:
+            live = [w.pid for w in tree.live_workers()]
+            hang = monitor.check(live)
+            if hang is not None:
+                return Observation(Outcome.HUNG, hang=hang, step=step, notes=notes)
+            if monitor.silent() and not self._announced_silent:
+                self._announced_silent = True
+                notes.append(
+                    (
+                        "heartbeats_absent",
+                        {
+                            "attempt": self.attempt,
+                            "reason": "no heartbeat within the start-up timeout: hang "
+                            "detection is off for this attempt (crashes are still detected)",
+                        },
+                    )
+                )
+        return Observation(Outcome.RUNNING, step=step, notes=notes)
+
+    def _judge_exit(self, worker: Worker) -> None:
+        code = worker.exit_code
+        if code == 0:
+            return
+        if code is None:
+            # torchrun reaped it first. A rank whose heartbeat says "done" finished; one that
+            # beat but was not done died; one that never beat waits for torchrun's verdict.
+            state = self.monitor.ranks.get(worker.rank) if worker.rank is not None else None
+            if state is None or state.phase == "done":
+                return
+        self._failure = Failure(
+            source="worker",
+            rank=worker.rank,
+            local_rank=worker.local_rank,
+            pid=worker.pid,
+            exit_code=code,
+            log_tail=self.rank_log_tail(worker.local_rank),
+        )
+
+    def _blame_after_torchrun_exit(self, rc: int) -> Failure:
+        codes = self.exit_codes_from_log()
+        for worker in sorted(
+            (w for w in self.tree.workers.values() if w.gone_at is not None),  # type: ignore[union-attr]
+            key=lambda w: w.gone_at or 0.0,
+        ):
+            code = worker.exit_code if worker.exit_code is not None else codes.get(worker.pid)
+            if code not in (0, None):
+                return Failure(
+                    source="worker",
+                    rank=worker.rank,
+                    local_rank=worker.local_rank,
+                    pid=worker.pid,
+                    exit_code=code,
+                    log_tail=self.rank_log_tail(worker.local_rank),
+                )
+        return Failure(
+            source="torchrun",
+            pid=self.tree.torchrun_pid,  # type: ignore[union-attr]
+            exit_code=rc,
+            log_tail=self.torchrun_log_tail(),
+        )
+
+    # -- root cause --------------------------------------------------------------------------
+
+    def exit_codes_from_log(self) -> dict[int, int]:
+        """Worker exit codes by pid, as torchrun reported them in its log."""
+        text = self._read_tail(self.config.attempt_log_dir(self.attempt) / "torchrun.log", 64_000)
+        codes: dict[int, int] = {}
+        for code, pid in _EXITCODE_PID.findall(text):
+            codes[int(pid)] = int(code)
+        for code, _local, pid in _FAILED_LINE.findall(text):
+            codes.setdefault(int(pid), int(code))
+        return codes
+
+    def complete(self, failure: Failure) -> Failure:
+        """Fill in what was unknown at detection (exit code, log tail) once the attempt stopped."""
+        if failure.exit_code is None and failure.pid is not None:
+            failure.exit_code = self.exit_codes_from_log().get(failure.pid)
+        if failure.source == "worker":
+            failure.log_tail = self.rank_log_tail(failure.local_rank) or failure.log_tail
+        return failure
+
+    def rank_log_tail(self, local_rank: int | None, lines: int = 15) -> str:
+        """The last lines of a worker's stderr (else stdout) in this attempt."""
+        if local_rank is None:
+            return self.torchrun_log_tail(lines)
+        base = self.config.attempt_log_dir(self.attempt) / "ranks"
+        for name in ("stderr.log", "stdout.log"):
+            for path in sorted(base.glob(f"*/attempt_*/{local_rank}/{name}")):
+                text = self._read_tail(path, 8_000).strip()
+                if text:
+                    return "\n".join(text.splitlines()[-lines:])
+        return ""
+
+    def torchrun_log_tail(self, lines: int = 15) -> str:
+        """The last lines of torchrun's own output in this attempt."""
+        text = self._read_tail(self.config.attempt_log_dir(self.attempt) / "torchrun.log", 8_000)
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    @staticmethod
+    def _read_tail(path: Path, size: int) -> str:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def forward_sigterm(self) -> int:
+        """SIGTERM to every live worker (not torchrun: it must outlive them to reap them)."""
+        if self.tree is None:
+            return 0
+        self.tree.refresh()
+        return self.tree.signal_workers(signal.SIGTERM)
+
+    def stop(self, grace: float, already_signalled: bool = False) -> StopReport:
+        """Stop the attempt's whole tree (see ``AttemptTree.stop``)."""
+        assert self.tree is not None, "start() first"
+        # torchrun is given time to log its workers' exit codes only when the root cause still
+        # lacks one; otherwise every second it takes is recovery time lost.
+        known = self._failure is None or self._failure.exit_code is not None
+        return self.tree.stop(
+            grace, torchrun_grace=0.2 if known else 1.5, already_signalled=already_signalled
+        )
+
+    def torchrun_exit_code(self) -> int | None:
+        return None if self.tree is None else self.tree.root.poll()

@@ -1,0 +1,72 @@
+"""``RUN_DIR/supervisor.json``: the supervisor's current state, and ``launch.py status``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "supervisor.json"
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Replace ``supervisor.json`` atomically (write a temp file, then rename). Raises OSError."""
+    path = run_dir / STATE_FILE
+    tmp = run_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """The last state a supervisor wrote. Raises FileNotFoundError when there is none, and
+    ValueError when the file is not valid JSON."""
+    text = (run_dir / STATE_FILE).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{run_dir / STATE_FILE} is not valid JSON: {e}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def format_status(run_dir: Path, state: dict[str, Any]) -> str:
+    """The human summary printed by ``launch.py status``."""
+    pid = int(state.get("supervisor_pid") or 0)
+    final = state.get("state") in ("succeeded", "failed", "interrupted")
+    alive = bool(pid) and _pid_alive(pid)
+    shown_state = state.get("state", "?")
+    if not final and not alive:
+        shown_state = f"{shown_state} (supervisor pid {pid} is gone: the run is not running)"
+    workers = state.get("workers") or {}
+    worker_text = ", ".join(f"rank {r}: {p}" for r, p in workers.items()) or "none"
+    left = state.get("restarts_left")
+    updated = state.get("updated_at")
+    age = f"{time.time() - float(updated):.1f} s ago" if updated else "?"
+    lines = [
+        f"run dir:      {run_dir}",
+        f"state:        {shown_state}",
+        f"supervisor:   pid {pid or '?'}",
+        f"attempt:      {state.get('attempt', '?')}",
+        f"step:         {state.get('step') if state.get('step') is not None else '?'}",
+        f"torchrun:     pid {state.get('torchrun_pid') or '-'}",
+        f"workers:      {worker_text}",
+        f"checkpoint:   {state.get('newest_valid_checkpoint') or 'none'}",
+        f"restarts:     {state.get('restarts_used', 0)} used, "
+        f"{left if left is not None else '?'} left (of {state.get('max_restarts', '?')})",
+    ]
+    if state.get("exit_code") is not None:
+        lines.append(f"exit code:    {state['exit_code']} ({state.get('exit_reason', '')})")
+    lines.append(f"updated:      {age}")
+    return "\n".join(lines)
