@@ -91,7 +91,7 @@ def stdlib_cache_path(cache_dir: Path) -> Path:
     return cache_dir / f"stdlib-py{v.major}.{v.minor}-{key}.u16"
 
 
-def build_stdlib_cache(cache_dir: Path) -> Path:
+def build_stdlib_cache(cache_dir: str | os.PathLike[str]) -> Path:
     """Make sure the embedded corpus' token file exists in `cache_dir`; return its path.
 
     Safe when several processes call it at once: a file lock lets one build while the others
@@ -99,6 +99,7 @@ def build_stdlib_cache(cache_dir: Path) -> Path:
     killed halfway never leaves a partial cache behind. Raises DataError when the directory
     cannot be written or the standard library holds no source.
     """
+    cache_dir = Path(cache_dir)
     path = stdlib_cache_path(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
