@@ -260,8 +260,12 @@ class Supervisor:
                 attempt=self.attempt,
                 rank=failure.rank,
                 exit_code=failure.exit_code,
-                reason=f"rank {failure.rank} exited {failure.exit_code} (bad input): "
-                "a restart cannot fix it; see the log tail above",
+                reason=(
+                    f"rank {failure.rank} exited {failure.exit_code} (bad input)"
+                    if failure.source == "worker"
+                    else f"torchrun exited {failure.exit_code} (bad usage)"
+                )
+                + ": a restart cannot fix it; see the log tail above",
             )
             return self._finish(State.FAILED, code)
         previous = self.resume_from

@@ -266,7 +266,7 @@ class AttemptTree:
             _wait_until(lambda: self.root.poll() is not None, torchrun_grace)
         if self.root.poll() is None:
             _killpg(self.root.pid, signal.SIGTERM)
-            _wait_until(lambda: self.root.poll() is not None, 1.0)
+            _wait_until(lambda: self.root.poll() is not None, 2.0)
         if self.root.poll() is None:
             _killpg(self.root.pid, signal.SIGKILL)
             killed += 1

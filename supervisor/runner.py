@@ -123,6 +123,9 @@ class TorchrunRunner:
             "3",
             "--log-dir",
             str(self.config.attempt_log_dir(self.attempt) / "ranks"),
+            # Without "--", torchrun's parser would take a script flag such as --signal for an
+            # abbreviation of one of its own.
+            "--",
             str(cfg.script),
             *cfg.script_args,
         ]
@@ -361,9 +364,12 @@ class TorchrunRunner:
         assert self.tree is not None, "start() first"
         # torchrun is given time to log its workers' exit codes only when the root cause still
         # lacks one; otherwise every second it takes is recovery time lost.
+        # After an interrupt there is no hurry, and torchrun exits cleanly once it sees its
+        # workers gone.
         known = self._failure is None or self._failure.exit_code is not None
+        quick = known and not already_signalled
         return self.tree.stop(
-            grace, torchrun_grace=0.2 if known else 1.5, already_signalled=already_signalled
+            grace, torchrun_grace=0.2 if quick else 1.5, already_signalled=already_signalled
         )
 
     def torchrun_exit_code(self) -> int | None:
