@@ -1,0 +1,753 @@
+"""The chaos tool: inject real faults into a running supervised run, from outside.
+
+``python -m supervisor.chaos RUN_DIR [--fault KIND[,KIND...]] [--every S | --at-steps N,M,...]
+[--count C] [--seed X]`` attaches to the run that owns RUN_DIR, as a real failure would arrive:
+it finds its targets through the run directory (``supervisor.json``, ``heartbeats/``,
+``checkpoints/``) and psutil, sends real signals and damages real files. Every injection is
+appended to the run's ``events.jsonl`` (type ``fault_injected``) and printed; every random choice
+comes from ``--seed``, so a failing run can be replayed. See docs/chaos.md.
+
+Exit codes: 0 every planned fault was injected (or, with ``--every`` and no ``--count``, the run
+ended); 2 bad input; 3 the run ended, or ``--timeout`` passed, before the planned faults were
+injected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from supervisor.chaos_run import EVENTS_FILE, RunView, Snapshot, TempDir
+
+FAULTS: dict[str, str] = {
+    "kill-worker": "SIGKILL of a random worker",
+    "kill-writer": "SIGKILL of rank 0 while it writes a checkpoint (waits for a .tmp- directory)",
+    "hang": "SIGSTOP of a random worker: a hang the supervisor must detect",
+    "kill-torchrun": "SIGKILL of the torchrun process: a lost node",
+    "corrupt": "rank 0 frozen, a byte of a payload file of the newest committed checkpoint "
+    "flipped (or the file truncated), then rank 0 SIGKILLed",
+    "preempt": "SIGTERM of the supervisor: a preemption (the run stops with exit 75)",
+    "kill-supervisor": "SIGKILL of the supervisor (its workers must not outlive it)",
+    "fill-disk": "fill the checkpoint directory's file system: checkpoint writes fail, "
+    "training must go on",
+}
+"""Every fault kind and what it does."""
+
+RANDOM = "random"
+RANDOM_POOL = ("kill-worker", "kill-writer", "hang", "kill-torchrun", "corrupt")
+"""The kinds ``random`` draws from: each one is recovered from by restarting, so a long run can
+take any number of them."""
+
+# Kinds after which the supervisor starts a new attempt; the next injection waits for it.
+_RESTARTING = frozenset(RANDOM_POOL)
+# Kinds that end the run: nothing can follow them.
+_ENDING = frozenset({"preempt", "kill-supervisor"})
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_DONE = 3
+
+PROG = "python -m supervisor.chaos"
+
+
+class ChaosError(Exception):
+    """A fault cannot be injected as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """What to inject, when, and how often."""
+
+    run_dir: Path
+    """The supervised run's directory."""
+    faults: tuple[str, ...] = ("kill-worker",)
+    """Kinds used in turn (the i-th injection takes ``faults[i % len]``); ``random`` draws
+    each from ``RANDOM_POOL``."""
+    every: float | None = None
+    """Seconds between injections (each waits for the run to be up again first)."""
+    at_steps: tuple[int, ...] = ()
+    """Inject once the running attempt reaches each of these steps, in order."""
+    count: int | None = None
+    """Injections to make; default: one per ``at_steps`` entry, unlimited with ``every``, else 1."""
+    seed: int | None = None
+    """Seed of every random choice; None draws one (and prints it, for a replay)."""
+    wait_start: float = 120.0
+    """Seconds to wait for the supervisor to write ``supervisor.json``."""
+    timeout: float | None = None
+    """Give up (exit 3) after this many seconds; None waits as long as the run lives."""
+    writer_wait: float = 120.0
+    """``kill-writer``: seconds to wait for a checkpoint write before trying the next attempt."""
+    corrupt_mode: str = "any"
+    """``corrupt``: ``flip`` a byte, ``truncate`` the file to half, or ``any`` (seeded choice)."""
+    fill_leave: int = 64 * 1024
+    """``fill-disk``: bytes left free on the checkpoint directory's file system."""
+    fill_limit: int = 256 * 1024 * 1024
+    """``fill-disk``: refuse when filling would take more than this (a real, large disk)."""
+    poll_interval: float = 0.05
+    """Seconds between looks at the run."""
+
+    def __post_init__(self) -> None:
+        if not self.faults:
+            raise ValueError("fault: give at least one kind")
+        for kind in self.faults:
+            if kind != RANDOM and kind not in FAULTS:
+                raise ValueError(
+                    f"fault={kind!r}: unknown kind (choose from {', '.join([*FAULTS, RANDOM])})"
+                )
+        if self.every is not None and not self.every > 0:
+            raise ValueError(f"every={self.every!r}: must be > 0 seconds")
+        if self.every is not None and self.at_steps:
+            raise ValueError("every and at_steps: give one of them, not both")
+        if any(s < 0 for s in self.at_steps) or list(self.at_steps) != sorted(self.at_steps):
+            raise ValueError(f"at_steps={list(self.at_steps)}: must be ascending steps >= 0")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"count={self.count!r}: must be >= 1")
+        if self.count is not None and self.at_steps and self.count > len(self.at_steps):
+            raise ValueError(
+                f"count={self.count}: more than the {len(self.at_steps)} steps in at_steps"
+            )
+        for name in ("wait_start", "writer_wait", "poll_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0 seconds")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout={self.timeout!r}: must be > 0 seconds")
+        if self.corrupt_mode not in ("any", "flip", "truncate"):
+            raise ValueError(f"corrupt_mode={self.corrupt_mode!r}: must be any, flip or truncate")
+        if self.fill_leave < 0 or self.fill_limit <= 0:
+            raise ValueError(
+                f"fill_leave={self.fill_leave}, fill_limit={self.fill_limit}: "
+                "must be >= 0 and > 0 bytes"
+            )
+
+    @property
+    def planned(self) -> int | None:
+        """How many injections to make (None: until the run ends)."""
+        if self.count is not None:
+            return self.count
+        if self.at_steps:
+            return len(self.at_steps)
+        return None if self.every is not None else 1
+
+
+@dataclass
+class Injection:
+    """One fault, as logged."""
+
+    kind: str
+    pid: int | None
+    rank: int | None
+    step: int | None
+    attempt: int | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The ``fault_injected`` event fields."""
+        return {
+            "kind": self.kind,
+            "pid": self.pid,
+            "rank": self.rank,
+            "step": self.step,
+            "attempt": self.attempt,
+            **self.details,
+        }
+
+
+class EventAppender:
+    """Appends events to the run's ``events.jsonl`` beside the supervisor's own writes.
+
+    Each event is one ``os.write`` of one complete line on an ``O_APPEND`` descriptor: the kernel
+    places each such write at the end of the file whole, and the supervisor writes each of its
+    lines with a single flushed write too, so lines from the two processes never interleave.
+    """
+
+    def __init__(self, path: Path, console: Any = sys.stdout) -> None:
+        self.path = path
+        self.console = console
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """Append one event (fsync'd, like the supervisor's) and print it. Raises OSError."""
+        record: dict[str, Any] = {
+            "time": time.time(),
+            "mono": time.monotonic(),
+            "type": type_,
+            "source": "chaos",
+        }
+        record.update(fields)
+        line = (json.dumps(record, default=str) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):  # only a full disk does this; say so rather than tear
+                raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.console is not None:
+            stamp = time.strftime("%H:%M:%S", time.localtime(record["time"]))
+            parts = " ".join(
+                f"{k}={v}"
+                for k, v in fields.items()
+                if v is not None and not isinstance(v, (dict, list))
+            )
+            print(f"[chaos {stamp}] {type_}: {parts}", file=self.console, flush=True)
+        return record
+
+
+class Injector:
+    """Waits for the run to be in the right place, then injects, one fault at a time."""
+
+    def __init__(self, config: ChaosConfig, console: Any = sys.stdout) -> None:
+        self.config = config
+        self.view = RunView(config.run_dir)
+        self.events = EventAppender(self.view.run_dir / EVENTS_FILE, console)
+        seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.injected: list[Injection] = []
+
+    # -- the schedule --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Inject the planned faults; returns the exit code (module docstring)."""
+        cfg = self.config
+        started = time.monotonic()
+        deadline = None if cfg.timeout is None else started + cfg.timeout
+        if not self._wait_for_supervisor(started + cfg.wait_start):
+            raise ChaosError(
+                f"{self.view.run_dir} has no supervisor.json after {cfg.wait_start:g} s: "
+                "is a supervisor running on this run directory?"
+            )
+        planned = cfg.planned
+        self.events.emit(
+            "chaos_started",
+            faults=list(cfg.faults),
+            every=cfg.every,
+            at_steps=list(cfg.at_steps),
+            count=planned,
+            seed=self.seed,
+            pid=os.getpid(),
+        )
+        next_time = time.monotonic() + (cfg.every or 0.0)
+        waiting_for_new_attempt: int | None = None
+        while planned is None or len(self.injected) < planned:
+            if self.view.ended():
+                return self._finish("run ended", EXIT_OK if planned is None else EXIT_NOT_DONE)
+            if deadline is not None and time.monotonic() > deadline:
+                return self._finish("timeout", EXIT_NOT_DONE)
+            snap = self.view.snapshot()
+            if (
+                snap is not None
+                and snap.ready
+                and snap.attempt != waiting_for_new_attempt
+                and self._due(snap, next_time)
+            ):
+                kind = self._next_kind()
+                injection = self.inject(kind, snap)
+                if injection is not None:
+                    self.injected.append(injection)
+                    next_time = time.monotonic() + (cfg.every or 0.0)
+                    if kind in _RESTARTING:
+                        waiting_for_new_attempt = snap.attempt
+                    if kind in _ENDING:
+                        break
+                else:
+                    self._pending_kind = kind  # retried on the next attempt
+                    waiting_for_new_attempt = snap.attempt
+            time.sleep(cfg.poll_interval)
+        return self._finish("done", EXIT_OK)
+
+    _pending_kind: str | None = None
+
+    def _wait_for_supervisor(self, until: float) -> bool:
+        while time.monotonic() < until:
+            if self.view.state() is not None:
+                return True
+            time.sleep(self.config.poll_interval)
+        return False
+
+    def _due(self, snap: Snapshot, next_time: float) -> bool:
+        cfg = self.config
+        if cfg.at_steps:
+            return snap.step >= cfg.at_steps[len(self.injected)]
+        if cfg.every is not None:
+            return time.monotonic() >= next_time
+        return True
+
+    def _next_kind(self) -> str:
+        if self._pending_kind is not None:
+            kind, self._pending_kind = self._pending_kind, None
+            return kind
+        kind = self.config.faults[len(self.injected) % len(self.config.faults)]
+        return self.rng.choice(RANDOM_POOL) if kind == RANDOM else kind
+
+    def _finish(self, reason: str, code: int) -> int:
+        try:
+            self.events.emit(
+                "chaos_finished", reason=reason, injected=len(self.injected), exit_code=code
+            )
+        except OSError:
+            pass
+        return code
+
+    # -- the faults ----------------------------------------------------------------------------
+
+    def inject(self, kind: str, snap: Snapshot) -> Injection | None:
+        """Inject one fault of ``kind`` into the attempt ``snap`` describes.
+
+        Returns what was done, or None when the moment passed (the target died first, no
+        checkpoint was written in time); the caller tries again on the next attempt.
+        Raises ChaosError when the fault cannot be injected into this run at all.
+        """
+        handler = getattr(self, "_inject_" + kind.replace("-", "_"))
+        return handler(snap)
+
+    def _log(self, injection: Injection) -> None:
+        self.events.emit("fault_injected", **injection.record())
+
+    def _signal(self, injection: Injection, sig: int) -> bool:
+        """Log, then signal: the log reads in causal order. A target that vanished in between
+        is logged as such (the injection then counts as not made)."""
+        assert injection.pid is not None
+        self._log(injection)
+        try:
+            os.kill(injection.pid, sig)
+        except ProcessLookupError:
+            self.events.emit(
+                "fault_missed", kind=injection.kind, pid=injection.pid, reason="target exited"
+            )
+            return False
+        return True
+
+    def _worker(self, kind: str, snap: Snapshot, rank: int | None = None) -> Injection:
+        if rank is None:
+            rank = self.rng.choice(sorted(snap.workers))
+        return Injection(
+            kind,
+            snap.workers[rank],
+            rank,
+            snap.step,
+            snap.attempt,
+            {"committed": self.view.committed()},
+        )
+
+    def _inject_kill_worker(self, snap: Snapshot) -> Injection | None:
+        injection = self._worker("kill-worker", snap)
+        return injection if self._signal(injection, signal.SIGKILL) else None
+
+    def _inject_hang(self, snap: Snapshot) -> Injection | None:
+        injection = self._worker("hang", snap)
+        return injection if self._signal(injection, signal.SIGSTOP) else None
+
+    def _inject_kill_torchrun(self, snap: Snapshot) -> Injection | None:
+        pid = snap.torchrun_pid
+        if not pid or not self.view.is_run_process(int(pid)):
+            return None
+        injection = Injection(
+            "kill-torchrun",
+            int(pid),
+            None,
+            snap.step,
+            snap.attempt,
+            {"committed": self.view.committed(), "workers": snap.workers},
+        )
+        return injection if self._signal(injection, signal.SIGKILL) else None
+
+    def _inject_kill_writer(self, snap: Snapshot) -> Injection | None:
+        if 0 not in snap.workers:
+            raise ChaosError("kill-writer needs rank 0 (the checkpoint writer) on this node")
+        pid = snap.workers[0]
+        deadline = time.monotonic() + self.config.writer_wait
+        next_check = 0.0
+        # A tiny model's write lasts milliseconds: look often (a directory listing is cheap),
+        # and check the much dearer process table only now and then.
+        while time.monotonic() < deadline:
+            mine = [t for t in self.view.temp_dirs() if t.pid == pid]
+            if mine:
+                return self._kill_writer(snap, pid, mine[0])
+            if time.monotonic() >= next_check:
+                if not self.view.is_run_process(pid):
+                    return None
+                next_check = time.monotonic() + 0.1
+            time.sleep(0.001)
+        return None
+
+    def _kill_writer(self, snap: Snapshot, pid: int, tmp: TempDir) -> Injection | None:
+        # Freeze it first, so what is logged is what the kill interrupted.
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return None
+        step = self._heartbeat_step(0, snap.step)
+        injection = Injection(
+            "kill-writer",
+            pid,
+            0,
+            step,
+            snap.attempt,
+            {
+                "temp_dir": tmp.path.name,
+                "writing_step": tmp.step,
+                "temp_files": _listing(tmp.path),
+                "renamed": not tmp.path.exists() and self.view.step_dir(tmp.step).is_dir(),
+                "committed": self.view.committed(),
+            },
+        )
+        return injection if self._signal(injection, signal.SIGKILL) else None
+
+    def _inject_corrupt(self, snap: Snapshot) -> Injection | None:
+        if 0 not in snap.workers:
+            raise ChaosError("corrupt needs rank 0 (the checkpoint writer) on this node")
+        pid = snap.workers[0]
+        # Rank 0 frozen: no checkpoint can be committed or pruned between the choice of the
+        # newest one and the kill, so "newest" stays true.
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return None
+        committed = self.view.committed()
+        if not committed:
+            os.kill(pid, signal.SIGCONT)
+            return None
+        target = self.view.step_dir(committed[-1])
+        files = sorted(
+            p.name for p in target.iterdir() if p.is_file() and p.name != "manifest.json"
+        )
+        if not files:
+            os.kill(pid, signal.SIGCONT)
+            return None
+        name = self.rng.choice(files)
+        mode = self.config.corrupt_mode
+        if mode == "any":
+            mode = self.rng.choice(("flip", "truncate"))
+        details = _corrupt_file(target / name, mode, self.rng)
+        injection = Injection(
+            "corrupt",
+            pid,
+            0,
+            self._heartbeat_step(0, snap.step),
+            snap.attempt,
+            {"path": str(target), "file": name, **details, "committed": committed},
+        )
+        return injection if self._signal(injection, signal.SIGKILL) else None
+
+    def _supervisor(self, kind: str, snap: Snapshot) -> Injection | None:
+        if not self.view.is_supervisor(snap.supervisor_pid):
+            return None
+        return Injection(
+            kind,
+            snap.supervisor_pid,
+            None,
+            snap.step,
+            snap.attempt,
+            {"committed": self.view.committed(), "workers": snap.workers},
+        )
+
+    def _inject_preempt(self, snap: Snapshot) -> Injection | None:
+        injection = self._supervisor("preempt", snap)
+        return injection if injection and self._signal(injection, signal.SIGTERM) else None
+
+    def _inject_kill_supervisor(self, snap: Snapshot) -> Injection | None:
+        injection = self._supervisor("kill-supervisor", snap)
+        return injection if injection and self._signal(injection, signal.SIGKILL) else None
+
+    def _inject_fill_disk(self, snap: Snapshot) -> Injection | None:
+        ckpt_dir = self.view.ckpt_dir
+        if not ckpt_dir.is_dir():
+            return None
+        stat = os.statvfs(ckpt_dir)
+        free = stat.f_bavail * stat.f_frsize
+        need = free - self.config.fill_leave
+        if need > self.config.fill_limit:
+            raise ChaosError(
+                f"fill-disk: {ckpt_dir} has {free} bytes free; filling it would take more than "
+                f"--fill-limit ({self.config.fill_limit} bytes). Put the checkpoint directory on "
+                "a small file system of its own (e.g. a tmpfs) or raise --fill-limit"
+            )
+        ballast = ckpt_dir / f".chaos-fill-{os.getpid()}"
+        injection = Injection(
+            "fill-disk",
+            None,
+            None,
+            snap.step,
+            snap.attempt,
+            {"path": str(ballast), "free_before": free, "committed": self.view.committed()},
+        )
+        self._log(injection)
+        written = _fill(ballast, max(0, need))
+        stat = os.statvfs(ckpt_dir)
+        self.events.emit(
+            "disk_filled",
+            path=str(ballast),
+            bytes=written,
+            free_after=stat.f_bavail * stat.f_frsize,
+        )
+        injection.details["bytes"] = written
+        return injection
+
+    def _heartbeat_step(self, rank: int, default: int) -> int:
+        record = self.view.heartbeats().get(rank)
+        return int(record.get("step", default)) if record else default
+
+
+def _listing(path: Path) -> dict[str, int]:
+    """name -> size of the files in ``path`` (empty when it is gone)."""
+    try:
+        return {e.name: e.stat().st_size for e in os.scandir(path) if e.is_file()}
+    except OSError:
+        return {}
+
+
+def _corrupt_file(path: Path, mode: str, rng: random.Random) -> dict[str, Any]:
+    """Damage ``path`` in place (fsync'd) and say how."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if mode == "truncate" or size == 0:
+            os.ftruncate(fd, size // 2)
+            out: dict[str, Any] = {"mode": "truncate", "size_before": size, "size": size // 2}
+        else:
+            offset = rng.randrange(size)
+            old = os.pread(fd, 1, offset)[0]
+            os.pwrite(fd, bytes([old ^ 0xFF]), offset)
+            out = {"mode": "flip", "offset": offset, "size": size}
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return out
+
+
+def _fill(path: Path, nbytes: int) -> int:
+    """Write up to ``nbytes`` into ``path`` (stopping quietly at a full disk); bytes written."""
+    chunk = b"\0" * (1 << 20)
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while written < nbytes:
+            try:
+                written += os.write(fd, chunk[: min(len(chunk), nbytes - written)])
+            except OSError:
+                break  # the disk is full: that was the point
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+    finally:
+        os.close(fd)
+    return written
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """Bad input from the command line; the message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The tool's flags."""
+    kinds = "\n".join(f"  {k:16} {v}" for k, v in FAULTS.items())
+    p = _Parser(
+        prog=PROG,
+        description="Inject faults into a running supervised run, from outside.",
+        epilog=f"fault kinds:\n{kinds}\n  {RANDOM:16} a seeded draw from {', '.join(RANDOM_POOL)}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="the run directory of a running supervisor")
+    p.add_argument(
+        "--fault",
+        default="kill-worker",
+        help="kind, or comma-separated kinds used in turn (default kill-worker)",
+    )
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--every", type=float, default=None, help="seconds between injections")
+    when.add_argument(
+        "--at-steps", default=None, help="comma-separated steps at which to inject, ascending"
+    )
+    p.add_argument("--count", type=int, default=None, help="injections to make (default: see docs)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random choice")
+    p.add_argument("--timeout", type=float, default=None, help="give up after S seconds (exit 3)")
+    p.add_argument(
+        "--wait-start",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the supervisor's supervisor.json (default 120)",
+    )
+    p.add_argument(
+        "--writer-wait",
+        type=float,
+        default=120.0,
+        help="kill-writer: seconds to wait for a checkpoint write (default 120)",
+    )
+    p.add_argument(
+        "--corrupt-mode",
+        choices=("any", "flip", "truncate"),
+        default="any",
+        help="corrupt: flip a byte, truncate the file, or either (seeded; default)",
+    )
+    p.add_argument(
+        "--fill-leave",
+        type=int,
+        default=64 * 1024,
+        help="fill-disk: bytes to leave free (default 65536)",
+    )
+    p.add_argument(
+        "--fill-limit",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="fill-disk: refuse to write more than this many bytes (default 256 MiB)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ChaosConfig:
+    """Validated configuration from parsed flags. Raises UsageError with one line."""
+    at_steps: tuple[int, ...] = ()
+    if args.at_steps:
+        try:
+            at_steps = tuple(int(s) for s in args.at_steps.split(",") if s.strip())
+        except ValueError:
+            raise UsageError(
+                f"--at-steps {args.at_steps!r}: give comma-separated integers"
+            ) from None
+    try:
+        return ChaosConfig(
+            run_dir=Path(args.run_dir),
+            faults=tuple(k.strip() for k in args.fault.split(",") if k.strip()),
+            every=args.every,
+            at_steps=at_steps,
+            count=args.count,
+            seed=args.seed,
+            timeout=args.timeout,
+            wait_start=args.wait_start,
+            writer_wait=args.writer_wait,
+            corrupt_mode=args.corrupt_mode,
+            fill_leave=args.fill_leave,
+            fill_limit=args.fill_limit,
+        )
+    except ValueError as e:
+        raise UsageError(_flag_names(str(e))) from None
+
+
+def _flag_names(message: str) -> str:
+    # Validation speaks in field names; the user typed flags.
+    head, sep, rest = message.partition("=")
+    if sep and head.isidentifier():
+        flag = "--at-steps" if head == "at_steps" else f"--{head.replace('_', '-')}"
+        return f"{flag} {rest}"
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m supervisor.chaos``; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_from_args(build_parser().parse_args(argv))
+        if not config.run_dir.is_dir():
+            raise UsageError(f"run directory {config.run_dir} does not exist")
+        injector = Injector(config)
+        print(
+            f"[chaos] run dir {injector.view.run_dir}; faults {','.join(config.faults)}; "
+            f"seed {injector.seed} (replay with --seed {injector.seed})",
+            flush=True,
+        )
+        return injector.run()
+    except (UsageError, ChaosError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_NOT_DONE
+
+
+# -- alongside a job (``launch.py --chaos SPEC``) ------------------------------------------------
+
+_SPEC_KEYS = {
+    "every": "--every",
+    "at-steps": "--at-steps",
+    "count": "--count",
+    "seed": "--seed",
+    "timeout": "--timeout",
+    "corrupt-mode": "--corrupt-mode",
+    "writer-wait": "--writer-wait",
+}
+
+
+def spec_to_argv(spec: str) -> list[str]:
+    """Turn a SPEC (``KIND[,KIND...][:key=value]...``) into the tool's flags (no run dir).
+
+    Keys: every, at-steps, count, seed, timeout, corrupt-mode, writer-wait. Examples:
+    ``kill-worker:every=30:count=3:seed=7``, ``hang,corrupt:at-steps=100,250``.
+    Raises ValueError naming the bad part.
+    """
+    head, *options = spec.split(":")
+    if not head.strip():
+        raise ValueError(f"chaos spec {spec!r}: starts with no fault kind (e.g. kill-worker)")
+    argv = ["--fault", head.strip()]
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or key not in _SPEC_KEYS or not value.strip():
+            raise ValueError(
+                f"chaos spec {spec!r}: bad option {option!r} "
+                f"(use key=value with key one of {', '.join(_SPEC_KEYS)})"
+            )
+        argv += [_SPEC_KEYS[key], value.strip()]
+    return argv
+
+
+def parse_spec(spec: str, run_dir: Path) -> ChaosConfig:
+    """The validated configuration a SPEC describes for ``run_dir``. Raises ValueError."""
+    try:
+        args = build_parser().parse_args([str(run_dir), *spec_to_argv(spec)])
+        return config_from_args(args)
+    except UsageError as e:
+        raise ValueError(f"chaos spec {spec!r}: {e}") from None
+
+
+def spawn(run_dir: Path, spec: str, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start the tool as its own process against ``run_dir`` (which a supervisor owns or is
+    about to own): the faults arrive from outside the supervisor, as real ones would.
+
+    The process ends by itself when its faults are injected or the run ends; stop it early
+    with :func:`stop_spawned`. ``popen`` goes to ``subprocess.Popen`` (e.g. ``stdout=``).
+    Raises ValueError for a bad SPEC (before anything starts), OSError if it cannot start.
+    """
+    parse_spec(spec, run_dir)
+    cmd = [sys.executable, "-m", "supervisor.chaos", str(run_dir), *spec_to_argv(spec)]
+    env = dict(popen.pop("env", None) or os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    return subprocess.Popen(cmd, env=env, **popen)
+
+
+def stop_spawned(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """Stop a tool process started by :func:`spawn` (SIGTERM, then SIGKILL) and reap it;
+    returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""What the chaos tool sees of a supervised run, from outside: the run directory and psutil.
+
+Everything here is read from the files the other parts publish (``supervisor.json``,
+``heartbeats/rank-*.json``, ``checkpoints/``) and checked against the live process table before a
+signal is sent, so a pid that was reused by an unrelated process is never touched. Nothing here
+imports torch: the tool starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+STATE_FILE = "supervisor.json"
+LOCK_FILE = "supervisor.lock"
+EVENTS_FILE = "events.jsonl"
+FINAL_STATES = ("succeeded", "failed", "interrupted")
+
+# The checkpoint directory's names (docs/architecture.md, trainer/checkpoint/layout.py), parsed
+# here rather than imported: importing the store would import torch.
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+_TMP_RE = re.compile(r"^\.tmp-step-(\d{8,})-(.+)-(\d+)-([0-9a-f]{8})$")
+
+
+@dataclass(frozen=True)
+class TempDir:
+    """A checkpoint being written: ``checkpoints/.tmp-step-XXXXXXXX-<host>-<pid>-<token>``."""
+
+    path: Path
+    step: int
+    pid: int
+
+
+@dataclass
+class Snapshot:
+    """One look at a running attempt."""
+
+    attempt: int
+    """The supervisor's current attempt number."""
+    supervisor_pid: int
+    torchrun_pid: int | None
+    workers: dict[int, int] = field(default_factory=dict)
+    """rank -> pid of the workers of this attempt that are alive and have left start-up."""
+    phases: dict[int, str] = field(default_factory=dict)
+    """rank -> the phase of its newest heartbeat."""
+    step: int = 0
+    """Highest step any live worker of this attempt reported."""
+
+    @property
+    def ready(self) -> bool:
+        """True when every worker of the attempt is alive, past start-up and not finished."""
+        return bool(self.workers) and all(
+            p not in ("startup", "done") for p in self.phases.values()
+        )
+
+
+class RunView:
+    """Reads one run directory and resolves its pids to live processes."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir.absolute()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.heartbeat_dir = self.run_dir / "heartbeats"
+        self._real = os.path.realpath(self.run_dir)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any] | None:
+        """The supervisor's ``supervisor.json``, or None while it is absent or half-written."""
+        try:
+            return json.loads((self.run_dir / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def heartbeats(self) -> dict[int, dict[str, Any]]:
+        """rank -> newest heartbeat record (unreadable files are skipped: they are being
+        replaced right now, and the next look will see them)."""
+        out: dict[int, dict[str, Any]] = {}
+        if not self.heartbeat_dir.is_dir():
+            return out
+        for path in self.heartbeat_dir.glob("rank-*.json"):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                out[int(record["rank"])] = record
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    def committed(self) -> list[int]:
+        """Steps of the committed-looking ``step-XXXXXXXX`` directories, oldest first."""
+        steps = []
+        try:
+            entries = list(os.scandir(self.ckpt_dir))
+        except OSError:
+            return []
+        for entry in entries:
+            m = _STEP_RE.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def temp_dirs(self) -> list[TempDir]:
+        """Checkpoints being written right now (``.tmp-`` directories)."""
+        out = []
+        try:
+            entries = list(os.scandir(self.ckpt_dir))
+        except OSError:
+            return []
+        for entry in entries:
+            m = _TMP_RE.match(entry.name)
+            if m:
+                out.append(TempDir(Path(entry.path), int(m.group(1)), int(m.group(3))))
+        return out
+
+    def step_dir(self, step: int) -> Path:
+        """The committed directory of ``step``."""
+        return self.ckpt_dir / f"step-{step:08d}"
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def is_run_process(self, pid: int) -> bool:
+        """True when ``pid`` is alive (not a zombie) and runs with this run's ``ROSE_RUN_DIR``."""
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            value = proc.environ().get("ROSE_RUN_DIR")
+        except (psutil.Error, OSError):
+            return False
+        return bool(value) and os.path.realpath(value) == self._real
+
+    def is_supervisor(self, pid: int) -> bool:
+        """True when ``pid`` is alive and holds this run's ``supervisor.lock`` open."""
+        lock = os.path.join(self._real, LOCK_FILE)
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            return any(f.path == lock for f in proc.open_files())
+        except (psutil.Error, OSError):
+            return False
+
+    def ended(self) -> bool:
+        """True when the run is over: a final state was written, or its supervisor is gone."""
+        state = self.state()
+        if state is None:
+            return False
+        if state.get("state") in FINAL_STATES:
+            return True
+        pid = int(state.get("supervisor_pid") or 0)
+        return not pid or not self.is_supervisor(pid)
+
+    def snapshot(self) -> Snapshot | None:
+        """The running attempt as seen now, or None when no attempt is running."""
+        state = self.state()
+        if state is None or state.get("state") != "running":
+            return None
+        attempt = int(state.get("attempt") or 0)
+        snap = Snapshot(
+            attempt=attempt,
+            supervisor_pid=int(state.get("supervisor_pid") or 0),
+            torchrun_pid=state.get("torchrun_pid"),
+        )
+        expected = {int(r) for r in (state.get("workers") or {}) if str(r).isdigit()}
+        beats = self.heartbeats()
+        for rank, record in beats.items():
+            if record.get("attempt") != attempt:
+                continue
+            pid = int(record.get("pid") or 0)
+            if not self.is_run_process(pid):
+                continue
+            snap.workers[rank] = pid
+            snap.phases[rank] = str(record.get("phase"))
+            snap.step = max(snap.step, int(record.get("step") or 0))
+        if not expected or set(snap.workers) != expected:
+            snap.workers.clear()  # not every worker is up (or one already died): not ready
+            snap.phases.clear()
+        return snap
