@@ -6,7 +6,9 @@
 Trains the tiny model and saves after each listed step. ``--pause-at`` arms the store's test
 pause hook for the *last* listed step only. ``--fsize`` sets RLIMIT_FSIZE (SIGXFSZ ignored, so an
 oversized write fails with EFBIG) before the last save. ``--hold`` keeps the store (and its writer
-lock) open until stdin closes. Prints one JSON line per event on stdout. Exit codes: 0 done,
+lock) open until stdin closes. ``--fork P1 P2 …`` imports torch once, then forks one writer per
+pause phase into ``RUN_DIR/<phase>``, prints ``{"type": "forked", "phase", "pid"}`` for each, and
+reaps them once stdin closes (the test kills them by pid meanwhile). Prints one JSON line per event on stdout. Exit codes: 0 done,
 76 a checkpoint write failed under --fail-fatal, 77 the writer lock is held elsewhere.
 """
 
@@ -35,8 +37,37 @@ def main() -> int:
     ap.add_argument("--hold", action="store_true")
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--fork", nargs="+", default=None)
     args = ap.parse_args()
     os.environ.pop(PAUSE_ENV, None)
+    if args.fork:
+        return fork_writers(args)
+    return write(args)
+
+
+def fork_writers(args: argparse.Namespace) -> int:
+    children = []
+    for phase in args.fork:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the parent's stdout is the protocol
+            try:
+                args.run_dir = os.path.join(args.run_dir, phase)
+                args.pause_at = phase
+                args.fork = None
+                code = write(args)
+            finally:
+                os._exit(code)
+        children.append(pid)
+        print(json.dumps({"type": "forked", "phase": phase, "pid": pid}), flush=True)
+    sys.stdin.read()
+    for pid in children:
+        os.waitpid(pid, 0)
+    return 0
+
+
+def write(args: argparse.Namespace) -> int:
 
     def event(e: dict) -> None:
         print(json.dumps(e), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 from pathlib import Path
 
 #: Test-only: ``ROSE_CKPT_PAUSE_AT=<phase>`` makes the writer stop itself (SIGSTOP) at that phase,
@@ -20,7 +21,9 @@ _CHUNK = 8 << 20
 def pause_point(phase: str) -> None:
     """Stop this process when the test hook names ``phase``; a no-op otherwise."""
     if os.environ.get(PAUSE_ENV) == phase:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # Directed at this thread: a process-wide kill() may be taken by another thread, and the
+        # writer would run on past the pause point before the group stop reaches it.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 def write_file(
