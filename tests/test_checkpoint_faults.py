@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time

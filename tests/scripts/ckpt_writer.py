@@ -8,8 +8,9 @@ pause hook for the *last* listed step only. ``--fsize`` sets RLIMIT_FSIZE (SIGXF
 oversized write fails with EFBIG) before the last save. ``--hold`` keeps the store (and its writer
 lock) open until stdin closes. ``--fork P1 P2 …`` imports torch once, then forks one writer per
 pause phase into ``RUN_DIR/<phase>``, prints ``{"type": "forked", "phase", "pid"}`` for each, and
-reaps them once stdin closes (the test kills them by pid meanwhile). Prints one JSON line per event on stdout. Exit codes: 0 done,
-76 a checkpoint write failed under --fail-fatal, 77 the writer lock is held elsewhere.
+reaps them once stdin closes (the test kills them by pid meanwhile). Prints one JSON line per
+event on stdout. Exit codes: 0 done, 76 a checkpoint write failed under --fail-fatal, 77 the
+writer lock is held elsewhere.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def fork_writers(args: argparse.Namespace) -> int:
         pid = os.fork()
         if pid == 0:
             code = 1
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the parent's stdout is the protocol
+            sys.stdout = open(os.devnull, "w")  # the parent's stdout is the protocol
             try:
                 args.run_dir = os.path.join(args.run_dir, phase)
                 args.pause_at = phase
