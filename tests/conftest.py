@@ -34,7 +34,7 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def train_env(data_cache: Path) -> dict[str, str]:
     """Environment for a trainer process: the shared corpus cache, and no supervisor variables
     inherited from whatever runs the tests (a worker would think it is supervised)."""
@@ -81,7 +81,7 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_train(train_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
     """Run the trainer to completion: `run_train(args, nproc=1, timeout=120)`."""
 

@@ -94,7 +94,7 @@ class TrainConfig:
     """Everything a training run needs; each field is one flag (`micro_batch`: `--micro-batch`)."""
 
     model: str = _opt("small", "model preset", choices=tuple(PRESETS))
-    steps: int = _opt(600, "optimizer steps in the whole run")
+    steps: int = _opt(200, "optimizer steps in the whole run")
     micro_batch: int = _opt(16, "sequences per rank per micro-step")
     seq_len: int = _opt(64, "tokens per training sequence (at most the preset's context)")
     grad_accum: int = _opt(1, "micro-steps per optimizer step (gradient accumulation)")

@@ -1,0 +1,307 @@
+"""The trainer end to end, as real processes: training, exact resume, preemption, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    TINY_ARGS,
+    final_sha,
+    kill_tree,
+    read_metrics,
+    train_command,
+    wait_for_step,
+)
+from trainer.checkpoint import find_latest_valid, list_checkpoints
+from trainer.checkpoint.lock import WriterLock
+
+STEPS = 40
+# One rank: dropout and bf16 autocast on CPU, so exactness covers both.
+ARGS_1 = [*TINY_ARGS, "--steps", str(STEPS), "--dropout", "0.1", "--amp", "bf16"]
+# Two ranks: dropout and gradient accumulation (no_sync on the first micro-step).
+ARGS_2 = [*TINY_ARGS, "--steps", str(STEPS), "--dropout", "0.1", "--grad-accum", "2"]
+
+
+def run_args(base: list[str], run_dir: Path, *extra: str) -> list[str]:
+    return [*base, "--run-dir", str(run_dir), "--sample-log", str(run_dir / "samples"), *extra]
+
+
+def sample_log(run_dir: Path) -> dict[tuple[int, int, int], list[int]]:
+    """(rank, step, micro) -> sample ids. A step logged twice (redone after a crash) keeps its
+    last record: that is the one whose gradients reached the final parameters."""
+    consumed: dict[tuple[int, int, int], list[int]] = {}
+    for path in sorted((run_dir / "samples").glob("rank-*.jsonl")):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            consumed[(rank, rec["step"], rec["micro"])] = rec["ids"]
+    return consumed
+
+
+def raw_sample_records(run_dir: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for path in sorted((run_dir / "samples").glob("rank-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
+class Baseline:
+    def __init__(self, run_dir: Path, proc: subprocess.CompletedProcess) -> None:
+        assert proc.returncode == 0, proc.stderr
+        self.run_dir = run_dir
+        self.stdout = proc.stdout
+        self.sha = final_sha(proc.stdout)
+        self.samples = sample_log(run_dir)
+
+
+@pytest.fixture(scope="module")
+def baseline_1(tmp_path_factory: pytest.TempPathFactory, run_train: Callable) -> Baseline:
+    """The uninterrupted single-process run every resumed one must reproduce."""
+    run_dir = tmp_path_factory.mktemp("baseline-1")
+    args = run_args(ARGS_1, run_dir, "--ckpt-every", "10", "--eval-every", "20")
+    return Baseline(run_dir, run_train(args))
+
+
+@pytest.fixture(scope="module")
+def baseline_2(tmp_path_factory: pytest.TempPathFactory, run_train: Callable) -> Baseline:
+    """The uninterrupted 2-rank run every resumed one must reproduce."""
+    run_dir = tmp_path_factory.mktemp("baseline-2")
+    return Baseline(run_dir, run_train(run_args(ARGS_2, run_dir, "--ckpt-every", "10"), nproc=2))
+
+
+def assert_same_samples_as(baseline: Baseline, run_dir: Path, world_size: int, accum: int) -> None:
+    """Every (rank, step, micro-step) of the run consumed exactly the baseline's samples: none
+    skipped, none repeated, none out of order."""
+    got = sample_log(run_dir)
+    expected_keys = {
+        (r, s, m) for r in range(world_size) for s in range(STEPS) for m in range(accum)
+    }
+    assert set(got) == expected_keys
+    assert got == baseline.samples
+    ids = [i for key in sorted(got) for i in got[key]]
+    assert len(ids) == len(set(ids)), "a sample was consumed twice"
+
+
+def assert_metrics_once_per_step(run_dir: Path) -> None:
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+
+
+# -- training --------------------------------------------------------------------------------
+
+
+def test_single_process_trains_and_loss_falls(baseline_1: Baseline) -> None:
+    records = read_metrics(baseline_1.run_dir)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "time"):
+        assert all(isinstance(r[key], float) for r in train), key
+    first = sum(r["loss"] for r in train[:5]) / 5
+    last = sum(r["loss"] for r in train[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert [r["step"] for r in records if "eval_loss" in r] == [20, 40]
+    assert list_checkpoints(baseline_1.run_dir)[0].step == STEPS  # newest first
+    # Not supervised: no heartbeats are written.
+    assert not (baseline_1.run_dir / "heartbeats").exists()
+    assert "done step=40" in baseline_1.stdout.splitlines()[-1]
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_on_disjoint_samples(baseline_2: Baseline) -> None:
+    train = [r for r in read_metrics(baseline_2.run_dir) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0
+    ids = [i for ids in baseline_2.samples.values() for i in ids]
+    assert len(ids) == len(set(ids)) == STEPS * 2 * 2 * 4  # steps x ranks x accum x micro-batch
+    manifest = json.loads((find_latest_valid(baseline_2.run_dir) / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["params_sha256"] == baseline_2.sha
+
+
+# -- exact resume after a crash ----------------------------------------------------------------
+
+
+def crash_and_resume(
+    base: list[str], nproc: int, tmp_path: Path, start_train: Callable, run_train: Callable
+) -> tuple[Path, int, subprocess.CompletedProcess]:
+    """Kill the whole run (SIGKILL, no warning) at a random step, then resume it."""
+    run_dir = tmp_path / "run"
+    kill_at = random.randint(3, STEPS // 2)
+    proc = start_train(run_args(base, run_dir, "--ckpt-every", "3"), nproc=nproc)
+    reached = wait_for_step(run_dir, kill_at, proc)
+    kill_tree(proc, signal.SIGKILL)
+    assert reached < STEPS, f"the run finished before it could be killed at step {kill_at}"
+    resumed = run_train(run_args(base, run_dir, "--ckpt-every", "3", "--resume", "auto"), nproc)
+    assert resumed.returncode == 0, resumed.stderr
+    return run_dir, reached, resumed
+
+
+def test_resume_after_kill_is_bitwise_exact_single_process(
+    baseline_1: Baseline, tmp_path: Path, start_train: Callable, run_train: Callable
+) -> None:
+    run_dir, killed_at, resumed = crash_and_resume(ARGS_1, 1, tmp_path, start_train, run_train)
+    assert "resumed from" in resumed.stdout, resumed.stdout
+    assert final_sha(resumed.stdout) == baseline_1.sha, f"killed at step {killed_at}"
+    assert_same_samples_as(baseline_1, run_dir, world_size=1, accum=1)
+    assert_metrics_once_per_step(run_dir)
+
+
+# -- preemption ----------------------------------------------------------------------------------
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(
+    baseline_1: Baseline, tmp_path: Path, start_train: Callable, run_train: Callable
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_train(run_args(ARGS_1, run_dir, "--ckpt-every", "0"))
+    wait_for_step(run_dir, random.randint(3, STEPS // 2), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    ckpts = list_checkpoints(run_dir)
+    assert len(ckpts) == 1  # --ckpt-every 0: only the preemption checkpoint
+    stopped = ckpts[0].step
+    assert f"preempted: checkpoint at step {stopped} written" in out
+    # The checkpoint holds every step that was logged, and nothing after it ran.
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps[-1] == stopped
+
+    resumed = run_train(run_args(ARGS_1, run_dir, "--ckpt-every", "0", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_sha(resumed.stdout) == baseline_1.sha, f"preempted at step {stopped}"
+    # A preempted step is never redone: every step was logged exactly once.
+    records = raw_sample_records(run_dir)
+    assert sorted(r["step"] for r in records) == list(range(STEPS))
+    assert_same_samples_as(baseline_1, run_dir, world_size=1, accum=1)
+
+
+def test_second_signal_exits_at_once(tmp_path: Path, start_train: Callable) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_train([*TINY_ARGS, "--steps", "100000", "--run-dir", str(run_dir)])
+    wait_for_step(run_dir, 2, proc)
+    # Two different signals, so the kernel cannot merge them into one.
+    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGTERM, -signal.SIGUSR1)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(
+    baseline_2: Baseline, tmp_path: Path, start_train: Callable, run_train: Callable
+) -> None:
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = start_train(run_args(ARGS_2, run_dir, "--ckpt-every", "0"), nproc=2)
+    wait_for_step(run_dir, random.randint(3, STEPS // 2), proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGTERM)  # only rank 1 hears it; rank 0 must stop with it
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0  # torchrun reports its workers' non-zero exit
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", err)
+    assert codes and set(codes) == {"75"}, err
+    ckpts = list_checkpoints(run_dir)
+    assert len(ckpts) == 1
+    stopped = ckpts[0].step
+    assert f"preempted: checkpoint at step {stopped} written" in out
+    per_rank_last = {}
+    for rec in raw_sample_records(run_dir):
+        per_rank_last[rec["pid"]] = max(per_rank_last.get(rec["pid"], -1), rec["step"])
+    assert sorted(per_rank_last.values()) == [stopped - 1, stopped - 1]  # same last step
+
+    resumed = run_train(run_args(ARGS_2, run_dir, "--ckpt-every", "0", "--resume", "auto"), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_sha(resumed.stdout) == baseline_2.sha, f"preempted at step {stopped}"
+    assert_same_samples_as(baseline_2, run_dir, world_size=2, accum=2)
+
+
+# -- exit codes of the checkpoint contract ---------------------------------------------------
+
+
+def test_run_dir_locked_by_another_writer_exits_77(tmp_path: Path, run_train: Callable) -> None:
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    lock = WriterLock(ckpt_dir)  # stands in for another trainer writing into the same run
+    lock.acquire()
+    try:
+        proc = run_train([*TINY_ARGS, "--steps", "3", "--run-dir", str(tmp_path / "run")])
+    finally:
+        lock.release()
+    assert proc.returncode == 77, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "writing checkpoints" in proc.stderr
+
+
+def test_failed_checkpoint_write_with_fail_fatal_exits_76(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    def small_files() -> None:
+        # Files above 64 KiB cannot be written (EFBIG: Python ignores SIGXFSZ); the tiny
+        # model's checkpoint is larger, the metrics and the read-only corpus are not affected.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    args = [*TINY_ARGS, "--steps", "6", "--ckpt-every", "3", "--run-dir", str(tmp_path)]
+    proc = subprocess.run(
+        train_command([*args, "--ckpt-fail-fatal"]),
+        env=train_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=small_files,
+    )
+    assert proc.returncode == 76, proc.stderr
+    assert "checkpoint write failed" in proc.stderr.splitlines()[-1]
+    assert "was not written" in proc.stderr  # the store's report of the first failure
+    assert list_checkpoints(tmp_path) == []
+
+
+# -- under a supervisor ------------------------------------------------------------------------
+
+
+def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "supervised"
+    env = {
+        **train_env,
+        "ROSE_RUN_DIR": str(run_dir),
+        "ROSE_ATTEMPT": "1",
+        "ROSE_HEARTBEAT_DIR": str(run_dir / "heartbeats"),
+        "ROSE_SUPERVISOR_PID": str(os.getpid()),
+    }
+    ignored = tmp_path / "ignored"
+    args = [*TINY_ARGS, "--steps", "8", "--ckpt-every", "4", "--run-dir", str(ignored)]
+    first = subprocess.run(
+        train_command(args), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert first.returncode == 0, first.stderr
+    assert not ignored.exists()
+    beat = json.loads((run_dir / "heartbeats" / "rank-0.json").read_text())
+    assert (beat["rank"], beat["step"], beat["phase"], beat["attempt"]) == (0, 8, "done", 1)
+
+    # The supervisor names the checkpoint; --resume-from and --resume auto are overruled.
+    chosen = run_dir / "checkpoints" / "step-00000004"
+    env.update(ROSE_ATTEMPT="2", ROSE_RESUME_FROM=str(chosen))
+    second = subprocess.run(
+        train_command([*args, "--resume-from", str(tmp_path / "nowhere"), "--resume", "auto"]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 0, second.stderr
+    assert f"resumed from {chosen} at step 4" in second.stdout
+    assert final_sha(second.stdout) == final_sha(first.stdout)
+    beat = json.loads((run_dir / "heartbeats" / "rank-0.json").read_text())
+    assert (beat["step"], beat["phase"], beat["attempt"]) == (8, "done", 2)
