@@ -1,0 +1,205 @@
+"""Whole-system faults, injected by the chaos tool into real supervised runs (see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.conftest import (
+    CKPT_EVERY,
+    HERE,
+    STEPS,
+    Harness,
+    Reference,
+    assert_detected,
+    assert_recovered,
+    assert_resumed_well,
+    attempt_events,
+    committed_steps,
+    faults,
+    final_sha,
+    last_attempt,
+    manifest,
+    rank0_stderr,
+    read_jsonl,
+    selected,
+    since_last_start,
+    wait_no_processes,
+)
+
+pytestmark = [pytest.mark.chaos, pytest.mark.distributed, pytest.mark.slow]
+
+
+def test_three_random_worker_kills(harness: Harness, reference: Reference) -> None:
+    sup = harness.launch()
+    tool = harness.chaos("--fault", "kill-worker", "--at-steps", "6,12,18", "--seed", "11")
+    rc = sup.wait()
+    assert harness.wait_tool(tool) == 0
+    events = assert_recovered(harness.run_dir, rc, reference)
+    injected = faults(events)
+    assert [f["kind"] for f in injected] == ["kill-worker"] * 3
+    assert [f["attempt"] for f in injected] == [1, 2, 3]
+    for fault in injected:
+        assert_detected(events, fault)
+        assert_resumed_well(events, fault)
+    assert last_attempt(harness.run_dir) == 4
+
+
+def test_kill_writer_in_every_phase(harness: Harness, reference: Reference) -> None:
+    # Attempts 1-4 freeze rank 0 at one phase of their first checkpoint write each; the tool
+    # kills it there. Attempt 5 runs to the end.
+    phases = ["payload-mid", "manifest-mid", "before-rename", "after-rename"]
+    env = dict(harness.env)
+    env["CHAOS_PAUSE_PLAN"] = ",".join(f"{i}:{p}" for i, p in enumerate(phases, start=1))
+    sup = harness.launch(script=HERE / "paused_trainer.py", env=env)
+    tool = harness.chaos("--fault", "kill-writer", "--count", "4", "--seed", "3")
+    rc = sup.wait()
+    assert harness.wait_tool(tool) == 0
+    events = assert_recovered(harness.run_dir, rc, reference)
+    injected = faults(events)
+    assert [f["kind"] for f in injected] == ["kill-writer"] * 4
+    assert [f["attempt"] for f in injected] == [1, 2, 3, 4]
+    for fault, phase in zip(injected, phases, strict=True):
+        assert fault["writing_step"] == CKPT_EVERY
+        files = fault["temp_files"]
+        # What the kill interrupted, phase by phase (a vanished temp dir means it was renamed).
+        if phase == "payload-mid":
+            assert "manifest.json" not in files and "model.safetensors" in files, files
+        elif phase in ("manifest-mid", "before-rename"):
+            assert "manifest.json" in files and "state.json" in files, files
+        else:
+            assert fault["renamed"], fault
+        assert_detected(events, fault)
+    # Nothing was committed before the rename; after it, the checkpoint counts.
+    assert [selected(events, a) for a in (2, 3, 4, 5)] == [0, 0, 0, CKPT_EVERY]
+
+
+def test_hang_corruption_and_lost_node(harness: Harness, reference: Reference) -> None:
+    sup = harness.launch(["--hang-timeout", "6"])
+    tool = harness.chaos("--fault", "hang,corrupt,kill-torchrun", "--at-steps", "6,13,18")
+    rc = sup.wait()
+    assert harness.wait_tool(tool) == 0
+    events = read_jsonl(harness.run_dir / "events.jsonl")
+    injected = faults(events)
+    assert [f["kind"] for f in injected] == ["hang", "corrupt", "kill-torchrun"]
+    corrupt = injected[1]
+    bad_step = int(Path(corrupt["path"]).name.split("-")[1])
+    assert bad_step == max(corrupt["committed"]) and bad_step > CKPT_EVERY
+    assert_recovered(harness.run_dir, rc, reference, quarantined={bad_step}, events=events)
+    for fault in injected:
+        assert_detected(events, fault)
+        assert_resumed_well(events, fault)
+    # The corrupted checkpoint was set aside with its reason, and the one before it chosen.
+    after = attempt_events(events, corrupt["attempt"])
+    quarantined = [e for e in events if e["type"] == "checkpoint_quarantined"]
+    assert [q["path"] for q in quarantined] == [corrupt["path"]]
+    assert quarantined[0]["time"] > corrupt["time"] and after
+    assert selected(events, corrupt["attempt"] + 1) == bad_step - CKPT_EVERY
+    reason = (Path(quarantined[0]["to"]) / "REASON.txt").read_text()
+    assert corrupt["file"] in reason
+
+
+def test_preempt_then_relaunch_loses_no_step(harness: Harness, reference: Reference) -> None:
+    sup = harness.launch()
+    tool = harness.chaos("--fault", "preempt", "--at-steps", "9")
+    assert sup.wait() == 75, sup.output()[-3000:]  # the documented "interrupted" exit
+    assert harness.wait_tool(tool) == 0
+    left = wait_no_processes(harness.run_dir)
+    assert not left, [p.pid for p in left]
+    events = read_jsonl(harness.run_dir / "events.jsonl")
+    (fault,) = faults(events)
+    assert any(e["type"] == "interrupted" and e["signal"] == "SIGTERM" for e in events)
+    reached = max(r["step"] for r in read_jsonl(harness.run_dir / "metrics.jsonl") if "loss" in r)
+    assert reached >= fault["step"]
+    # The emergency checkpoint holds the last step trained: nothing to redo.
+    assert max(committed_steps(harness.run_dir)) == reached
+    manifest(harness.run_dir, reached)
+
+    again = harness.launch()
+    events = assert_recovered(
+        harness.run_dir,
+        again.wait(),
+        reference,
+        extra_steps={reached} - set(reference.steps),
+    )
+    assert selected(since_last_start(events), 1) == reached  # zero steps lost
+
+
+def test_kill_supervisor_then_relaunch(harness: Harness, reference: Reference) -> None:
+    sup = harness.launch()
+    tool = harness.chaos("--fault", "kill-supervisor", "--at-steps", "10")
+    assert sup.wait() == -9
+    assert harness.wait_tool(tool) == 0
+    # Its workers and torchrun noticed and exited: no orphans.
+    left = wait_no_processes(harness.run_dir)
+    assert not left, [(p.pid, p.name()) for p in left]
+    (fault,) = faults(read_jsonl(harness.run_dir / "events.jsonl"))
+    newest = max(committed_steps(harness.run_dir))
+    assert newest >= max(fault["committed"])
+
+    again = harness.launch()
+    events = assert_recovered(harness.run_dir, again.wait(), reference)
+    assert selected(since_last_start(events), 1) == newest
+
+
+def test_budget_exhausted_by_a_script_that_always_crashes(harness: Harness) -> None:
+    sup = harness.launch(["--max-restarts", "2"], script=HERE / "always_crash.py", script_args=[])
+    assert sup.wait() == 3, sup.output()[-3000:]  # exit_codes.BUDGET_EXHAUSTED
+    events = read_jsonl(harness.run_dir / "events.jsonl")
+    failed = [e for e in events if e["type"] == "worker_failed"]
+    assert [e["attempt"] for e in failed] == [1, 2, 3]
+    assert all(e["exit_code"] == 1 for e in failed), failed
+    (end,) = [e for e in events if e["type"] == "budget_exhausted"]
+    assert end["restarts_used"] == 2 and end["exit_code"] == 3
+    assert [e["attempt"] for e in events if e["type"] == "checkpoint_selected"] == [1, 2, 3]
+    assert "done" not in {e["type"] for e in events}
+    left = wait_no_processes(harness.run_dir)
+    assert not left, [p.pid for p in left]
+
+
+@pytest.fixture
+def small_checkpoint_fs(harness: Harness) -> Path:
+    """``RUN_DIR/checkpoints`` on a 32 MiB tmpfs of its own, unmounted at the end."""
+    ckpt = harness.run_dir / "checkpoints"
+    ckpt.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "chaos-ckpt", str(ckpt)],
+        check=True,
+        capture_output=True,
+    )
+    yield ckpt
+    # The harness kills the run's processes first (its own cleanup runs after this one).
+    wait_no_processes(harness.run_dir, timeout=10)
+    subprocess.run(["umount", "-l", str(ckpt)], check=False, capture_output=True)
+
+
+def test_full_checkpoint_disk_training_goes_on(
+    harness: Harness, reference: Reference, small_checkpoint_fs: Path
+) -> None:
+    sup = harness.launch()
+    tool = harness.chaos("--fault", "fill-disk", "--at-steps", "10")
+    rc = sup.wait()
+    assert harness.wait_tool(tool) == 0
+    events = read_jsonl(harness.run_dir / "events.jsonl")
+    (fault,) = faults(events)
+    assert rc == 0 and last_attempt(harness.run_dir) == 1
+    assert final_sha(harness.run_dir) == reference.sha
+    steps = [r["step"] for r in read_jsonl(harness.run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    (filled,) = [e for e in events if e["type"] == "disk_filled"]
+    assert filled["free_after"] < 256 * 1024
+    # Every checkpoint committed before the disk filled is intact; none after it could be.
+    after = set(committed_steps(harness.run_dir))
+    assert set(fault["committed"]) <= after and fault["committed"]
+    for step in after:
+        manifest(harness.run_dir, step)
+    assert STEPS not in after
+    err = rank0_stderr(harness.run_dir, 1)
+    assert "ENOSPC" in err and "training goes on" in err, err[-2000:]
+    assert not list(small_checkpoint_fs.glob(".tmp-*"))
+    left = wait_no_processes(harness.run_dir)
+    assert not left, [p.pid for p in left]
+    os.unlink(filled["path"])  # so the tmpfs can go
