@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run a torchrun script under a supervisor that restarts it from the newest "
         "valid checkpoint after crashes and hangs.",
-        usage=f"{PROG} [flags] [SCRIPT [SCRIPT ARGS...]]  |  {PROG} status RUN_DIR",
+        usage=f"{PROG} [flags] [SCRIPT [SCRIPT ARGS...] | -- TRAINER ARGS...]  |  "
+        f"{PROG} status RUN_DIR",
     )
     g = p.add_argument_group("workers")
     g.add_argument(
@@ -161,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     """Turn parsed flags into a validated configuration. Raises UsageError with one line."""
+    script_args = list(args.script_args)
+    if args.script is not None and args.script.startswith("-"):
+        # `launch.py [flags] -- --steps 100`: flags for the built-in trainer.
+        script_args = [args.script, *script_args]
+        args.script = None
     if args.script is None:
         script = BUILTIN_TRAINER
     else:
@@ -192,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         config = LaunchConfig(
             script=script.absolute(),
             run_dir=run_dir,
-            script_args=tuple(args.script_args),
+            script_args=tuple(script_args),
             nproc=args.nproc,
             nnodes=args.nnodes,
             node_rank=args.node_rank,

@@ -23,12 +23,14 @@ FAST = ["--backoff-initial", "0.05", "--backoff-max", "0.2", "--stop-grace", "1"
 class Launched:
     """A supervisor started as ``python launch.py ...``, with its output in files."""
 
-    def __init__(self, run_dir: Path, args: list[str]) -> None:
+    def __init__(
+        self, run_dir: Path, args: list[str], env: dict[str, str] | None = None, tag: str = ""
+    ) -> None:
         self.run_dir = run_dir
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.out_path = run_dir.parent / f"{run_dir.name}.out"
-        self.err_path = run_dir.parent / f"{run_dir.name}.err"
-        env = dict(os.environ)
+        self.out_path = run_dir.parent / f"{run_dir.name}{tag}.out"
+        self.err_path = run_dir.parent / f"{run_dir.name}{tag}.err"
+        env = dict(os.environ if env is None else env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(
@@ -145,3 +147,32 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def heartbeat(run_dir: Path, rank: int) -> dict[str, Any] | None:
+    """Rank ``rank``'s newest heartbeat, or None."""
+    try:
+        return json.loads((run_dir / "heartbeats" / f"rank-{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_heartbeat(
+    run: Launched, rank: int, attempt: int, min_step: int, timeout: float
+) -> dict[str, Any]:
+    """Wait until ``rank`` of ``attempt`` reports at least ``min_step`` in the train phase."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        beat = heartbeat(run.run_dir, rank)
+        if (
+            beat is not None
+            and beat["attempt"] == attempt
+            and beat["step"] >= min_step
+            and beat["phase"] == "train"
+        ):
+            run.seen_pids.add(int(beat["pid"]))
+            return beat
+        if run.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited {run.proc.returncode}: {run.stderr[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"rank {rank} of attempt {attempt} never reached step {min_step}")
