@@ -305,3 +305,31 @@ def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[
     assert final_sha(second.stdout) == final_sha(first.stdout)
     beat = json.loads((run_dir / "heartbeats" / "rank-0.json").read_text())
     assert (beat["step"], beat["phase"], beat["attempt"]) == (8, "done", 2)
+
+
+# -- pieces of the loop ----------------------------------------------------------------------
+
+
+def test_lr_warms_up_then_decays_to_min_lr() -> None:
+    from trainer.config import TrainConfig
+    from trainer.train import lr_at
+
+    cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lr_at(cfg, 100) == pytest.approx(1e-4)
+
+
+def test_threads_default_to_omp_num_threads_else_all_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trainer.config import TrainConfig
+    from trainer.train import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads(TrainConfig()) == 1
+    assert default_threads(TrainConfig(threads=3)) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads(TrainConfig()) == (os.cpu_count() or 1)

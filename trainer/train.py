@@ -179,13 +179,12 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             # Lines written after the checkpoint we resumed from describe steps that are about
             # to be redone; drop them so metrics.jsonl holds each step once.
-            if (
-                self.metrics_path.exists()
-                and self.metrics_path.stat().st_size > self.metrics_offset
-            ):
+            size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+            if 0 <= self.metrics_offset < size:
                 with open(self.metrics_path, "r+b") as f:
                     f.truncate(self.metrics_offset)
             self.metrics = open(self.metrics_path, "a")  # noqa: SIM115
+            self.metrics_offset = self.metrics.tell()
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -201,7 +200,10 @@ class Trainer:
                 )
         self.step = int(state["step"])
         self.position = int(state["position"])
-        self.metrics_offset = int(state.get("metrics_offset", 0))
+        # The metrics cursor describes this run's metrics.jsonl only when the checkpoint is one
+        # of this run's own; from another run directory, leave the file as it is.
+        own = path.resolve().parent == (self.run_dir / "checkpoints").resolve()
+        self.metrics_offset = int(state.get("metrics_offset", 0)) if own else -1
         self.last_saved_step = self.step
         self._log(f"resumed from {path} at step {self.step}")
 
@@ -396,7 +398,9 @@ class Trainer:
                 f.close()
 
 
-def _find_resume(cfg: TrainConfig, run_dir: Path, d: Dist, env: Any) -> Path | None:
+def _find_resume(
+    cfg: TrainConfig, run_dir: Path, d: Dist, env: supervised.SupervisedEnv | None
+) -> Path | None:
     """Which checkpoint to start from: the supervisor's choice when supervised, else the flags.
     With --resume auto only rank 0 searches (the search may quarantine); the others take its
     answer, so every rank loads the same step."""
@@ -426,8 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     Every check that can fail on user input (flags, supervisor environment, data, device) runs
     before any process group is created.
     """
-    preemption = Preemption()
-    preemption.install()
     try:
         cfg = parse_args(argv)
         env = supervised.from_env()
@@ -447,6 +449,24 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, UsageError) as e:
         return _fail(str(e), EXIT_USAGE)
 
+    # From here on a preemption signal asks for a checkpoint instead of ending the process.
+    preemption = Preemption()
+    preemption.install()
+    try:
+        return _train(cfg, env, run_dir, d, corpus, device, preemption)
+    finally:
+        preemption.uninstall()
+
+
+def _train(
+    cfg: TrainConfig,
+    env: supervised.SupervisedEnv | None,
+    run_dir: Path,
+    d: Dist,
+    corpus: Corpus,
+    device: torch.device,
+    preemption: Preemption,
+) -> int:
     torch.set_num_threads(default_threads(cfg))
     supervised.guard_parent()
     if device.type == "cuda":
@@ -459,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, corpus, run_dir, resume, d, device, preemption)
         return trainer.run()
     except CheckpointLocked as e:
-        return _fail(f"{e} (is another run using {run_dir}?)", EXIT_CKPT_LOCKED)
+        return _fail(str(e), EXIT_CKPT_LOCKED)
     except CheckpointWriteFailed as e:
         return _fail(f"checkpoint write failed: {e}", EXIT_CKPT_FAILED)
     except (CheckpointError, UsageError) as e:
