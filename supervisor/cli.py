@@ -25,6 +25,7 @@ from supervisor.heartbeat import HangConfig
 from supervisor.loop import Supervisor
 from supervisor.policy import PolicyConfig
 from supervisor.proctree import set_child_subreaper
+from supervisor.resume import prewarm
 from supervisor.runner import PROJECT_ROOT, TorchrunRunner
 from supervisor.status import format_status, read_state
 
@@ -258,6 +259,7 @@ def run(argv: Sequence[str]) -> int:
         return exit_codes.RUN_DIR_LOCKED
     try:
         set_child_subreaper()
+        prewarm()
         events = EventLog(config.run_dir / "events.jsonl")
         supervisor = Supervisor(config, TorchrunRunner(config), events)
         restore = _install_signal_handlers(supervisor.request_stop)

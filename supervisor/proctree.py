@@ -134,9 +134,9 @@ class StopReport:
     """What stopping an attempt took."""
 
     terminated: int
-    """Processes that exited after SIGTERM."""
+    """Workers that exited after SIGTERM."""
     killed: int
-    """Processes that needed SIGKILL (after the grace period)."""
+    """Workers that needed SIGKILL (after the grace period)."""
     leftovers: int
     """Processes the final walk still found and killed."""
     seconds: float
@@ -249,7 +249,8 @@ class AttemptTree:
         SIGTERM to the workers (unless ``already_signalled``), up to ``grace`` seconds for them to
         exit, SIGKILL for the rest; then up to ``torchrun_grace`` seconds for torchrun to notice
         and exit on its own (it logs each worker's exit code), SIGTERM and SIGKILL to its group
-        after that; finally a walk that SIGKILLs anything of the attempt still alive.
+        after that (``torchrun_grace`` 0: SIGKILL at once, the quickest recovery); finally a walk
+        that SIGKILLs anything of the attempt still alive.
         """
         start = time.monotonic()
         self.refresh()
@@ -262,14 +263,14 @@ class AttemptTree:
             if _send(worker.proc, signal.SIGKILL, group=True):
                 killed += 1
         _wait_until(lambda: not self.live_workers(), 5.0)
-        if self.root.poll() is None:
+        if self.root.poll() is None and torchrun_grace > 0:
             _wait_until(lambda: self.root.poll() is not None, torchrun_grace)
+            if self.root.poll() is None:
+                _killpg(self.root.pid, signal.SIGTERM)
+                _wait_until(lambda: self.root.poll() is not None, 2.0)
         if self.root.poll() is None:
-            _killpg(self.root.pid, signal.SIGTERM)
-            _wait_until(lambda: self.root.poll() is not None, 2.0)
-        if self.root.poll() is None:
+            # With its workers gone torchrun holds nothing worth a graceful exit.
             _killpg(self.root.pid, signal.SIGKILL)
-            killed += 1
             try:
                 self.root.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
@@ -284,9 +285,9 @@ class AttemptTree:
                     leftovers += 1
             psutil.wait_procs(survivors, timeout=2.0)
         self._reap_adopted()
-        gone_after_term = len(initial) - killed - leftovers
+        workers = {w.pid for w in self.workers.values()}
         return StopReport(
-            terminated=max(0, gone_after_term),
+            terminated=max(0, len(initial & workers) - killed - leftovers),
             killed=killed,
             leftovers=leftovers,
             seconds=time.monotonic() - start,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,3 +37,22 @@ def checkpoint_step(path: Path | None) -> int:
     from trainer.checkpoint import verify
 
     return int(verify(path)["step"])
+
+
+def prewarm() -> threading.Thread:
+    """Import the checkpoint store (and with it torch) in a background thread.
+
+    The first recovery then does not pay for the import (seconds on a busy machine) between
+    stopping the failed attempt and launching the next one. Import errors surface later, at
+    the real call.
+    """
+
+    def _import() -> None:
+        try:
+            importlib.import_module("trainer.checkpoint")
+        except Exception:  # noqa: BLE001 - reported by the real import in select_checkpoint
+            pass
+
+    thread = threading.Thread(target=_import, name="rose-prewarm", daemon=True)
+    thread.start()
+    return thread

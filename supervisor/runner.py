@@ -369,7 +369,7 @@ class TorchrunRunner:
         known = self._failure is None or self._failure.exit_code is not None
         quick = known and not already_signalled
         return self.tree.stop(
-            grace, torchrun_grace=0.2 if quick else 1.5, already_signalled=already_signalled
+            grace, torchrun_grace=0.0 if quick else 1.5, already_signalled=already_signalled
         )
 
     def torchrun_exit_code(self) -> int | None:

@@ -64,13 +64,13 @@ def test_worker_failures_are_explained_and_recovered(tmp_path: Path) -> None:
 
 def test_budget_exhausted_after_exactly_n_plus_one_attempts(tmp_path: Path) -> None:
     run = _run(
-        tmp_path, "--max-restarts", "2", "--crash-loop", "0", str(WORKER), "exit", "--code", "1"
+        tmp_path, "--max-restarts", "1", "--crash-loop", "0", str(WORKER), "exit", "--code", "1"
     )
     try:
-        assert run.wait(4 * ATTEMPT_TIMEOUT) == exit_codes.BUDGET_EXHAUSTED
+        assert run.wait(3 * ATTEMPT_TIMEOUT) == exit_codes.BUDGET_EXHAUSTED
         types = run.types()
-        assert types.count("launch") == 3
-        assert types.count("worker_failed") == 3
+        assert types.count("launch") == 2  # --max-restarts 1: exactly N+1 attempts
+        assert types.count("worker_failed") == 2
         assert types[-1] == "budget_exhausted"
         assert "restart budget exhausted" in run.stderr
         assert run.leftovers(timeout=5.0) == []
