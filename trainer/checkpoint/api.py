@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .errors import CheckpointInvalid
+from .integrity import find_latest_valid
 from .layout import MANIFEST
 from .loader import load
 from .state import check_json, strip_prefix, unwrap
 from .store import CheckpointStore
-from .verify import find_latest_valid
 
 _stores: dict[Path, CheckpointStore] = {}
 _guard = threading.Lock()

@@ -19,8 +19,8 @@ from torch import nn
 
 from . import state as st
 from .errors import CheckpointIncompatible, CheckpointInvalid
+from .integrity import verify
 from .layout import MODEL_FILE, OPTIM_FILE, STATE_FILE
-from .verify import verify
 
 
 def _device(map_location: Any) -> str:

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import CheckpointIncompatible, CheckpointInvalid
 from .layout import FORMAT_VERSION, MANIFEST
 
@@ -63,6 +61,8 @@ def build(
     Raises ValueError when ``meta`` tries to set a field the store owns.
     """
     check_meta(meta)
+    import torch  # here, not at the top: verifying must not pay for importing torch
+
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "step": step,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import fsio
 from .errors import CheckpointIncompatible, CheckpointInvalid
+from .integrity import EventSink, emit, step_dirs, verify
 from .layout import DEL_PREFIX, work_name
-from .verify import EventSink, emit, step_dirs, verify
 
 
 @dataclass(frozen=True)

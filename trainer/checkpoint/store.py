@@ -23,11 +23,11 @@ from torch import nn
 from . import fsio, manifest
 from .commit import write_checkpoint
 from .errors import CheckpointError, CheckpointInvalid, CheckpointWriteFailed
+from .integrity import EventSink, emit, quarantine, remove_stale_work_dirs, step_dirs, verify, warn
 from .layout import checkpoints_dir, step_name
 from .lock import WriterLock
 from .retention import RetentionPolicy, prune
 from .state import Snapshot, capture
-from .verify import EventSink, emit, quarantine, remove_stale_work_dirs, step_dirs, verify, warn
 
 #: Preflight wants this much more free space than the checkpoint itself needs.
 PREFLIGHT_MARGIN = 1.05
