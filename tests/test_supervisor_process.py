@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from supervisor import exit_codes
-from tests.scripts.harness import FAST, WORKER, Launched, alive
+from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched, alive
 
 pytestmark = pytest.mark.distributed
 
@@ -133,6 +135,15 @@ def test_second_supervisor_refuses_and_sigterm_interrupts(tmp_path: Path) -> Non
         assert first.proc.poll() is None  # the owner is untouched
         worker_pids = [int(p) for p in started["workers"].values()]
         assert len(worker_pids) == 2 and all(alive(p) for p in worker_pids)
+        status = subprocess.run(
+            [sys.executable, str(LAUNCH), "status", str(first.run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        assert "state:        running" in status.stdout
+        assert f"rank 0: {worker_pids[0]}, rank 1: {worker_pids[1]}" in status.stdout
 
         first.proc.send_signal(signal.SIGTERM)
         assert first.wait(30) == exit_codes.INTERRUPTED
