@@ -242,6 +242,17 @@ def _lock_holder(run_dir: Path) -> str:
         return ""
 
 
+def _previous_attempt(run_dir: Path) -> int:
+    """The last attempt number an earlier supervisor of ``run_dir`` used (0 when none)."""
+    try:
+        previous = int(read_state(run_dir).get("attempt") or 0)
+    except (OSError, ValueError, TypeError):
+        previous = 0
+    logs = run_dir / "logs"
+    numbers = [int(p.name[8:]) for p in logs.glob("attempt-*") if p.name[8:].isdigit()]
+    return max([previous, *numbers])
+
+
 def run(argv: Sequence[str]) -> int:
     """Supervise a script; returns the exit code (see ``supervisor.exit_codes``)."""
     args = build_parser().parse_args(list(argv))
@@ -261,10 +272,18 @@ def run(argv: Sequence[str]) -> int:
         set_child_subreaper()
         prewarm()
         events = EventLog(config.run_dir / "events.jsonl")
-        supervisor = Supervisor(config, TorchrunRunner(config), events)
+        runner = TorchrunRunner(config)
+        supervisor = Supervisor(
+            config, runner, events, first_attempt=_previous_attempt(config.run_dir) + 1
+        )
         restore = _install_signal_handlers(supervisor.request_stop)
         try:
             code = supervisor.run()
+        except Exception as e:  # a bug in the supervisor must not leave the workers running
+            events.emit("internal_error", error=repr(e), attempt=supervisor.attempt)
+            if runner.tree is not None:
+                runner.stop(0.0)
+            raise
         finally:
             restore()
             events.close()

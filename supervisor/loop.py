@@ -52,7 +52,10 @@ class Supervisor:
         select: Callable[..., Path | None] = select_checkpoint,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        first_attempt: int = 1,
     ) -> None:
+        """``first_attempt`` continues the numbering of an earlier supervisor of the same run
+        directory, so that its logs and heartbeats are never mistaken for this one's."""
         self.config = config
         self.runner = runner
         self.events = events
@@ -61,7 +64,7 @@ class Supervisor:
         self._clock = clock
         self._sleep = sleep
         self.state = State.INIT
-        self.attempt = 0
+        self.attempt = first_attempt - 1
         self.step: int | None = None
         self.resume_from: Path | None = None
         self.torchrun_pid: int | None = None

@@ -62,7 +62,8 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
         f"step:         {state.get('step') if state.get('step') is not None else '?'}",
         f"torchrun:     pid {state.get('torchrun_pid') or '-'}",
         f"workers:      {worker_text}",
-        f"checkpoint:   {state.get('newest_valid_checkpoint') or 'none'}",
+        f"checkpoint:   {state.get('newest_valid_checkpoint') or 'none'} (chosen at the last "
+        f"launch); newest on disk: {_newest_on_disk(run_dir) or 'none'}",
         f"restarts:     {state.get('restarts_used', 0)} used, "
         f"{left if left is not None else '?'} left (of {state.get('max_restarts', '?')})",
     ]
@@ -70,3 +71,12 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
         lines.append(f"exit code:    {state['exit_code']} ({state.get('exit_reason', '')})")
     lines.append(f"updated:      {age}")
     return "\n".join(lines)
+
+
+def _newest_on_disk(run_dir: Path) -> str | None:
+    # Names only: status is read-only and quick, so nothing is verified here.
+    try:
+        names = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")]
+    except OSError:
+        return None
+    return max(names) if names else None

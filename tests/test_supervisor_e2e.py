@@ -106,6 +106,8 @@ def test_sigterm_to_supervisor_checkpoints_and_relaunch_resumes(
         assert again.wait(ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, again.stderr[-3000:]
         selected = [e for e in again.events() if e["type"] == "checkpoint_selected"]
         assert selected[-1]["step"] == emergency  # no step lost
+        assert selected[-1]["attempt"] == 2  # numbering goes on; attempt 1's logs are kept
+        assert (run_dir / "logs" / "attempt-1" / "torchrun.log").read_text() == log
         assert _final_params(run_dir) == reference
     finally:
         again.kill_all()
