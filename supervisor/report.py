@@ -1,0 +1,696 @@
+"""The run report: what happened to a run, read back from its run directory.
+
+``python -m supervisor.report RUN_DIR`` prints a summary — attempts, failures by cause with the
+root-cause rank, each recovery's phases, steps lost, goodput, the newest valid checkpoint — and
+writes ``RUN_DIR/report.png`` (the loss curve with failures and resumes marked, and a timeline of
+attempts) when matplotlib is installed (``pip install 'rosetrainer[report]'``).
+
+Everything comes from files the run already writes: ``events.jsonl`` (the supervisor's log, plus
+``fault_injected`` lines from the chaos tool), ``metrics.jsonl`` (the trainer's per-step records)
+and ``checkpoints/``. Reading never changes the run directory, except for writing the PNG.
+
+A recovery's phases, for a failure of attempt N followed by attempt N+1:
+
+- detect: the injected fault (``fault_injected``), when one is logged → ``worker_failed`` or
+  ``hang_detected``;
+- stop: detection → ``stopped`` (the failed attempt's whole tree is gone);
+- back off: ``stopped`` → ``launch`` of N+1 (choosing the checkpoint and the backoff delay);
+- launch: ``launch`` → ``workers_started`` (torchrun up, workers spawned);
+- first step: ``workers_started`` → the first step after the resume point completed (its
+  ``metrics.jsonl`` time when present, else the supervisor's ``first_step`` event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+METRICS_FILE = "metrics.jsonl"
+PNG_FILE = "report.png"
+
+PHASES = ("detect", "stop", "backoff", "launch", "first_step")
+"""The phases of one recovery, in order (see the module docstring)."""
+
+# Events that end one attempt, and the outcome each gives it.
+_FAILURE_TYPES = ("worker_failed", "hang_detected")
+_ENDING = {
+    "done": "succeeded",
+    "interrupted": "interrupted",
+}
+
+PROG = "python -m supervisor.report"
+
+
+class ReportError(Exception):
+    """The run directory cannot be reported on; the message says why and what to check."""
+
+
+@dataclass
+class Attempt:
+    """One launch of torchrun, as the events tell it."""
+
+    number: int
+    """1-based over the whole run directory (a relaunched supervisor continues the count)."""
+    supervisor_attempt: int
+    """The attempt number the supervisor logged (restarts at 1 when a supervisor is relaunched)."""
+    launched_at: float
+    """Unix time of the ``launch`` event."""
+    resume_step: int
+    """The step it resumed from (0: a fresh start)."""
+    workers_started_at: float | None = None
+    first_step_at: float | None = None
+    """Unix time the first step after ``resume_step`` completed."""
+    ended_at: float | None = None
+    """Unix time the attempt was over (stopped, or the run ended); None when the log stops."""
+    outcome: str = "unknown"
+    """``succeeded``, ``failed``, ``hung``, ``interrupted``, or ``unknown`` (log ends mid-way)."""
+    last_step: int | None = None
+    """The highest step known to have been reached in this attempt."""
+
+
+@dataclass
+class FailureRecord:
+    """One failed attempt: its cause, its root-cause rank, and the work it cost."""
+
+    attempt: int
+    """``Attempt.number`` of the failed attempt."""
+    cause: str
+    """Human cause, e.g. ``worker killed by SIGKILL``, ``hang``, ``torchrun exited 1``."""
+    rank: int | None
+    """The root-cause rank (the earliest failing rank; the stalled rank of a hang)."""
+    pid: int | None
+    exit_code: int | None
+    signal: str | None
+    detected_at: float
+    injected: str | None = None
+    """The chaos fault kind that caused it, when one was logged."""
+    injected_at: float | None = None
+    step: int | None = None
+    """The last step reached before the failure (None when the events do not tell)."""
+    resumed_from: int | None = None
+    """The step the next attempt resumed from (None when there was no next attempt)."""
+
+    @property
+    def steps_lost(self) -> int | None:
+        """Steps done but not kept: ``step - resumed_from`` (None when either is unknown)."""
+        if self.step is None or self.resumed_from is None:
+            return None
+        return max(0, self.step - self.resumed_from)
+
+
+@dataclass
+class Recovery:
+    """The phases from one failure to the first completed step after the resume, in seconds."""
+
+    failed_attempt: int
+    next_attempt: int
+    phases: dict[str, float | None]
+    """Seconds per phase of ``PHASES``; None when an event the phase needs is missing."""
+    first_step_source: str
+    """``metrics`` or ``event``: where the first step's time came from."""
+
+    @property
+    def total(self) -> float | None:
+        """Fault (or detection, when no fault was logged) → first step after resume."""
+        values = [self.phases[p] for p in PHASES if p != "detect"]
+        if any(v is None for v in values):
+            return None
+        return sum(v for v in values if v is not None) + (self.phases["detect"] or 0.0)
+
+
+@dataclass
+class Checkpoint:
+    """The newest checkpoint that verifies."""
+
+    step: int
+    path: Path
+
+
+@dataclass
+class Report:
+    """Everything the summary and the plot show. Times are unix seconds."""
+
+    run_dir: Path
+    started_at: float | None
+    ended_at: float | None
+    end_state: str
+    """The run's end: ``succeeded``, ``interrupted``, a give-up reason, or ``running or lost``."""
+    attempts: list[Attempt] = field(default_factory=list)
+    failures: list[FailureRecord] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+    cold_start: float | None = None
+    """Seconds from the first launch to the first completed step."""
+    start_step: int = 0
+    """The step the run directory's first attempt started from."""
+    final_step: int | None = None
+    newest_checkpoint: Checkpoint | None = None
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) from metrics.jsonl."""
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    faults_injected: int = 0
+
+    @property
+    def wall_seconds(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return max(0.0, self.ended_at - self.started_at)
+
+    @property
+    def useful_steps(self) -> int | None:
+        """Steps that count: the final step minus where the run started."""
+        if self.final_step is None:
+            return None
+        return max(0, self.final_step - self.start_step)
+
+    @property
+    def goodput(self) -> float | None:
+        """Useful steps per wall-clock second over the whole run (None when unknown)."""
+        wall, useful = self.wall_seconds, self.useful_steps
+        if not wall or useful is None:
+            return None
+        return useful / wall
+
+    @property
+    def steps_lost(self) -> int:
+        """Steps lost over all failures whose loss is known."""
+        return sum(f.steps_lost or 0 for f in self.failures)
+
+    def causes(self) -> list[tuple[str, int, list[int | None]]]:
+        """(cause, count, root-cause ranks in order) per cause, most frequent first."""
+        counts = Counter(f.cause for f in self.failures)
+        return [
+            (cause, n, [f.rank for f in self.failures if f.cause == cause])
+            for cause, n in counts.most_common()
+        ]
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON object line of ``path`` (a torn or foreign line is skipped)."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def _cause(event: dict[str, Any]) -> str:
+    if event["type"] == "hang_detected":
+        phase = event.get("phase")
+        return f"hang ({phase} phase)" if phase else "hang"
+    who = "torchrun" if event.get("source") == "torchrun" else "worker"
+    if event.get("signal"):
+        return f"{who} killed by {event['signal']}"
+    code = event.get("exit_code")
+    return f"{who} exited {code}" if code is not None else f"{who} exited (code unknown)"
+
+
+def _newest_valid(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies; read-only (nothing is quarantined)."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return None
+    from trainer.checkpoint import CheckpointIncompatible, CheckpointInvalid, verify
+
+    found = []
+    for entry in ckpt_dir.iterdir():
+        name = entry.name
+        if name.startswith("step-") and name[5:].isdigit() and entry.is_dir():
+            found.append((int(name[5:]), entry))
+    for step, path in sorted(found, reverse=True):
+        try:
+            verify(path)
+        except (CheckpointInvalid, CheckpointIncompatible, OSError):
+            continue
+        return Checkpoint(step, path)
+    return None
+
+
+def build_report(run_dir: str | Path) -> Report:
+    """Read ``run_dir``'s events, metrics and checkpoints into a Report.
+
+    Raises ReportError when the directory or its ``events.jsonl`` is missing or holds no event.
+    """
+    run_dir = Path(run_dir)
+    events_path = run_dir / EVENTS_FILE
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run directory")
+    if not events_path.is_file():
+        raise ReportError(f"{events_path} not found: is {run_dir} a supervised run directory?")
+    try:
+        events = _read_jsonl(events_path)
+    except OSError as e:
+        raise ReportError(f"cannot read {events_path}: {e.strerror or e}") from None
+    events = [e for e in events if "type" in e and isinstance(e.get("time"), (int, float))]
+    if not events:
+        raise ReportError(f"{events_path} holds no events: the run has not started")
+    metrics: list[dict[str, Any]] = []
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.is_file():
+        try:
+            metrics = _read_jsonl(metrics_path)
+        except OSError:
+            metrics = []
+
+    report = Report(
+        run_dir=run_dir,
+        started_at=None,
+        ended_at=None,
+        end_state="running or lost",
+    )
+    _walk_events(report, events)
+    _use_metrics(report, metrics)
+    report.newest_checkpoint = _newest_valid(run_dir)
+    return report
+
+
+def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
+    """Attempts, failures and the run's end from the event log, in file order."""
+    by_local: dict[int, Attempt] = {}  # the current supervisor's attempts by its own numbering
+    pending_fault: dict[str, Any] | None = None
+    last_failure: FailureRecord | None = None
+    current: Attempt | None = None
+    selected_step = 0
+    for ev in events:
+        type_, t = ev["type"], float(ev["time"])
+        if type_ == "supervisor_started":
+            if report.started_at is None:
+                report.started_at = t
+            if current is not None and current.ended_at is None:
+                current.outcome = "unknown"  # the previous supervisor vanished mid-attempt
+            by_local = {}
+            current = None
+            report.end_state = "running or lost"
+        elif type_ == "checkpoint_selected":
+            selected_step = int(ev.get("step") or 0)
+        elif type_ == "launch":
+            resume = ev.get("resume_step")
+            resume_step = int(resume) if resume is not None else selected_step
+            current = Attempt(
+                number=len(report.attempts) + 1,
+                supervisor_attempt=int(ev.get("attempt") or 0),
+                launched_at=t,
+                resume_step=resume_step,
+                last_step=resume_step,
+            )
+            if not report.attempts:
+                report.start_step = resume_step
+            report.attempts.append(current)
+            by_local[current.supervisor_attempt] = current
+            if last_failure is not None and last_failure.resumed_from is None:
+                last_failure.resumed_from = resume_step
+            pending_fault = None
+        elif type_ == "workers_started":
+            att = by_local.get(int(ev.get("attempt") or 0))
+            if att is not None and att.workers_started_at is None:
+                att.workers_started_at = t
+        elif type_ == "first_step":
+            att = by_local.get(int(ev.get("attempt") or 0))
+            if att is not None:
+                if att.first_step_at is None:
+                    att.first_step_at = t
+                _raise_step(att, ev.get("step"))
+        elif type_ == "fault_injected":
+            report.faults_injected += 1
+            pending_fault = ev
+            att = by_local.get(int(ev.get("attempt") or 0)) or current
+            if att is not None:
+                _raise_step(att, ev.get("step"))
+        elif type_ in _FAILURE_TYPES:
+            att = by_local.get(int(ev.get("attempt") or 0)) or current
+            if att is None:
+                continue
+            att.outcome = "hung" if type_ == "hang_detected" else "failed"
+            _raise_step(att, ev.get("step"))
+            # A fault counts as this failure's cause only if it hit this attempt.
+            fault = pending_fault
+            if fault is not None and int(fault.get("attempt") or 0) not in (
+                0,
+                att.supervisor_attempt,
+            ):
+                fault = None
+            last_failure = FailureRecord(
+                attempt=att.number,
+                cause=_cause(ev),
+                rank=ev.get("rank"),
+                pid=ev.get("pid"),
+                exit_code=ev.get("exit_code"),
+                signal=ev.get("signal"),
+                detected_at=t,
+                injected=fault.get("kind") if fault else None,
+                injected_at=float(fault["time"]) if fault else None,
+                step=att.last_step,
+            )
+            report.failures.append(last_failure)
+            pending_fault = None
+        elif type_ == "stopped":
+            att = by_local.get(int(ev.get("attempt") or 0)) or current
+            if att is not None and att.ended_at is None:
+                att.ended_at = t
+                root = ev.get("root_cause") or {}
+                # The exit code may be learnt only once the tree is down (torchrun's log).
+                failure = report.failures[-1] if report.failures else None
+                if failure is not None and failure.attempt == att.number and root:
+                    if failure.exit_code is None and root.get("exit_code") is not None:
+                        failure.exit_code = root.get("exit_code")
+                        failure.signal = root.get("signal")
+                        failure.cause = _cause({"type": "worker_failed", **root})
+        elif type_ in _ENDING:
+            report.end_state = _ENDING[type_]
+            report.ended_at = t
+            if current is not None:
+                if type_ == "done":
+                    current.outcome = "succeeded"
+                    _raise_step(current, ev.get("step"))
+                elif current.outcome == "unknown":
+                    current.outcome = "interrupted"
+                _raise_step(current, ev.get("step"))
+                if current.ended_at is None:
+                    current.ended_at = t
+        elif type_ in ("fatal", "crash_loop", "budget_exhausted"):
+            reason = ev.get("reason") or type_.replace("_", " ")
+            report.end_state = f"gave up: {type_.replace('_', ' ')} ({reason})"
+            report.ended_at = t
+    # An attempt's last step may be learnt after its failure event (the run's final event).
+    for failure in report.failures:
+        att = report.attempts[failure.attempt - 1]
+        failure.step = att.last_step
+    if report.attempts and report.ended_at is None:
+        report.ended_at = float(events[-1]["time"])
+    steps = [a.last_step for a in report.attempts if a.last_step is not None]
+    report.final_step = max(steps) if steps else None
+
+
+def _raise_step(att: Attempt, step: Any) -> None:
+    if isinstance(step, int) and (att.last_step is None or step > att.last_step):
+        att.last_step = step
+
+
+def _use_metrics(report: Report, metrics: list[dict[str, Any]]) -> None:
+    """Loss curve, precise first-step times, recoveries and the cold start."""
+    for m in metrics:
+        step = m.get("step")
+        if not isinstance(step, int):
+            continue
+        if isinstance(m.get("loss"), (int, float)):
+            report.loss.append((step, float(m["loss"])))
+        if isinstance(m.get("eval_loss"), (int, float)):
+            report.eval_loss.append((step, float(m["eval_loss"])))
+    step_time = {
+        int(m["step"]): float(m["time"])
+        for m in metrics
+        if isinstance(m.get("step"), int)
+        and isinstance(m.get("time"), (int, float))
+        and "loss" in m
+    }
+    sources: dict[int, str] = {}
+    for i, att in enumerate(report.attempts):
+        # metrics.jsonl keeps each step once: the record of step resume+1 belongs to this attempt
+        # only when it was written inside this attempt's lifetime.
+        t = step_time.get(att.resume_step + 1)
+        window_end = (
+            report.attempts[i + 1].launched_at if i + 1 < len(report.attempts) else float("inf")
+        )
+        if t is not None and att.launched_at < t <= window_end:
+            att.first_step_at = t
+            sources[att.number] = "metrics"
+            _raise_step(att, att.resume_step + 1)
+        elif att.first_step_at is not None:
+            sources[att.number] = "event"
+        # Steps this attempt completed and kept are a lower bound on how far it got.
+        kept = [s for s, ts in step_time.items() if att.launched_at < ts <= window_end]
+        if kept:
+            _raise_step(att, max(kept))
+    for failure in report.failures:
+        failure.step = report.attempts[failure.attempt - 1].last_step
+    steps = [a.last_step for a in report.attempts if a.last_step is not None]
+    report.final_step = max(steps) if steps else None
+
+    if report.attempts:
+        first = report.attempts[0]
+        if first.first_step_at is not None:
+            report.cold_start = first.first_step_at - first.launched_at
+    for failure in report.failures:
+        if failure.attempt >= len(report.attempts):
+            continue
+        failed = report.attempts[failure.attempt - 1]
+        nxt = report.attempts[failure.attempt]
+        phases: dict[str, float | None] = {
+            "detect": _gap(failure.injected_at, failure.detected_at),
+            "stop": _gap(failure.detected_at, failed.ended_at),
+            "backoff": _gap(failed.ended_at, nxt.launched_at),
+            "launch": _gap(nxt.launched_at, nxt.workers_started_at),
+            "first_step": _gap(nxt.workers_started_at, nxt.first_step_at),
+        }
+        report.recoveries.append(
+            Recovery(
+                failed_attempt=failed.number,
+                next_attempt=nxt.number,
+                phases=phases,
+                first_step_source=sources.get(nxt.number, "none"),
+            )
+        )
+
+
+def _gap(start: float | None, end: float | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return end - start
+
+
+# -- text ----------------------------------------------------------------------------------------
+
+
+def _s(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _n(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def render_text(report: Report) -> str:
+    """The human summary (plain text, fixed-width tables). Never raises for missing data:
+    unknown values print as ``-``."""
+    lines = [f"run report: {report.run_dir}"]
+    lines.append(
+        f"  outcome:     {report.end_state}; {len(report.attempts)} attempt(s), "
+        f"{len(report.failures)} failure(s)"
+        + (f", {report.faults_injected} fault(s) injected" if report.faults_injected else "")
+    )
+    wall = report.wall_seconds
+    lines.append(
+        f"  steps:       {_n(report.start_step)} -> {_n(report.final_step)} "
+        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)"
+    )
+    lines.append(
+        f"  goodput:     {_s(report.goodput)} useful steps/s over {_s(wall, 1)} s wall clock"
+    )
+    lines.append(f"  cold start:  {_s(report.cold_start)} s (launch -> first step)")
+    ckpt = report.newest_checkpoint
+    lines.append(
+        f"  checkpoint:  newest valid step {ckpt.step} ({ckpt.path})"
+        if ckpt
+        else "  checkpoint:  no valid checkpoint"
+    )
+
+    lines += ["", "attempts:"]
+    lines.append(f"  {'#':>3} {'start s':>8} {'resume':>6} {'last step':>9} {'ran s':>7}  outcome")
+    t0 = report.started_at or 0.0
+    for a in report.attempts:
+        ran = _gap(a.launched_at, a.ended_at)
+        lines.append(
+            f"  {a.number:>3} {a.launched_at - t0:>8.2f} {a.resume_step:>6} "
+            f"{_n(a.last_step):>9} {_s(ran):>7}  {a.outcome}"
+        )
+
+    lines += ["", "failures by cause (root-cause rank):"]
+    if not report.failures:
+        lines.append("  none")
+    for cause, count, ranks in report.causes():
+        rank_text = ", ".join(_n(r) for r in ranks)
+        lines.append(f"  {count} x {cause}: rank {rank_text}")
+    if report.failures:
+        lines.append("")
+        lines.append(
+            f"  {'attempt':>7} {'rank':>4} {'pid':>7} {'fault':>11} {'step':>5} "
+            f"{'resumed':>7} {'lost':>5}  cause"
+        )
+        for f in report.failures:
+            lines.append(
+                f"  {f.attempt:>7} {_n(f.rank):>4} {_n(f.pid):>7} {_n(f.injected):>11} "
+                f"{_n(f.step):>5} {_n(f.resumed_from):>7} {_n(f.steps_lost):>5}  {f.cause}"
+            )
+
+    lines += ["", "recoveries (seconds):"]
+    if not report.recoveries:
+        lines.append("  none")
+    else:
+        head = "".join(f"{p:>11}" for p in PHASES)
+        lines.append(f"  {'attempts':>9}{head}{'total':>9}  first step from")
+        for r in report.recoveries:
+            cells = "".join(f"{_s(r.phases[p], 3):>11}" for p in PHASES)
+            lines.append(
+                f"  {f'{r.failed_attempt}->{r.next_attempt}':>9}{cells}"
+                f"{_s(r.total, 3):>9}  {r.first_step_source}"
+            )
+        lines.append(
+            "  detect: fault -> detected (only when the fault was logged); stop: -> tree down;"
+        )
+        lines.append(
+            "  backoff: -> relaunch; launch: -> workers up; first_step: -> first step completed"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# -- plot ----------------------------------------------------------------------------------------
+
+_OUTCOME_COLOURS = {
+    "succeeded": "#2e7d32",
+    "failed": "#c62828",
+    "hung": "#ef6c00",
+    "interrupted": "#6a1b9a",
+    "unknown": "#757575",
+}
+
+
+def render_png(report: Report, path: str | Path) -> bool:
+    """Write the loss curve (failures and resumes marked) and the attempts' timeline to ``path``.
+
+    Returns False, writing nothing, when matplotlib is not installed. Raises OSError when the
+    file cannot be written.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+
+    # A Figure with its own Agg canvas: no pyplot, so no global backend or state is touched.
+    fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_time = fig.subplots(2, 1, height_ratios=[3, 2])
+
+    if report.loss:
+        steps, losses = zip(*report.loss, strict=True)
+        ax_loss.plot(steps, losses, color="#1565c0", linewidth=1.2, label="train loss")
+    if report.eval_loss:
+        steps, losses = zip(*report.eval_loss, strict=True)
+        ax_loss.plot(steps, losses, "o-", color="#00838f", markersize=3, label="eval loss")
+    for i, f in enumerate(report.failures):
+        if f.step is not None:
+            ax_loss.axvline(
+                f.step,
+                color="#c62828",
+                linestyle="-",
+                linewidth=1.0,
+                label="failure (last step reached)" if i == 0 else None,
+            )
+        if f.resumed_from is not None:
+            ax_loss.axvline(
+                f.resumed_from,
+                color="#2e7d32",
+                linestyle="--",
+                linewidth=1.0,
+                label="resume (checkpoint step)" if i == 0 else None,
+            )
+            if f.step is not None and f.step > f.resumed_from:
+                ax_loss.axvspan(f.resumed_from, f.step, color="#c62828", alpha=0.08)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(
+        f"{report.run_dir.name}: {report.end_state}, {len(report.failures)} failure(s), "
+        f"{report.steps_lost} step(s) lost"
+    )
+    if not report.loss:
+        ax_loss.text(0.5, 0.5, "no metrics.jsonl", ha="center", va="center")
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(loc="upper right", fontsize=8)
+    ax_loss.grid(alpha=0.3)
+
+    t0 = report.started_at or (report.attempts[0].launched_at if report.attempts else 0.0)
+    end = report.ended_at or t0
+    for a in report.attempts:
+        y = a.number
+        start = a.launched_at - t0
+        stop = (a.ended_at if a.ended_at is not None else end) - t0
+        ax_time.barh(
+            y,
+            max(stop - start, 0.0),
+            left=start,
+            height=0.5,
+            color=_OUTCOME_COLOURS.get(a.outcome, "#757575"),
+            alpha=0.8,
+        )
+        if a.workers_started_at is not None:
+            ax_time.plot(a.workers_started_at - t0, y, "|", color="black", markersize=12)
+        if a.first_step_at is not None:
+            ax_time.plot(a.first_step_at - t0, y, "v", color="black", markersize=6)
+        ax_time.text(
+            start, y + 0.32, f"from step {a.resume_step}: {a.outcome}", fontsize=7, va="bottom"
+        )
+    for f in report.failures:
+        if f.injected_at is not None:
+            ax_time.plot(f.injected_at - t0, f.attempt, "x", color="black", markersize=8)
+    ax_time.set_xlabel("seconds since the supervisor started  (| workers up, v first step, x fault)")
+    ax_time.set_ylabel("attempt")
+    if report.attempts:
+        ax_time.set_yticks([a.number for a in report.attempts])
+        ax_time.set_ylim(0.4, len(report.attempts) + 0.9)
+    ax_time.invert_yaxis()
+    ax_time.grid(axis="x", alpha=0.3)
+    fig.savefig(str(path))
+    return True
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m supervisor.report RUN_DIR``: print the summary, write ``RUN_DIR/report.png``.
+
+    Returns 0, or 2 with one line on stderr when RUN_DIR is not a supervised run directory.
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Summarise a supervised run and plot it to RUN_DIR/report.png."
+    )
+    parser.add_argument("run_dir", help="the run directory")
+    parser.add_argument("--png", default=None, help=f"where to write the plot (RUN_DIR/{PNG_FILE})")
+    parser.add_argument("--no-png", action="store_true", help="print the summary only")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    try:
+        report = build_report(run_dir)
+    except ReportError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_text(report))
+    if not args.no_png:
+        png = Path(args.png) if args.png else run_dir / PNG_FILE
+        try:
+            written = render_png(report, png)
+        except OSError as e:
+            print(f"plot not written: {png}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        if written:
+            print(f"plot: {png}")
+        else:
+            print("plot skipped: matplotlib is not installed (pip install 'rosetrainer[report]')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
