@@ -88,6 +88,9 @@ class ChaosConfig:
     """Give up (exit 3) after this many seconds; None waits as long as the run lives."""
     writer_wait: float = 120.0
     """``kill-writer``: seconds to wait for a checkpoint write before trying the next attempt."""
+    writer_delay: float = 0.05
+    """``kill-writer``: once the write has begun, kill at a seeded point within this many
+    seconds (at once when the writer stops itself at the store's test pause hook)."""
     corrupt_mode: str = "any"
     """``corrupt``: ``flip`` a byte, ``truncate`` the file to half, or ``any`` (seeded choice)."""
     fill_leave: int = 64 * 1024
@@ -120,6 +123,8 @@ class ChaosConfig:
         for name in ("wait_start", "writer_wait", "poll_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0 seconds")
+        if not self.writer_delay >= 0:
+            raise ValueError(f"writer_delay={self.writer_delay!r}: must be >= 0 seconds")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(f"timeout={self.timeout!r}: must be > 0 seconds")
         if self.corrupt_mode not in ("any", "flip", "truncate"):
@@ -383,9 +388,15 @@ class Injector:
         return None
 
     def _kill_writer(self, snap: Snapshot, pid: int, tmp: TempDir) -> Injection | None:
-        # Freeze it first, so what is logged is what the kill interrupted.
+        # A seeded point inside the write; a writer that stopped itself at a named phase (the
+        # store's ROSE_CKPT_PAUSE_AT test hook) is taken there at once.
+        until = time.monotonic() + self.rng.uniform(0.0, self.config.writer_delay)
+        paused = _stopped(pid)
+        while not paused and time.monotonic() < until:
+            time.sleep(0.001)
+            paused = _stopped(pid)
         try:
-            os.kill(pid, signal.SIGSTOP)
+            os.kill(pid, signal.SIGSTOP)  # frozen, so what is logged is what the kill interrupts
         except ProcessLookupError:
             return None
         step = self._heartbeat_step(0, snap.step)
@@ -400,6 +411,7 @@ class Injector:
                 "writing_step": tmp.step,
                 "temp_files": _listing(tmp.path),
                 "renamed": not tmp.path.exists() and self.view.step_dir(tmp.step).is_dir(),
+                "writer_paused_itself": paused,
                 "committed": self.view.committed(),
             },
         )
@@ -500,6 +512,15 @@ class Injector:
         return int(record.get("step", default)) if record else default
 
 
+def _stopped(pid: int) -> bool:
+    """True when ``pid`` is in the stopped state (SIGSTOP)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def _listing(path: Path) -> dict[str, int]:
     """name -> size of the files in ``path`` (empty when it is gone)."""
     try:
@@ -595,6 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill-writer: seconds to wait for a checkpoint write (default 120)",
     )
     p.add_argument(
+        "--writer-delay",
+        type=float,
+        default=0.05,
+        help="kill-writer: kill at a seeded point up to S seconds into the write (default 0.05)",
+    )
+    p.add_argument(
         "--corrupt-mode",
         choices=("any", "flip", "truncate"),
         default="any",
@@ -636,6 +663,7 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
             timeout=args.timeout,
             wait_start=args.wait_start,
             writer_wait=args.writer_wait,
+            writer_delay=args.writer_delay,
             corrupt_mode=args.corrupt_mode,
             fill_leave=args.fill_leave,
             fill_limit=args.fill_limit,
@@ -658,8 +686,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = config_from_args(build_parser().parse_args(argv))
-        if not config.run_dir.is_dir():
-            raise UsageError(f"run directory {config.run_dir} does not exist")
         injector = Injector(config)
         print(
             f"[chaos] run dir {injector.view.run_dir}; faults {','.join(config.faults)}; "
@@ -684,13 +710,15 @@ _SPEC_KEYS = {
     "timeout": "--timeout",
     "corrupt-mode": "--corrupt-mode",
     "writer-wait": "--writer-wait",
+    "writer-delay": "--writer-delay",
 }
 
 
 def spec_to_argv(spec: str) -> list[str]:
     """Turn a SPEC (``KIND[,KIND...][:key=value]...``) into the tool's flags (no run dir).
 
-    Keys: every, at-steps, count, seed, timeout, corrupt-mode, writer-wait. Examples:
+    Keys: every, at-steps, count, seed, timeout, corrupt-mode, writer-wait, writer-delay.
+    Examples:
     ``kill-worker:every=30:count=3:seed=7``, ``hang,corrupt:at-steps=100,250``.
     Raises ValueError naming the bad part.
     """

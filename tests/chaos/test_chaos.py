@@ -55,7 +55,8 @@ def test_kill_writer_in_every_phase(harness: Harness, reference: Reference) -> N
     env = dict(harness.env)
     env["CHAOS_PAUSE_PLAN"] = ",".join(f"{i}:{p}" for i, p in enumerate(phases, start=1))
     sup = harness.launch(script=HERE / "paused_trainer.py", env=env)
-    tool = harness.chaos("--fault", "kill-writer", "--count", "4", "--seed", "3")
+    # A long --writer-delay: the tool waits for the writer to stop itself at the phase.
+    tool = harness.chaos("--fault", "kill-writer", "--count", "4", "--writer-delay", "120")
     rc = sup.wait()
     assert harness.wait_tool(tool) == 0
     events = assert_recovered(harness.run_dir, rc, reference)
@@ -63,7 +64,7 @@ def test_kill_writer_in_every_phase(harness: Harness, reference: Reference) -> N
     assert [f["kind"] for f in injected] == ["kill-writer"] * 4
     assert [f["attempt"] for f in injected] == [1, 2, 3, 4]
     for fault, phase in zip(injected, phases, strict=True):
-        assert fault["writing_step"] == CKPT_EVERY
+        assert fault["writing_step"] == CKPT_EVERY and fault["writer_paused_itself"]
         files = fault["temp_files"]
         # What the kill interrupted, phase by phase (a vanished temp dir means it was renamed).
         if phase == "payload-mid":
