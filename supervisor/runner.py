@@ -266,10 +266,12 @@ class TorchrunRunner:
         if code == 0:
             return
         if code is None:
-            # torchrun reaped it first. A rank whose heartbeat says "done" finished; one that
-            # beat but was not done died; one that never beat waits for torchrun's verdict.
-            state = self.monitor.ranks.get(worker.rank) if worker.rank is not None else None
-            if state is None or state.phase == "done":
+            # torchrun reaped it first. For a script known to keep the heartbeat contract (it
+            # reports "done" before exiting 0), a rank that vanished without "done" died.
+            # Otherwise torchrun's own exit status decides.
+            ranks = self.monitor.ranks if self.monitor is not None else {}
+            state = ranks.get(worker.rank) if worker.rank is not None else None
+            if not self.config.hang.require_heartbeats or state is None or state.phase == "done":
                 return
         self._failure = Failure(
             source="worker",
