@@ -220,6 +220,12 @@ class Injector:
         self.seed = seed
         self.rng = random.Random(seed)
         self.injected: list[Injection] = []
+        self._stop: list[int] = []
+
+    def request_stop(self, signum: int) -> None:
+        """Called from a signal handler: only records the request. The loop stops before the
+        next injection; one under way is completed, so no worker is left frozen."""
+        self._stop.append(signum)
 
     # -- the schedule --------------------------------------------------------------------------
 
@@ -246,6 +252,8 @@ class Injector:
         next_time = time.monotonic() + (cfg.every or 0.0)
         waiting_for_new_attempt: int | None = None
         while planned is None or len(self.injected) < planned:
+            if self._stop:
+                return self._finish("stopped by a signal", EXIT_NOT_DONE)
             if self.view.ended():
                 return self._finish("run ended", EXIT_OK if planned is None else EXIT_NOT_DONE)
             if deadline is not None and time.monotonic() > deadline:
@@ -275,7 +283,7 @@ class Injector:
     _pending_kind: str | None = None
 
     def _wait_for_supervisor(self, until: float) -> bool:
-        while time.monotonic() < until:
+        while time.monotonic() < until and not self._stop:
             if self.view.state() is not None:
                 return True
             time.sleep(self.config.poll_interval)
@@ -376,7 +384,7 @@ class Injector:
         next_check = 0.0
         # A tiny model's write lasts milliseconds: look often (a directory listing is cheap),
         # and check the much dearer process table only now and then.
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stop:
             mine = [t for t in self.view.temp_dirs() if t.pid == pid]
             if mine:
                 return self._kill_writer(snap, pid, mine[0])
@@ -687,6 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(build_parser().parse_args(argv))
         injector = Injector(config)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: injector.request_stop(signum))
         print(
             f"[chaos] run dir {injector.view.run_dir}; faults {','.join(config.faults)}; "
             f"seed {injector.seed} (replay with --seed {injector.seed})",
@@ -696,8 +706,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ChaosError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return EXIT_NOT_DONE
 
 
 # -- alongside a job (``launch.py --chaos SPEC``) ------------------------------------------------
@@ -766,8 +774,10 @@ def spawn(run_dir: Path, spec: str, **popen: Any) -> subprocess.Popen[bytes]:
 
 
 def stop_spawned(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
-    """Stop a tool process started by :func:`spawn` (SIGTERM, then SIGKILL) and reap it;
-    returns its exit status."""
+    """Stop a tool process started by :func:`spawn` and reap it; returns its exit status.
+
+    SIGTERM first: the tool completes an injection under way (so no worker is left frozen) and
+    exits 3; SIGKILL after ``timeout`` seconds."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -255,3 +255,17 @@ def test_spawn_runs_the_tool_beside_a_run(tmp_path: Path, fake_runs: list[FakeRu
         chaos.stop_spawned(proc)
     (fault,) = injected(run.run_dir)
     assert dead(fault["pid"])
+    # One that would wait long is stopped cleanly: it says so, and exits 3.
+    idle = chaos.spawn(run.run_dir, "hang:every=300", cwd=REPO_ROOT)
+    deadline = time.monotonic() + 30
+    while not any(
+        e["type"] == "chaos_started" and e["pid"] == idle.pid
+        for e in read_jsonl(run.run_dir / "events.jsonl")
+    ):
+        assert time.monotonic() < deadline and idle.poll() is None
+        time.sleep(0.05)
+    assert chaos.stop_spawned(idle, timeout=20) == 3
+    finished = [
+        e for e in read_jsonl(run.run_dir / "events.jsonl") if e["type"] == "chaos_finished"
+    ]
+    assert finished[-1]["reason"] == "stopped by a signal" and finished[-1]["injected"] == 0
