@@ -645,7 +645,7 @@ def render_png(report: Report, path: str | Path) -> bool:
     for f in report.failures:
         if f.injected_at is not None:
             ax_time.plot(f.injected_at - t0, f.attempt, "x", color="black", markersize=8)
-    ax_time.set_xlabel("seconds since the supervisor started  (| workers up, v first step, x fault)")
+    ax_time.set_xlabel("seconds since the supervisor started (| workers up, v first step, x fault)")
     ax_time.set_ylabel("attempt")
     if report.attempts:
         ax_time.set_yticks([a.number for a in report.attempts])
