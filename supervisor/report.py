@@ -580,9 +580,11 @@ def render_png(report: Report, path: str | Path) -> bool:
         return False
 
     # A Figure with its own Agg canvas: no pyplot, so no global backend or state is touched.
-    fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10, 7), dpi=100)
     FigureCanvasAgg(fig)
+    # Fixed margins: an automatic layout gives up on labels placed near the axes' edges.
     ax_loss, ax_time = fig.subplots(2, 1, height_ratios=[3, 2])
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.95, bottom=0.08, hspace=0.3)
 
     if report.loss:
         steps, losses = zip(*report.loss, strict=True)
@@ -616,7 +618,10 @@ def render_png(report: Report, path: str | Path) -> bool:
         f"{report.steps_lost} step(s) lost"
     )
     if not report.loss:
-        ax_loss.text(0.5, 0.5, "no metrics.jsonl", ha="center", va="center")
+        ax_loss.text(
+            0.5, 0.5, "no loss: metrics.jsonl is missing or empty", ha="center",
+            va="center", transform=ax_loss.transAxes,
+        )  # fmt: skip
     if ax_loss.get_legend_handles_labels()[0]:
         ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.grid(alpha=0.3)
@@ -640,8 +645,9 @@ def render_png(report: Report, path: str | Path) -> bool:
         if a.first_step_at is not None:
             ax_time.plot(a.first_step_at - t0, y, "v", color="black", markersize=6)
         ax_time.text(
-            start, y + 0.32, f"from step {a.resume_step}: {a.outcome}", fontsize=7, va="bottom"
-        )
+            start, y + 0.32, f"from step {a.resume_step}: {a.outcome}", fontsize=7,
+            va="bottom", clip_on=True,
+        )  # fmt: skip
     for f in report.failures:
         if f.injected_at is not None:
             ax_time.plot(f.injected_at - t0, f.attempt, "x", color="black", markersize=8)
