@@ -282,10 +282,13 @@ def attempt_events(events: list[dict[str, Any]], attempt: int) -> list[dict[str,
     return [e for e in events if e.get("attempt") == attempt and e.get("source") != "chaos"]
 
 
-def since_last_start(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The events of the newest supervisor of the run (each numbers its attempts from 1)."""
+def relaunch_choice(events: list[dict[str, Any]]) -> int:
+    """The step of the checkpoint the newest supervisor of the run chose for its first attempt."""
     starts = [i for i, e in enumerate(events) if e["type"] == "supervisor_started"]
-    return events[starts[-1] :] if starts else events
+    assert len(starts) >= 2, "the run was not relaunched"
+    chosen = [e for e in events[starts[-1] :] if e["type"] == "checkpoint_selected"]
+    assert chosen, "the relaunched supervisor chose no checkpoint"
+    return int(chosen[0]["step"])
 
 
 def selected(events: list[dict[str, Any]], attempt: int) -> int:
