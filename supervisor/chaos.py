@@ -221,6 +221,7 @@ class Injector:
         self.rng = random.Random(seed)
         self.injected: list[Injection] = []
         self._stop: list[int] = []
+        self._pending_kind: str | None = None
 
     def request_stop(self, signum: int) -> None:
         """Called from a signal handler: only records the request. The loop stops before the
@@ -275,12 +276,12 @@ class Injector:
                     if kind in _ENDING:
                         break
                 else:
-                    self._pending_kind = kind  # retried on the next attempt
-                    waiting_for_new_attempt = snap.attempt
+                    # The moment passed (the target exited, no checkpoint yet): the same kind is
+                    # tried again, after a pause so as not to pester a process that is starting.
+                    self._pending_kind = kind
+                    time.sleep(0.5)
             time.sleep(cfg.poll_interval)
         return self._finish("done", EXIT_OK)
-
-    _pending_kind: str | None = None
 
     def _wait_for_supervisor(self, until: float) -> bool:
         while time.monotonic() < until and not self._stop:
@@ -319,7 +320,7 @@ class Injector:
         """Inject one fault of ``kind`` into the attempt ``snap`` describes.
 
         Returns what was done, or None when the moment passed (the target died first, no
-        checkpoint was written in time); the caller tries again on the next attempt.
+        checkpoint was written in time); the caller tries the same kind again.
         Raises ChaosError when the fault cannot be injected into this run at all.
         """
         handler = getattr(self, "_inject_" + kind.replace("-", "_"))
