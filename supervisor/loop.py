@@ -37,6 +37,7 @@ class Runner(Protocol):
     def stop(self, grace: float, already_signalled: bool = False) -> StopReport: ...
     def complete(self, failure: Failure) -> Failure: ...
     def worker_pids(self) -> dict[str, int]: ...
+    def attempt_alive(self) -> bool: ...
 
 
 class Supervisor:
@@ -329,10 +330,13 @@ class Supervisor:
             obs = self.runner.poll()
             if obs.step is not None:
                 self.step = obs.step
+            # Wait for every worker, not just the first to exit: rank 0 may still be writing.
             live = self.runner.worker_pids()
-            if obs.outcome != Outcome.RUNNING or (had_workers and not live):
+            if not self.runner.attempt_alive() or (had_workers and not live):
                 break
-            had_workers = had_workers or bool(live)
+            if live and not had_workers:  # started after the signal: they must hear it too
+                self.runner.forward_sigterm()
+                had_workers = True
             self._sleep(self.config.poll_interval)
         report = self.runner.stop(0.0, already_signalled=True)
         self.events.emit(

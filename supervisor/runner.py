@@ -374,5 +374,6 @@ class TorchrunRunner:
             grace, torchrun_grace=0.0 if quick else 1.5, already_signalled=already_signalled
         )
 
-    def torchrun_exit_code(self) -> int | None:
-        return None if self.tree is None else self.tree.root.poll()
+    def attempt_alive(self) -> bool:
+        """True while torchrun runs."""
+        return self.tree is not None and self.tree.root.poll() is None

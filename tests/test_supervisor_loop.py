@@ -81,6 +81,9 @@ class FakeRunner:
     def complete(self, failure: Failure) -> Failure:
         return failure
 
+    def attempt_alive(self) -> bool:
+        return self._script[0].outcome == Outcome.RUNNING
+
     def worker_pids(self) -> dict[str, int]:
         return (
             {"0": 11, "1": 12}
