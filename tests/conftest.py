@@ -24,6 +24,15 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """In-process tensors are tiny: one thread avoids idle OpenMP workers spinning on a machine
+    whose cores are busy with the trainer processes other tests start."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedded-corpus cache for the whole test session (built once, ~1 s)."""

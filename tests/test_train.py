@@ -146,6 +146,7 @@ def crash_and_resume(
     return run_dir, reached, resumed
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bitwise_exact_single_process(
     baseline_1: Baseline, tmp_path: Path, start_train: Callable, run_train: Callable
 ) -> None:

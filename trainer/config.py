@@ -94,13 +94,13 @@ class TrainConfig:
     """Everything a training run needs; each field is one flag (`micro_batch`: `--micro-batch`)."""
 
     model: str = _opt("small", "model preset", choices=tuple(PRESETS))
-    steps: int = _opt(200, "optimizer steps in the whole run")
+    steps: int = _opt(120, "optimizer steps in the whole run")
     micro_batch: int = _opt(16, "sequences per rank per micro-step")
     seq_len: int = _opt(64, "tokens per training sequence (at most the preset's context)")
     grad_accum: int = _opt(1, "micro-steps per optimizer step (gradient accumulation)")
     lr: float = _opt(3e-3, "peak learning rate")
     min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _opt(30, "steps of linear warm-up from 0 to --lr")
+    warmup_steps: int = _opt(20, "steps of linear warm-up from 0 to --lr")
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not biases, norms)")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
     dropout: float = _opt(0.0, "dropout probability")
@@ -122,7 +122,7 @@ class TrainConfig:
         "$XDG_CACHE_HOME/rosetrainer, else ~/.cache/rosetrainer)",
     )
     val_fraction: float = _opt(0.01, "fraction of the tokens held out for eval loss")
-    eval_every: int = _opt(100, "steps between eval-loss measurements (0 disables)")
+    eval_every: int = _opt(40, "steps between eval-loss measurements (0 disables)")
     eval_batches: int = _opt(4, "micro-batches per rank in one eval")
     log_every: int = _opt(20, "steps between console lines from rank 0 (0 disables)")
     run_dir: str = _opt("runs/default", "run directory (the supervisor's ROSE_RUN_DIR wins)")
@@ -132,7 +132,7 @@ class TrainConfig:
         "'auto': resume from the newest valid checkpoint in the run directory",
         choices=("none", "auto"),
     )
-    ckpt_every: int = _opt(100, "steps between checkpoints (0: only preemption checkpoints)")
+    ckpt_every: int = _opt(40, "steps between checkpoints (0: only preemption checkpoints)")
     ckpt_sync: bool = _opt(False, "write checkpoints synchronously (off: in the background)")
     keep_last: int = _opt(3, "how many of the newest checkpoints to keep")
     keep_every: int = _opt(

@@ -414,6 +414,8 @@ def _find_resume(
     if d.is_main:
         latest = find_latest_valid(run_dir)
         found[0] = str(latest) if latest is not None else None
+        if latest is None:
+            print(f"--resume auto: no valid checkpoint in {run_dir}; starting fresh", flush=True)
     if d.enabled:
         dist.broadcast_object_list(found, src=0)
     return Path(found[0]) if found[0] else None
