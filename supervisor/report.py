@@ -43,6 +43,9 @@ _ENDING = {
     "done": "succeeded",
     "interrupted": "interrupted",
 }
+# Chaos fault kinds that end in a failed attempt; others (a preemption, a full disk) do not, so
+# they are never taken for the cause of a later failure.
+_FAILING_FAULTS = frozenset({"kill-worker", "kill-writer", "hang", "kill-torchrun", "corrupt"})
 
 PROG = "python -m supervisor.report"
 
@@ -325,7 +328,8 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
                 _raise_step(att, ev.get("step"))
         elif type_ == "fault_injected":
             report.faults_injected += 1
-            pending_fault = ev
+            if ev.get("kind") in _FAILING_FAULTS:
+                pending_fault = ev
             att = by_local.get(int(ev.get("attempt") or 0)) or current
             if att is not None:
                 _raise_step(att, ev.get("step"))

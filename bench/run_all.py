@@ -1,0 +1,177 @@
+"""Run every benchmark and rewrite docs/benchmarks.md with their tables.
+
+    python bench/run_all.py               # the full set (about half an hour on 2 quiet cores)
+    python bench/run_all.py --quick       # few trials: checks that everything runs
+    python bench/run_all.py --only recovery overhead --output /tmp/bench.md
+
+Each benchmark runs as its own process, one after the other (never two at once: they would
+measure each other). A benchmark that fails leaves its output and exit status in the page
+instead of stopping the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark script and the arguments of its full and quick runs."""
+
+    name: str
+    title: str
+    script: str
+    full: tuple[str, ...]
+    quick: tuple[str, ...]
+    intro: str
+
+
+BENCHES = (
+    Bench(
+        "recovery",
+        "1. Recovery latency",
+        "bench_recovery.py",
+        ("--trials", "20"),
+        ("--trials", "2"),
+        "A worker SIGKILLed mid-run → the first completed training step after the resume, broken "
+        "into phases from events.jsonl, against the job's cold start and against torchrun's own "
+        "`--max-restarts` on the same job over the same number of trials.",
+    ),
+    Bench(
+        "overhead",
+        "2. Supervision overhead",
+        "bench_overhead.py",
+        ("--pairs", "3"),
+        ("--pairs", "1", "--steps", "12", "--warmup", "3"),
+        "Tokens/s of the same job under the supervisor (heartbeats on) and under bare torchrun, "
+        "asynchronous checkpoints on in both.",
+    ),
+    Bench(
+        "goodput",
+        "3. Goodput under failures",
+        "bench_goodput.py",
+        ("--every", "30", "15"),
+        ("--every", "40", "--steps", "80", "--ckpt-every", "10"),
+        "Useful steps per wall-clock second with a worker SIGKILLed every T seconds, against the "
+        "same job with no faults; lost work per failure against half the checkpoint interval.",
+    ),
+    Bench(
+        "checkpoint",
+        "4. Checkpoint stall and throughput",
+        "bench_checkpoint.py",
+        (),
+        ("--repeats", "1", "--layers", "2"),
+        "How long an asynchronous checkpoint stalls the training loop, and how fast the store "
+        "writes compared with the disk.",
+    ),
+    Bench(
+        "throughput",
+        "5. Training throughput",
+        "bench_throughput.py",
+        (),
+        ("--steps", "8", "--warmup", "3"),
+        "The trainer's own tokens/s, for reference.",
+    ),
+)
+
+
+def run_one(bench: Bench, quick: bool) -> tuple[str, str, int, float]:
+    """Run one benchmark; (its command, its stdout, exit status, seconds). Its stderr (progress)
+    goes straight to ours."""
+    argv = [sys.executable, str(HERE / bench.script), *(bench.quick if quick else bench.full)]
+    shown = shlex.join(["python", f"bench/{bench.script}", *argv[2:]])
+    print(f"== {bench.title}: {shown}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    return shown, proc.stdout, proc.returncode, time.monotonic() - started
+
+
+def render(results: list[tuple[Bench, str, str, int, float]], command: str) -> str:
+    """The whole docs/benchmarks.md page."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    out = [
+        "# Benchmarks",
+        "",
+        "How fast a run recovers, what supervision costs when nothing fails, and what failures "
+        "cost in goodput — each measured side by side with the alternative (bare `torchrun`) in "
+        "the same run on the same machine. Absolute seconds are shown; the claims are the ratios.",
+        "",
+        "## Commands",
+        "",
+        "```bash",
+        "python bench/run_all.py            # every benchmark; rewrites this page",
+        "python bench/run_all.py --quick    # a few trials each, to check that all of them run",
+        "python bench/bench_recovery.py --trials 5     # any one of them alone prints its tables",
+        "python launch.py report RUN_DIR    # the report of one run: summary + RUN_DIR/report.png",
+        "python -m supervisor.report RUN_DIR    # the same report without the launcher",
+        "```",
+        "",
+        "The run report prints the attempts, the failures by cause with the root-cause rank, each "
+        "recovery's phases (detect, stop, back off, launch, first step), the steps lost per "
+        "failure, the goodput and the newest valid checkpoint, and plots the loss curve with "
+        "each failure and resume marked and a timeline of the attempts to `RUN_DIR/report.png`. "
+        "The plot needs matplotlib (`pip install 'rosetrainer[report]'`); without it the text "
+        "report still works and the plot is skipped with one line saying so.",
+        "",
+        "## Results",
+        "",
+        f"Produced by `{command}` at commit `{commit or '?'}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Each section starts with the "
+        "machine it ran on and the load average when it started: on a shared, busy machine the "
+        "absolute seconds grow, the side-by-side ratios much less.",
+    ]
+    for bench, shown, stdout, code, seconds in results:
+        out += ["", f"### {bench.title}", "", bench.intro, "", f"`{shown}` ({seconds:.0f} s)", ""]
+        if code != 0:
+            out += [f"**This benchmark exited with status {code}**; its output follows.", ""]
+        out += [stdout.strip() or "(no output)"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen benchmarks and write the page; returns 0, or 1 when any benchmark failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few trials: a check, not a result")
+    parser.add_argument(
+        "--only", nargs="+", choices=[b.name for b in BENCHES], help="run only these benchmarks"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=DOC, help="page to write (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    chosen = [b for b in BENCHES if not args.only or b.name in args.only]
+    command = shlex.join(
+        ["python", "bench/run_all.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    results = []
+    for bench in chosen:
+        if not (HERE / bench.script).is_file():
+            results.append(
+                (bench, f"bench/{bench.script}", "(not present in this checkout)", 1, 0.0)
+            )
+            continue
+        shown, stdout, code, seconds = run_one(bench, args.quick)
+        results.append((bench, shown, stdout, code, seconds))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
+    tmp.write_text(render(results, command), encoding="utf-8")
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 1 if any(code != 0 for *_, code, _ in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
