@@ -205,6 +205,7 @@ class Trainer:
         own = path.resolve().parent == (self.run_dir / "checkpoints").resolve()
         self.metrics_offset = int(state.get("metrics_offset", 0)) if own else -1
         self.last_saved_step = self.step
+        self.beat(self.step, phase="startup")
         self._log(f"resumed from {path} at step {self.step}")
 
     # -- the loop -----------------------------------------------------------------------------
@@ -437,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         env = supervised.from_env()
     except (ConfigError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
+    # Armed first: a worker whose supervisor dies during a slow start-up must not linger.
+    supervised.guard_parent()
     run_dir = env.run_dir if env is not None else Path(cfg.run_dir)
     d = _dist_from_env()
     try:
@@ -470,7 +473,6 @@ def _train(
     preemption: Preemption,
 ) -> int:
     torch.set_num_threads(default_threads(cfg))
-    supervised.guard_parent()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if d.enabled:
