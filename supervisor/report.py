@@ -388,14 +388,22 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
             reason = ev.get("reason") or type_.replace("_", " ")
             report.end_state = f"gave up: {type_.replace('_', ' ')} ({reason})"
             report.ended_at = t
-    # An attempt's last step may be learnt after its failure event (the run's final event).
-    for failure in report.failures:
-        att = report.attempts[failure.attempt - 1]
-        failure.step = att.last_step
+    _settle_failures(report)
     if report.attempts and report.ended_at is None:
         report.ended_at = float(events[-1]["time"])
     steps = [a.last_step for a in report.attempts if a.last_step is not None]
     report.final_step = max(steps) if steps else None
+
+
+def _settle_failures(report: Report) -> None:
+    """Each failure's last step, once everything about its attempt is known. The checkpoint the
+    next attempt resumed from proves its step was reached, even when no event reported it (the
+    heartbeat the events read lags the loop)."""
+    for failure in report.failures:
+        step = report.attempts[failure.attempt - 1].last_step
+        if failure.resumed_from is not None:
+            step = failure.resumed_from if step is None else max(step, failure.resumed_from)
+        failure.step = step
 
 
 def _raise_step(att: Attempt, step: Any) -> None:
@@ -438,8 +446,7 @@ def _use_metrics(report: Report, metrics: list[dict[str, Any]]) -> None:
         kept = [s for s, ts in step_time.items() if att.launched_at < ts <= window_end]
         if kept:
             _raise_step(att, max(kept))
-    for failure in report.failures:
-        failure.step = report.attempts[failure.attempt - 1].last_step
+    _settle_failures(report)
     steps = [a.last_step for a in report.attempts if a.last_step is not None]
     report.final_step = max(steps) if steps else None
 
