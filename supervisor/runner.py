@@ -231,13 +231,21 @@ class TorchrunRunner:
                 )
         step = monitor.max_step()
 
+        rc = tree.root.poll()
+        if self._failure is None and rc is not None and rc < 0:
+            # torchrun killed (a lost node): its workers die after it; it is the root cause.
+            self._failure = Failure(
+                source="torchrun",
+                pid=tree.torchrun_pid,
+                exit_code=rc,
+                log_tail=self.torchrun_log_tail(),
+            )
         if self._failure is None:
             for worker in exited:
                 self._judge_exit(worker)
         if self._failure is not None:
             return Observation(Outcome.FAILED, failure=self._failure, step=step, notes=notes)
 
-        rc = tree.root.poll()
         if rc is not None:
             tree.refresh()
             if rc == 0:
