@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows:
         rel = r["goodput"] / base if base and r["goodput"] else None
         lost_rel = r["lost"] / half if r["lost"] is not None else None
-        done = "yes" if r["ok"] else f"no (exit {r['code']})"
+        done = (
+            "yes"
+            if r["ok"]
+            else "no (timed out)"
+            if r["code"] is None
+            else f"no (exit {r['code']})"
+        )
         lines.append(
             f"| {name} | {done} | {fmt(r['wall'], 1)} "
             f"| {r['failures']} | {fmt(r['goodput'], 2)} | {fmt(rel, 2)} | {fmt(r['lost'], 1)} "
