@@ -142,6 +142,7 @@ def test_summary_matches_the_events_file(recovered_run: Path) -> None:
         assert got.cause == "worker killed by SIGKILL" and got.injected == "kill-worker"
         assert got.step == exp["step"]
         assert got.resumed_from == exp["resumed_from"]
+        assert got.resumed_from is not None and got.step is not None
         assert got.resumed_from % CKPT_EVERY == 0 and got.resumed_from <= got.step
         assert got.steps_lost == exp["lost"] >= 0
         for phase in ("detect", "stop", "backoff", "launch"):
