@@ -61,7 +61,7 @@ def test_kill_freeze_and_preempt_then_relaunch_ends_bitwise_equal(
     supervisor), is relaunched, and ends with the reference parameters. One run rather than
     three keeps the trainer start-ups, the bulk of the cost, to four."""
     run_dir = tmp_path / "run"
-    run = _launch(run_dir, train_env, "--hang-timeout", "3")
+    run = _launch(run_dir, train_env, "--hang-timeout", "5")
     try:
         # Attempt 1: SIGKILL rank 1 after the step-4 checkpoint.
         beat = wait_heartbeat(run, rank=1, attempt=1, min_step=6, timeout=ATTEMPT_TIMEOUT)
