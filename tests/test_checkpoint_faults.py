@@ -77,7 +77,7 @@ def reap_forked(parent: subprocess.Popen) -> None:
     reap(parent)
 
 
-def wait_stopped(pid: int, parent: subprocess.Popen, timeout: float = 90) -> None:
+def wait_stopped(pid: int, parent: subprocess.Popen, timeout: float = 240) -> None:
     """Wait until the writer ``pid`` has stopped itself at its pause point."""
     deadline = time.monotonic() + timeout
     p = psutil.Process(pid)
@@ -275,12 +275,12 @@ def test_second_writer_is_refused_while_first_lives(tmp_path):
         with pytest.raises(CheckpointLocked, match=f"pid {first.pid}"):
             CheckpointStore(tmp_path, is_writer=True)
         second = start_writer(tmp_path, "--steps", "2")
-        assert second.wait(timeout=60) == 77
+        assert second.wait(timeout=240) == 77
         assert "another process" in second.stderr.read()
         assert json.loads(first.stdout.readline())["type"] == "checkpoint_saved"
         # The kernel drops a dead holder's lock: a SIGKILLed writer never blocks the next one.
         first.kill()
-        first.wait(timeout=30)
+        first.wait(timeout=60)
     finally:
         reap(first)
         if second is not None:

@@ -17,11 +17,10 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save as safetensors_bytes
-
 from . import fsio, manifest
 from .layout import MANIFEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, TMP_PREFIX, step_name, work_name
 from .state import Snapshot
+from .tensorfile import write_safetensors
 
 
 def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
@@ -38,13 +37,11 @@ def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
     try:
         files: dict[str, dict] = {}
         # The model file goes first and carries the mid-file pause point: it is the large one.
-        files[MODEL_FILE] = fsio.write_file(
-            tmp / MODEL_FILE, safetensors_bytes(snap.model_tensors), pause_phase="payload-mid"
+        files[MODEL_FILE] = write_safetensors(
+            tmp / MODEL_FILE, snap.model_tensors, pause_phase="payload-mid"
         )
         if snap.optim_tensors:
-            files[OPTIM_FILE] = fsio.write_file(
-                tmp / OPTIM_FILE, safetensors_bytes(snap.optim_tensors)
-            )
+            files[OPTIM_FILE] = write_safetensors(tmp / OPTIM_FILE, snap.optim_tensors)
         state = {
             "model_aliases": snap.model_aliases,
             "optimizer": snap.optim_skeleton,

@@ -6,6 +6,8 @@ import hashlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 #: Test-only: ``ROSE_CKPT_PAUSE_AT=<phase>`` makes the writer stop itself (SIGSTOP) at that phase,
@@ -31,31 +33,62 @@ def write_file(
 ) -> dict[str, int | str]:
     """Write ``data`` to a new file, fsync it, return ``{"size", "sha256"}`` of what was written.
 
-    The hash is computed from the same buffer in the same pass. Raises OSError from the OS as-is
-    (ENOSPC, EIO, EFBIG…); the caller decides what a failure means.
+    Raises OSError from the OS as-is (ENOSPC, EIO, EFBIG…); the caller decides what it means.
     """
     view = memoryview(data).cast("B")
+    return write_chunks(path, iter([view]), len(view), pause_phase)
+
+
+def write_chunks(
+    path: Path, chunks: Iterator[memoryview], total: int, pause_phase: str | None = None
+) -> dict[str, int | str]:
+    """Write ``chunks`` (``total`` bytes in all) to a new file, fsync it, return size and sha256.
+
+    Hashing runs in a helper thread while the next chunk is written (both release the GIL), so a
+    large file costs about max(write, hash) rather than their sum. The pause point, when named,
+    is hit once half of ``total`` is written. Raises OSError from the OS as-is.
+    """
     h = hashlib.sha256()
-    half = len(view) // 2
+    half = total // 2
+    pos = 0
+    paused = pause_phase is None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        pos = 0
-        paused = pause_phase is None
-        while pos < len(view):
-            end = min(pos + _CHUNK, len(view))
-            if not paused and end > half:
-                end = max(half, pos + 1)
-            chunk = view[pos:end]
-            n = os.write(fd, chunk)
-            h.update(chunk[:n])
-            pos += n
-            if not paused and pos >= half:
-                paused = True
-                pause_point(pause_phase)  # type: ignore[arg-type]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return {"size": len(view), "sha256": h.hexdigest()}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as hasher:
+        try:
+            pending = []
+            for chunk in _split_at(chunks, half if not paused else -1):
+                written = 0
+                while written < len(chunk):
+                    written += os.write(fd, chunk[written:])
+                # One worker: updates run in submission order, so the digest is of the file.
+                pending.append(hasher.submit(h.update, chunk))
+                pos += len(chunk)
+                if not paused and pos >= half:
+                    paused = True
+                    pause_point(pause_phase)  # type: ignore[arg-type]
+                if len(pending) > 4:
+                    pending.pop(0).result()
+            os.fsync(fd)
+            for f in pending:
+                f.result()
+        finally:
+            os.close(fd)
+    if pos != total:
+        raise RuntimeError(f"wrote {pos} bytes to {path}, expected {total}")
+    return {"size": total, "sha256": h.hexdigest()}
+
+
+def _split_at(chunks: Iterator[memoryview], at: int) -> Iterator[memoryview]:
+    """The same bytes, with a chunk boundary at offset ``at`` (for the mid-file pause point)."""
+    pos = 0
+    for chunk in chunks:
+        if pos < at < pos + len(chunk):
+            cut = at - pos
+            yield chunk[:cut]
+            yield chunk[cut:]
+        else:
+            yield chunk
+        pos += len(chunk)
 
 
 def fsync_dir(path: Path) -> None:

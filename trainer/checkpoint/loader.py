@@ -114,7 +114,8 @@ def load(
             raise CheckpointIncompatible(
                 f"{ckpt}: optimizer state does not fit this optimizer: {e}"
             ) from e
-    if scaler is not None and saved_state.get("scaler") is not None:
+    # A disabled scaler saves {}; an enabled one refuses to load that, and has nothing to take.
+    if scaler is not None and saved_state.get("scaler"):
         scaler.load_state_dict(st.decode(saved_state["scaler"], extra))
     return man
 

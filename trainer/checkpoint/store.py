@@ -29,6 +29,8 @@ from .lock import WriterLock
 from .retention import RetentionPolicy, prune
 from .state import Snapshot, capture
 
+#: Nice value of the background writer thread (Linux threads have their own).
+BACKGROUND_NICE = 10
 #: Preflight wants this much more free space than the checkpoint itself needs.
 PREFLIGHT_MARGIN = 1.05
 
@@ -117,7 +119,10 @@ class CheckpointStore:
             self._raise_failure()
             return
         self._thread = threading.Thread(
-            target=self._write, args=(snap,), name=f"checkpoint-{step_name(step)}", daemon=False
+            target=self._write_in_background,
+            args=(snap,),
+            name=f"checkpoint-{step_name(step)}",
+            daemon=False,
         )
         self._thread.start()
 
@@ -163,6 +168,15 @@ class CheckpointStore:
         failure, self._failure = self._failure, None
         if failure is not None and self.fail_fatal:
             raise failure
+
+    def _write_in_background(self, snap: Snapshot) -> None:
+        # Low CPU priority for this thread (and the hashing helper it starts, which inherits
+        # it): on a CPU-bound loop the write then takes only cycles the loop leaves idle.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except (OSError, AttributeError):
+            pass  # not Linux, or not allowed: the write still happens, at normal priority
+        self._write(snap)
 
     def _write(self, snap: Snapshot) -> None:
         started = time.monotonic()
