@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a torchrun script under a supervisor that restarts it from the newest "
         "valid checkpoint after crashes and hangs.",
         usage=f"{PROG} [flags] [SCRIPT [SCRIPT ARGS...] | -- TRAINER ARGS...]  |  "
-        f"{PROG} status RUN_DIR",
+        f"{PROG} status RUN_DIR  |  {PROG} chaos RUN_DIR [...]",
     )
     g = p.add_argument_group("workers")
     g.add_argument(
@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGINT/SIGTERM, seconds the workers get to write an emergency "
         "checkpoint before SIGKILL (default 30)",
+    )
+    g.add_argument(
+        "--chaos",
+        metavar="SPEC",
+        default=None,
+        help="run the chaos tool alongside the job, e.g. kill-worker:every=30:count=3 "
+        "(see docs/chaos.md)",
     )
     g = p.add_argument_group("multi-node (passed to torchrun)")
     g.add_argument("--nnodes", default="1", help="nodes, N or MIN:MAX (default 1)")
@@ -257,6 +264,13 @@ def run(argv: Sequence[str]) -> int:
     """Supervise a script; returns the exit code (see ``supervisor.exit_codes``)."""
     args = build_parser().parse_args(list(argv))
     config = config_from_args(args)
+    if args.chaos is not None:
+        from supervisor import chaos
+
+        try:
+            chaos.parse_spec(args.chaos, config.run_dir)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     prepare_run_dir(config.run_dir)
     lock = filelock.FileLock(str(config.run_dir / LOCK_FILE))
     try:
@@ -277,7 +291,13 @@ def run(argv: Sequence[str]) -> int:
             config, runner, events, first_attempt=_previous_attempt(config.run_dir) + 1
         )
         restore = _install_signal_handlers(supervisor.request_stop)
+        injector = None
         try:
+            if args.chaos is not None:
+                from supervisor import chaos
+
+                # Its own process, as a real fault arrives from outside the supervisor.
+                injector = chaos.spawn(config.run_dir, args.chaos)
             code = supervisor.run()
         except Exception as e:  # a bug in the supervisor must not leave the workers running
             events.emit("internal_error", error=repr(e), attempt=supervisor.attempt)
@@ -285,6 +305,8 @@ def run(argv: Sequence[str]) -> int:
                 runner.stop(0.0)
             raise
         finally:
+            if injector is not None:
+                chaos.stop_spawned(injector)
             restore()
             events.close()
         print(
@@ -332,7 +354,17 @@ def status(argv: Sequence[str]) -> int:
     return exit_codes.SUCCESS
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"status": status}
+def chaos_command(argv: Sequence[str]) -> int:
+    """``launch.py chaos RUN_DIR [...]``: the chaos tool (``supervisor.chaos``)."""
+    from supervisor import chaos
+
+    return chaos.main(list(argv))
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "status": status,
+    "chaos": chaos_command,
+}
 """Subcommands taken from the first argument; anything else is a script to supervise."""
 
 

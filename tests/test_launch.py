@@ -35,6 +35,7 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--hang-timeout", "0", str(WORKER)], "--hang-timeout 0"),
         (["--nnodes", "2", str(WORKER)], "--rdzv-endpoint"),
         (["--nnodes", "2", "--rdzv-endpoint", "nohostport", str(WORKER)], "HOST:PORT"),
+        (["--chaos", "no-such-fault", str(WORKER), "finish"], "no-such-fault"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_launches_nothing(
