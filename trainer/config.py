@@ -69,7 +69,15 @@ def model_config(preset: str, vocab_size: int, dropout: float) -> GPTConfig:
     """
     if preset not in PRESETS:
         raise ConfigError(f"--model: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    return GPTConfig(vocab_size=vocab_size, dropout=dropout, **PRESETS[preset])
+    shape = PRESETS[preset]
+    return GPTConfig(
+        vocab_size=vocab_size,
+        block_size=shape["block_size"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        dropout=dropout,
+    )
 
 
 def default_data_cache() -> str:

@@ -76,7 +76,7 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     """The standard library's `.py` files in sorted relative-path order (third-party packages
     and bytecode caches excluded), so that every process sees the same byte stream."""
     root = stdlib_dir() if root is None else root
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
         found.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
@@ -179,7 +179,7 @@ def load_corpus(
         if vocab_size not in (0, BYTE_VOCAB):
             raise DataError(f"--vocab-size {vocab_size} does not apply: stdlib text is bytes (256)")
         path = build_stdlib_cache(cache_dir)
-        tokens = np.memmap(path, dtype="<u2", mode="r")
+        tokens: np.ndarray = np.memmap(path, dtype="<u2", mode="r")
         name, vocab = f"stdlib:{stdlib_dir()}", BYTE_VOCAB
     elif source == "random":
         vocab = vocab_size or BYTE_VOCAB
