@@ -92,9 +92,9 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 @pytest.fixture(scope="session")
 def run_train(train_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
-    """Run the trainer to completion: `run_train(args, nproc=1, timeout=120)`."""
+    """Run the trainer to completion: `run_train(args, nproc=1, timeout=300)`."""
 
-    def run(args: list[str], nproc: int = 1, timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
             train_command(args, nproc),
             cwd=REPO_ROOT,
@@ -153,7 +153,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
     """Poll metrics.jsonl until a training step >= `step` is recorded; return that step.
     Fails when the process exits first or the time runs out."""
     deadline = time.monotonic() + timeout

@@ -118,6 +118,7 @@ def test_single_process_trains_and_loss_falls(baseline_1: Baseline) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_two_ranks_train_on_disjoint_samples(baseline_2: Baseline) -> None:
     train = [r for r in read_metrics(baseline_2.run_dir) if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
@@ -147,6 +148,7 @@ def crash_and_resume(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_resume_after_kill_is_bitwise_exact_single_process(
     baseline_1: Baseline, tmp_path: Path, start_train: Callable, run_train: Callable
 ) -> None:
@@ -160,6 +162,7 @@ def test_resume_after_kill_is_bitwise_exact_single_process(
 # -- preemption ----------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(
     baseline_1: Baseline, tmp_path: Path, start_train: Callable, run_train: Callable
 ) -> None:
@@ -167,7 +170,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(
     proc = start_train(run_args(ARGS_1, run_dir, "--ckpt-every", "0"))
     wait_for_step(run_dir, random.randint(3, STEPS // 2), proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err
     ckpts = list_checkpoints(run_dir)
     assert len(ckpts) == 1  # --ckpt-every 0: only the preemption checkpoint
@@ -193,12 +196,13 @@ def test_second_signal_exits_at_once(tmp_path: Path, start_train: Callable) -> N
     # Two different signals, so the kernel cannot merge them into one.
     proc.send_signal(signal.SIGUSR1)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=300)
     assert proc.returncode in (-signal.SIGTERM, -signal.SIGUSR1)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sigterm_to_one_rank_stops_both_after_the_same_step(
     baseline_2: Baseline, tmp_path: Path, start_train: Callable, run_train: Callable
 ) -> None:
@@ -211,7 +215,7 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(
     rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
     assert len(rank1) == 1
     rank1[0].send_signal(signal.SIGTERM)  # only rank 1 hears it; rank 0 must stop with it
-    out, err = proc.communicate(timeout=90)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0  # torchrun reports its workers' non-zero exit
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", err)
     assert codes and set(codes) == {"75"}, err
@@ -260,7 +264,7 @@ def test_failed_checkpoint_write_with_fail_fatal_exits_76(
         env=train_env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         preexec_fn=small_files,
     )
     assert proc.returncode == 76, proc.stderr
@@ -272,6 +276,7 @@ def test_failed_checkpoint_write_with_fail_fatal_exits_76(
 # -- under a supervisor ------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)
 def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[str, str]) -> None:
     run_dir = tmp_path / "supervised"
     env = {
@@ -284,7 +289,7 @@ def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[
     ignored = tmp_path / "ignored"
     args = [*TINY_ARGS, "--steps", "8", "--ckpt-every", "4", "--run-dir", str(ignored)]
     first = subprocess.run(
-        train_command(args), env=env, capture_output=True, text=True, timeout=120
+        train_command(args), env=env, capture_output=True, text=True, timeout=300
     )
     assert first.returncode == 0, first.stderr
     assert not ignored.exists()
@@ -299,7 +304,7 @@ def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert second.returncode == 0, second.stderr
     assert f"resumed from {chosen} at step 4" in second.stdout

@@ -12,6 +12,7 @@ from tests.conftest import read_metrics
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_small_preset_loss_falls_by_1_5_nats_on_the_stdlib_corpus(
     tmp_path: Path, run_train: Callable
 ) -> None:
