@@ -246,7 +246,9 @@ def main() -> None:
         print(f"{name:<48} {value:>10} {rate:>10}")
     ratios = [
         ("throughput / disk bandwidth (target >= 0.70)", disk / sync),
+        ("async thread save() call / sync save", med(thread_block) / sync),
         ("async thread stall / sync save (target <= 0.10)", med(thread_stall) / sync),
+        ("async process save() call / sync save", med(proc_block) / sync),
         ("async process stall / sync save", med(proc_stall) / sync),
     ]
     print()

@@ -54,7 +54,7 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     # uint8 view: numpy has no bfloat16, and the bytes are what we hash anyway.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ def capture(
         tensors: dict[str, torch.Tensor] = {}
         aliases: dict[str, str] = {}
         # Tied weights (e.g. embedding and output head) share storage: store them once.
-        seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype, str], str] = {}
+        seen: dict[tuple[object, ...], str] = {}
         for name, t in sd.items():
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"model state {name!r} is a {type(t).__name__}, not a tensor")

@@ -42,7 +42,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
         raise ValueError("tensors must be contiguous and on the host (snapshot them first)")
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _pieces(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
