@@ -137,7 +137,9 @@ def render(results: list[tuple[Bench, str, str, int, float]], command: str) -> s
         out += ["", f"### {bench.title}", "", bench.intro, "", f"`{shown}` ({seconds:.0f} s)", ""]
         if code != 0:
             out += [f"**This benchmark exited with status {code}**; its output follows.", ""]
-        out += [stdout.strip() or "(no output)"]
+        body = stdout.strip() or "(no output)"
+        # Plain-text tables (not Markdown) keep their alignment only in a code block.
+        out += [body if "|---" in body else f"```\n{body}\n```"]
     return "\n".join(out) + "\n"
 
 
