@@ -352,8 +352,17 @@ def assert_detected(events: list[dict[str, Any]], fault: dict[str, Any]) -> dict
     detection = seen[0]
     kind = fault["kind"]
     if kind in ("kill-worker", "kill-writer", "corrupt"):
-        assert detection["type"] == "worker_failed"
-        assert detection["pid"] == fault["pid"] and detection["signal"] == "SIGKILL", detection
+        assert detection["type"] == "worker_failed" and detection["pid"] == fault["pid"], detection
+        # When torchrun reaped the worker first the exit status is filled in once the attempt
+        # is stopped: the "stopped" event's root cause then carries it.
+        signal = detection["signal"]
+        if signal is None:
+            stopped = [e for e in attempt_events(events, attempt) if e["type"] == "stopped"]
+            assert stopped, f"attempt {attempt} was not stopped"
+            root = stopped[0]["root_cause"]
+            assert root["pid"] == fault["pid"], root
+            signal = root["signal"]
+        assert signal == "SIGKILL", detection
     elif kind == "kill-torchrun":
         # Its workers die with it (parent-death signal); the supervisor may see torchrun's exit
         # or one of theirs first. Either names a process of the lost node, killed.
