@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import filelock
 
-from supervisor import exit_codes
+from supervisor import exit_codes, slurm
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog
 from supervisor.heartbeat import HangConfig
@@ -27,7 +27,7 @@ from supervisor.policy import PolicyConfig
 from supervisor.proctree import set_child_subreaper
 from supervisor.resume import prewarm
 from supervisor.runner import PROJECT_ROOT, TorchrunRunner
-from supervisor.status import format_status, read_state
+from supervisor.status import format_status, read_node_states, read_state
 
 BUILTIN_TRAINER = PROJECT_ROOT / "trainer" / "train.py"
 LOCK_FILE = "supervisor.lock"
@@ -158,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rdzv-endpoint", default=None, help="rendezvous HOST:PORT")
     g.add_argument("--rdzv-backend", default="c10d", help="rendezvous backend (default c10d)")
     g.add_argument("--rdzv-id", default=None, help="rendezvous id (default: run dir name)")
+    g.add_argument(
+        "--rdzv-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the other nodes to join before an attempt fails (default 600)",
+    )
+    g.add_argument(
+        "--slurm",
+        action="store_true",
+        help="take --nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and the run dir from "
+        "SLURM's environment; SIGUSR1/SIGTERM exit with the requeue code 79",
+    )
     p.add_argument(
         "script",
         nargs="?",
@@ -181,6 +193,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         script = Path(args.script)
         if not script.is_file():
             raise UsageError(f"script {args.script!r} not found (or not a file)")
+    if args.slurm:
+        _apply_slurm(args)
     run_dir = Path(args.run_dir or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
     require = args.require_heartbeats
     require_heartbeats = script == BUILTIN_TRAINER if require == "auto" else require == "yes"
@@ -213,6 +227,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
             rdzv_endpoint=args.rdzv_endpoint,
             rdzv_backend=args.rdzv_backend,
             rdzv_id=args.rdzv_id,
+            rdzv_timeout=args.rdzv_timeout,
+            slurm=args.slurm,
             stop_grace=args.stop_grace,
             term_timeout=args.term_timeout,
             policy=policy,
@@ -221,6 +237,24 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     except ValueError as e:
         raise UsageError(_flag_names(str(e))) from None
     return config
+
+
+def _apply_slurm(args: argparse.Namespace) -> None:
+    """Fill the multi-node flags the user left out from SLURM's environment."""
+    try:
+        alloc = slurm.from_env()
+    except slurm.SlurmError as e:
+        raise UsageError(str(e)) from None
+    if args.nnodes == "1" and alloc.nnodes > 1:
+        args.nnodes = str(alloc.nnodes)
+    if args.node_rank is None:
+        args.node_rank = alloc.node_rank
+    if args.rdzv_endpoint is None:
+        args.rdzv_endpoint = alloc.rdzv_endpoint()
+    if args.rdzv_id is None:
+        args.rdzv_id = alloc.job_id
+    if args.run_dir is None:
+        args.run_dir = f"runs/slurm-{alloc.job_id}"
 
 
 def _flag_names(message: str) -> str:
@@ -241,23 +275,32 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise UsageError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
 
 
-def _lock_holder(run_dir: Path) -> str:
+def _lock_holder(config: LaunchConfig) -> str:
     try:
-        pid = read_state(run_dir).get("supervisor_pid")
+        pid = read_state(config.run_dir, config.state_file).get("supervisor_pid")
         return f" (pid {pid})" if pid else ""
     except (OSError, ValueError):
         return ""
 
 
-def _previous_attempt(run_dir: Path) -> int:
-    """The last attempt number an earlier supervisor of ``run_dir`` used (0 when none)."""
+def _previous_attempt(config: LaunchConfig) -> int:
+    """The last attempt number an earlier supervisor of this node used (0 when none)."""
     try:
-        previous = int(read_state(run_dir).get("attempt") or 0)
+        previous = int(read_state(config.run_dir, config.state_file).get("attempt") or 0)
     except (OSError, ValueError, TypeError):
         previous = 0
-    logs = run_dir / "logs"
+    logs = config.log_root
     numbers = [int(p.name[8:]) for p in logs.glob("attempt-*") if p.name[8:].isdigit()]
     return max([previous, *numbers])
+
+
+def _previous_restarts(config: LaunchConfig) -> int:
+    """Restarts an earlier supervisor of this node spent (0 when none): the budget is the
+    run's, not one process's, so a relaunch or a SLURM requeue does not refill it."""
+    try:
+        return max(0, int(read_state(config.run_dir, config.state_file).get("restarts_used") or 0))
+    except (OSError, ValueError, TypeError):
+        return 0
 
 
 def run(argv: Sequence[str]) -> int:
@@ -272,23 +315,28 @@ def run(argv: Sequence[str]) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     prepare_run_dir(config.run_dir)
-    lock = filelock.FileLock(str(config.run_dir / LOCK_FILE))
+    lock = filelock.FileLock(str(config.lock_file))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
         print(
             f"{PROG}: error: run directory {config.run_dir} is owned by another supervisor"
-            f"{_lock_holder(config.run_dir)}; stop it, or choose another --run-dir",
+            f"{' of ' + config.node_tag if config.node_tag else ''}{_lock_holder(config)}; "
+            "stop it, or choose another --run-dir",
             file=sys.stderr,
         )
         return exit_codes.RUN_DIR_LOCKED
     try:
         set_child_subreaper()
         prewarm()
-        events = EventLog(config.run_dir / "events.jsonl")
+        events = EventLog(config.events_file)
         runner = TorchrunRunner(config)
         supervisor = Supervisor(
-            config, runner, events, first_attempt=_previous_attempt(config.run_dir) + 1
+            config,
+            runner,
+            events,
+            first_attempt=_previous_attempt(config) + 1,
+            restarts_carried=_previous_restarts(config),
         )
         restore = _install_signal_handlers(supervisor.request_stop)
         injector = None
@@ -320,7 +368,8 @@ def run(argv: Sequence[str]) -> int:
 
 def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], None]:
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGUSR1: SLURM's pre-timeout signal (sbatch --signal=USR1@T); handled like SIGTERM.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         previous[sig] = signal.signal(sig, lambda signum, _frame: callback(signum))
 
     def restore() -> None:
@@ -334,11 +383,15 @@ def status(argv: Sequence[str]) -> int:
     """``launch.py status RUN_DIR [--json]``: print the run's state; exit 2 when there is none."""
     p = _Parser(prog=f"{PROG} status", description="Show a supervised run's state.")
     p.add_argument("run_dir")
-    p.add_argument("--json", action="store_true", help="print supervisor.json as it is")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print supervisor.json as it is (several nodes: an object by node)",
+    )
     args = p.parse_args(list(argv))
     run_dir = Path(args.run_dir).absolute()
     try:
-        state = read_state(run_dir)
+        states = read_node_states(run_dir)
     except FileNotFoundError:
         raise UsageError(
             f"{run_dir} has no supervisor.json: not a supervised run directory"
@@ -348,9 +401,10 @@ def status(argv: Sequence[str]) -> int:
     if args.json:
         import json
 
-        print(json.dumps(state, indent=2, sort_keys=True))
+        shown = states[""] if list(states) == [""] else states
+        print(json.dumps(shown, indent=2, sort_keys=True))
     else:
-        print(format_status(run_dir, state))
+        print("\n\n".join(format_status(run_dir, state) for state in states.values()))
     return exit_codes.SUCCESS
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,11 @@ class LaunchConfig:
     """torchrun's rendezvous backend for multi-node runs."""
     rdzv_id: str | None = None
     """Rendezvous id shared by all nodes (default: the run directory's name)."""
+    rdzv_timeout: float = 600.0
+    """Multi-node: seconds torchrun waits for the other nodes to join a rendezvous before the
+    attempt fails (torchrun's ``join_timeout``); the bound on waiting for a lost node."""
+    slurm: bool = False
+    """Launched by SLURM: SIGUSR1 and SIGTERM end the run with the requeue exit code."""
     poll_interval: float = 0.1
     """Seconds between cheap process checks."""
     heartbeat_interval: float = 0.5
@@ -59,6 +65,8 @@ class LaunchConfig:
         for name in ("poll_interval", "heartbeat_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.rdzv_timeout <= 0:
+            raise ValueError(f"--rdzv-timeout {self.rdzv_timeout}: must be > 0 seconds")
         if self.stop_grace < 0:
             raise ValueError(f"--stop-grace {self.stop_grace}: must be >= 0")
         if self.term_timeout < 0:
@@ -72,5 +80,41 @@ class LaunchConfig:
     def heartbeat_dir(self) -> Path:
         return self.run_dir / "heartbeats"
 
+    @property
+    def node_tag(self) -> str:
+        """This node's name in per-node file names: ``""`` on one node, ``node<R>`` with
+        ``--node-rank R``, else ``node-<hostname>`` (nodes share the run directory, so each
+        supervisor keeps its own lock, state, events and logs)."""
+        if self.single_node:
+            return ""
+        if self.node_rank is not None:
+            return f"node{self.node_rank}"
+        return f"node-{socket.gethostname()}"
+
+    def _per_node(self, stem: str, suffix: str) -> Path:
+        tag = self.node_tag
+        return self.run_dir / (f"{stem}-{tag}{suffix}" if tag else f"{stem}{suffix}")
+
+    @property
+    def lock_file(self) -> Path:
+        """Held by the one supervisor of this node (``supervisor.lock`` on one node)."""
+        return self._per_node("supervisor", ".lock")
+
+    @property
+    def state_file(self) -> Path:
+        """This node's state for ``launch.py status`` (``supervisor.json`` on one node)."""
+        return self._per_node("supervisor", ".json")
+
+    @property
+    def events_file(self) -> Path:
+        """This node's event log (``events.jsonl`` on one node)."""
+        return self._per_node("events", ".jsonl")
+
+    @property
+    def log_root(self) -> Path:
+        """Where this node's ``attempt-<N>`` log folders go."""
+        tag = self.node_tag
+        return self.run_dir / "logs" / tag if tag else self.run_dir / "logs"
+
     def attempt_log_dir(self, attempt: int) -> Path:
-        return self.run_dir / "logs" / f"attempt-{attempt}"
+        return self.log_root / f"attempt-{attempt}"

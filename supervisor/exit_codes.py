@@ -30,6 +30,11 @@ INTERRUPTED = 75
 """SIGINT/SIGTERM: workers were asked to write an emergency checkpoint and stopped.
 Relaunching on the same run directory resumes. Same value as the trainer's "preempted"."""
 
+REQUEUE = 79
+"""Under ``--slurm``: SLURM's pre-timeout SIGUSR1 (``sbatch --signal=USR1@T``) or its SIGTERM
+arrived; workers wrote an emergency checkpoint and stopped. Requeue the job (``scontrol requeue``,
+see examples/slurm.sbatch): it resumes from that checkpoint with the restart count carried over."""
+
 DESCRIPTIONS: dict[int, str] = {
     SUCCESS: "success",
     INTERNAL_ERROR: "internal error",
@@ -39,6 +44,7 @@ DESCRIPTIONS: dict[int, str] = {
     RUN_DIR_LOCKED: "run directory locked by another supervisor",
     WORKER_BAD_INPUT: "worker reported bad input",
     INTERRUPTED: "interrupted",
+    REQUEUE: "preempted by SLURM: requeue to resume",
 }
 
 

@@ -54,13 +54,17 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         first_attempt: int = 1,
+        restarts_carried: int = 0,
     ) -> None:
         """``first_attempt`` continues the numbering of an earlier supervisor of the same run
-        directory, so that its logs and heartbeats are never mistaken for this one's."""
+        directory, so that its logs and heartbeats are never mistaken for this one's;
+        ``restarts_carried`` are the restarts that earlier supervisor already spent (a relaunch
+        or a SLURM requeue does not refill the budget)."""
         self.config = config
         self.runner = runner
         self.events = events
         self.policy = policy or RestartPolicy(config.policy, clock=clock)
+        self.policy.carry(restarts_carried)
         self._select = select
         self._clock = clock
         self._sleep = sleep
@@ -94,6 +98,7 @@ class Supervisor:
             "state": self.state.value,
             "supervisor_pid": _getpid(),
             "run_dir": str(self.config.run_dir),
+            "node": self.config.node_tag or None,
             "script": str(self.config.script),
             "attempt": self.attempt,
             "step": self.step,
@@ -108,7 +113,7 @@ class Supervisor:
         }
         state.update(extra)
         try:
-            write_state(self.config.run_dir, state)
+            write_state(self.config.run_dir, state, self.config.state_file)
         except OSError as e:
             self.events.emit("warning", reason=f"cannot write supervisor.json: {e}")
 
@@ -132,7 +137,12 @@ class Supervisor:
             script_args=list(self.config.script_args),
             nproc=self.config.nproc,
             nnodes=self.config.nnodes,
+            node=self.config.node_tag or None,
+            node_rank=self.config.node_rank,
+            rdzv_endpoint=self.config.rdzv_endpoint,
+            slurm=self.config.slurm,
             max_restarts=self.config.policy.max_restarts,
+            restarts_carried=self.policy.restarts_used,
             restart_window=self.config.policy.restart_window,
             crash_loop=self.config.policy.crash_loop,
         )
@@ -152,7 +162,7 @@ class Supervisor:
                 )
                 return self._finish(State.SUCCEEDED, exit_codes.SUCCESS)
             if outcome == Outcome.RUNNING:  # interrupted while running: already stopped
-                return self._finish(State.INTERRUPTED, exit_codes.INTERRUPTED)
+                return self._finish(State.INTERRUPTED, self._interrupted_code())
             code = self._after_failure(info)
             if code is not None:
                 return code
@@ -185,6 +195,16 @@ class Supervisor:
             resume_step=resume_step,
             restarts_left=self.policy.restarts_left(),
         )
+        if not self.config.single_node:
+            self.events.emit(
+                "rendezvous_wait",
+                attempt=self.attempt,
+                endpoint=self.config.rdzv_endpoint,
+                nnodes=self.config.nnodes,
+                timeout=self.config.rdzv_timeout,
+                reason=f"waiting up to {self.config.rdzv_timeout:g} s for {self.config.nnodes} "
+                "node(s) to join",
+            )
         self.step = resume_step if self.resume_from else self.step
         self._enter(State.RUNNING)
         first_step_seen = False
@@ -351,7 +371,13 @@ class Supervisor:
     def _interrupted_idle(self) -> int:
         name = _signal_name(self._signals[0])
         self.events.emit("interrupted", attempt=self.attempt, signal=name, step=self.step)
-        return self._finish(State.INTERRUPTED, exit_codes.INTERRUPTED)
+        return self._finish(State.INTERRUPTED, self._interrupted_code())
+
+    def _interrupted_code(self) -> int:
+        """REQUEUE for SLURM's pre-timeout signal or its SIGTERM, else INTERRUPTED."""
+        if self.config.slurm and self._signals[0] in (signal.SIGUSR1, signal.SIGTERM):
+            return exit_codes.REQUEUE
+        return exit_codes.INTERRUPTED
 
 
 def _signal_name(signum: int) -> str:

@@ -91,6 +91,14 @@ class RestartPolicy:
         self.failures_without_progress = 0
         self.streak = 0
 
+    def carry(self, restarts_used: int) -> None:
+        """Start from ``restarts_used`` restarts already spent by an earlier supervisor of the
+        run (read from the run directory). A restart window starts afresh: the earlier
+        restarts' times are not known on this process's clock. Raises ValueError when negative."""
+        if restarts_used < 0:
+            raise ValueError(f"restarts_used={restarts_used!r} must be >= 0")
+        self.restarts_used = restarts_used
+
     def restarts_left(self) -> int:
         """Restarts still allowed now (the window forgets old restarts)."""
         self._forget_old()

@@ -109,6 +109,10 @@ class TorchrunRunner:
                 str(cfg.rdzv_endpoint),
                 "--rdzv-id",
                 cfg.rdzv_id or cfg.run_dir.name,
+                # Bounds the wait for a lost node to come back: past it the attempt fails and
+                # the restart policy decides.
+                "--rdzv-conf",
+                f"join_timeout={max(1, round(cfg.rdzv_timeout))}",
             ]
             if cfg.node_rank is not None:
                 cmd += ["--node-rank", str(cfg.node_rank)]
@@ -197,17 +201,18 @@ class TorchrunRunner:
         exited = tree.refresh()
         if not self._announced_workers and len(tree.workers) >= self.config.nproc:
             self._announced_workers = True
-            notes.append(
-                (
-                    "workers_started",
-                    {
-                        "attempt": self.attempt,
-                        "torchrun_pid": tree.torchrun_pid,
-                        "workers": self.worker_pids(),
-                        "run_dir": str(self.config.run_dir),
-                    },
-                )
-            )
+            fields: dict[str, Any] = {
+                "attempt": self.attempt,
+                "torchrun_pid": tree.torchrun_pid,
+                "workers": self.worker_pids(),
+                "run_dir": str(self.config.run_dir),
+            }
+            if not self.config.single_node:
+                # Workers exist only once every node has joined: the start-up allowance runs
+                # from here, not from the launch, so a long wait for a peer is not a hang.
+                fields["rendezvous_seconds"] = round(now - monitor.started_at, 3)
+                monitor.started_at = now
+            notes.append(("workers_started", fields))
         # Until a rank reports training, read on every poll: the first step after a launch is
         # a recovery's last phase, worth timing to 0.1 s rather than 0.5 s.
         training = any(r.phase != "startup" for r in monitor.ranks.values())

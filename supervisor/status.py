@@ -11,24 +11,38 @@ from typing import Any
 STATE_FILE = "supervisor.json"
 
 
-def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    """Replace ``supervisor.json`` atomically (write a temp file, then rename). Raises OSError."""
-    path = run_dir / STATE_FILE
-    tmp = run_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+def write_state(run_dir: Path, state: dict[str, Any], path: Path | None = None) -> None:
+    """Replace ``path`` (default ``RUN_DIR/supervisor.json``) atomically: write a temp file,
+    then rename. Raises OSError."""
+    path = path or run_dir / STATE_FILE
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
     os.replace(tmp, path)
 
 
-def read_state(run_dir: Path) -> dict[str, Any]:
-    """The last state a supervisor wrote. Raises FileNotFoundError when there is none, and
-    ValueError when the file is not valid JSON."""
-    text = (run_dir / STATE_FILE).read_text(encoding="utf-8")
+def read_state(run_dir: Path, path: Path | None = None) -> dict[str, Any]:
+    """The last state a supervisor wrote to ``path`` (default ``RUN_DIR/supervisor.json``).
+    Raises FileNotFoundError when there is none, and ValueError when it is not valid JSON."""
+    path = path or run_dir / STATE_FILE
+    text = path.read_text(encoding="utf-8")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{run_dir / STATE_FILE} is not valid JSON: {e}") from None
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_node_states(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every node's state, by node tag (``""`` for a one-node run's ``supervisor.json``,
+    ``node<R>`` for ``supervisor-node<R>.json``). Raises FileNotFoundError when there is none,
+    and ValueError when a file is not valid JSON."""
+    paths = sorted(run_dir.glob("supervisor-*.json"))
+    if (run_dir / STATE_FILE).exists():
+        paths.insert(0, run_dir / STATE_FILE)
+    if not paths:
+        raise FileNotFoundError(run_dir / STATE_FILE)
+    return {p.stem.removeprefix("supervisor").lstrip("-"): read_state(run_dir, p) for p in paths}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -56,6 +70,7 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
     age = f"{time.time() - float(updated):.1f} s ago" if updated else "?"
     lines = [
         f"run dir:      {run_dir}",
+        *([f"node:         {state['node']}"] if state.get("node") else []),
         f"state:        {shown_state}",
         f"supervisor:   pid {pid or '?'}",
         f"attempt:      {state.get('attempt', '?')}",

@@ -1,0 +1,150 @@
+"""Two "nodes" on this machine: two supervisors, one rank each, one shared run directory,
+torchrun's c10d rendezvous on 127.0.0.1. One node is lost (its supervisor, torchrun and worker
+SIGKILLed at once) mid-run and started again; the run must finish on both nodes at the same step
+with parameters bitwise equal to an uninterrupted two-node run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor import exit_codes
+from supervisor.cli import main as launch_main
+from tests.conftest import free_port
+from tests.scripts.nodes import Node
+
+pytestmark = [pytest.mark.distributed, pytest.mark.chaos, pytest.mark.slow]
+
+STEPS = 16
+TRAIN_ARGS = [
+    "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
+    "--warmup-steps", "2", "--eval-every", "0", "--log-every", "0", "--threads", "1",
+    "--ckpt-every", "4", "--ckpt-sync", "--dropout", "0.1", "--seed", "5",
+]  # fmt: skip
+# Generous: on a loaded 2-core machine a torch start-up alone can take tens of seconds.
+TIMEOUT = 300.0
+
+
+def _flags(port: int) -> list[str]:
+    return [
+        "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
+        "--rdzv-timeout", "240", "--max-restarts", "4", "--crash-loop", "0",
+        "--backoff-initial", "0.1", "--backoff-max", "0.5", "--stop-grace", "1",
+    ]  # fmt: skip
+
+
+def _start_pair(run_dir: Path, env: dict[str, str], started: list[Node]) -> tuple[Node, Node]:
+    port = free_port()
+    nodes = tuple(
+        Node(run_dir, r, [*_flags(port), "--", *TRAIN_ARGS], env, tag=f"n{r}-{len(started)}")
+        for r in (0, 1)
+    )
+    started.extend(nodes)
+    return nodes  # type: ignore[return-value]
+
+
+def _final_params(run_dir: Path) -> str:
+    manifest = run_dir / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json"
+    return json.loads(manifest.read_text())["params_sha256"]
+
+
+def _heartbeat_step(run_dir: Path) -> int:
+    steps = [0]
+    for path in (run_dir / "heartbeats").glob("rank-*.json"):
+        try:
+            steps.append(int(json.loads(path.read_text())["step"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return min(steps[1:] or [0])
+
+
+def _of(type_: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == type_]
+
+
+@pytest.mark.timeout(900)
+def test_node_loss_and_return_ends_bitwise_equal_on_both_nodes(
+    tmp_path: Path, train_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    started: list[Node] = []
+    try:
+        # The uninterrupted reference runs alongside: the machine's two cores are mostly idle
+        # while the other pair waits in its rendezvous and restarts.
+        ref0, ref1 = _start_pair(tmp_path / "reference", train_env, started)
+        node0, node1 = _start_pair(tmp_path / "run", train_env, started)
+        run_dir = node0.run_dir
+
+        # Mid-run: past the first checkpoint (step 4), well before the end.
+        node0.wait_for(lambda _e: _heartbeat_step(run_dir) >= 6, TIMEOUT, "step 6")
+        assert (run_dir / "checkpoints" / "step-00000004").is_dir()
+        killed = node1.kill_node()
+        assert len(killed) >= 3, f"expected supervisor, torchrun and worker, got {killed}"
+
+        # The surviving node detects the loss (its worker fails in a collective, or stalls),
+        # stops its tree and relaunches; its new torchrun waits for the lost node, bounded.
+        failed = node0.wait_for(
+            lambda ev: _of("worker_failed", ev) + _of("hang_detected", ev), TIMEOUT, "failure"
+        )
+        assert failed[0]["attempt"] == 1
+        node0.wait_for(lambda ev: len(_of("rendezvous_wait", ev)) >= 2, TIMEOUT, "relaunch")
+        wait = _of("rendezvous_wait", node0.events())[1]
+        assert wait["timeout"] == 240.0 and wait["attempt"] == 2
+
+        # The node returns: a fresh supervisor on the same run directory.
+        node1b = Node(run_dir, 1, [*_flags(_port(node0)), "--", *TRAIN_ARGS], train_env, "n1-b")
+        started.append(node1b)
+
+        assert node0.wait(TIMEOUT) == exit_codes.SUCCESS, node0.output[-3000:]
+        assert node1b.wait(TIMEOUT) == exit_codes.SUCCESS, node1b.output[-3000:]
+        assert ref0.wait(TIMEOUT) == exit_codes.SUCCESS, ref0.output[-3000:]
+        assert ref1.wait(TIMEOUT) == exit_codes.SUCCESS, ref1.output[-3000:]
+
+        # Both nodes resumed from the same checkpoint, mid-run, and finished at the same step.
+        ev0, ev1 = node0.events(), node1b.events()
+        resumed0 = _of("launch", ev0)[-1]
+        resumed1 = _of("launch", ev1)[-1]
+        assert resumed0["resume_from"] == resumed1["resume_from"]
+        assert 4 <= resumed0["resume_step"] < STEPS
+        assert node0.state()["step"] == node1b.state()["step"] == STEPS
+        assert node0.state()["state"] == node1b.state()["state"] == "succeeded"
+        # The returning node continues its own attempt numbers (its logs are not overwritten).
+        assert resumed1["attempt"] == 2
+        assert (run_dir / "logs" / "node1" / "attempt-1").is_dir()
+
+        assert _final_params(run_dir) == _final_params(ref0.run_dir)
+
+        # Status shows both nodes.
+        capsys.readouterr()
+        assert launch_main(["status", str(run_dir), "--json"]) == exit_codes.SUCCESS
+        states = json.loads(capsys.readouterr().out)
+        assert sorted(states) == ["node0", "node1"]
+        assert {s["step"] for s in states.values()} == {STEPS}
+    finally:
+        for node in started:
+            node.cleanup()
+
+
+def _port(node: Node) -> int:
+    endpoint = _of("rendezvous_wait", node.events())[0]["endpoint"]
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def test_two_supervisors_of_one_node_rank_are_refused(tmp_path: Path) -> None:
+    """The lock is per node: a second supervisor for node 0 is refused, one for node 1 is not
+    (the refusal happens before anything is launched)."""
+    import filelock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = filelock.FileLock(str(run_dir / "supervisor-node0.lock"))
+    held.acquire()
+    try:
+        flags = ["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1", "--run-dir", str(run_dir)]
+        code = launch_main([*flags, "--node-rank", "0", "--", "--steps", "1"])
+        assert code == exit_codes.RUN_DIR_LOCKED
+    finally:
+        held.release()
