@@ -167,7 +167,8 @@ class RunView:
             supervisor_pid=int(state.get("supervisor_pid") or 0),
             torchrun_pid=state.get("torchrun_pid"),
         )
-        expected = {int(r) for r in (state.get("workers") or {}) if str(r).isdigit()}
+        listed = state.get("workers") or {}
+        expected = {int(r) for r in listed if str(r).isdigit()}
         beats = self.heartbeats()
         for rank, record in beats.items():
             if record.get("attempt") != attempt:
@@ -178,7 +179,14 @@ class RunView:
             snap.workers[rank] = pid
             snap.phases[rank] = str(record.get("phase"))
             snap.step = max(snap.step, int(record.get("step") or 0))
-        if not expected or set(snap.workers) != expected:
+        # The supervisor lists a worker whose rank it could not read as "?<pid>"; then the
+        # heartbeats say which rank each is, and only their number can be checked.
+        complete = (
+            set(snap.workers) == expected
+            if len(expected) == len(listed)
+            else len(snap.workers) == len(listed)
+        )
+        if not listed or not complete:
             snap.workers.clear()  # not every worker is up (or one already died): not ready
             snap.phases.clear()
         return snap
