@@ -9,6 +9,7 @@ import re
 import resource
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,8 +140,13 @@ def crash_and_resume(
     run_dir = tmp_path / "run"
     kill_at = random.randint(3, STEPS // 2)
     proc = start_train(run_args(base, run_dir, "--ckpt-every", "3"), nproc=nproc)
-    reached = wait_for_step(run_dir, kill_at, proc)
+    wait_for_step(run_dir, kill_at, proc)
+    # A crash before the first commit would only test a fresh start: wait for one checkpoint.
+    while not any(c.valid for c in list_checkpoints(run_dir)):
+        assert proc.poll() is None, "the run ended before its first checkpoint was committed"
+        time.sleep(0.01)
     kill_tree(proc, signal.SIGKILL)
+    reached = max(r["step"] for r in read_metrics(run_dir) if "loss" in r)
     assert reached < STEPS, f"the run finished before it could be killed at step {kill_at}"
     resumed = run_train(run_args(base, run_dir, "--ckpt-every", "3", "--resume", "auto"), nproc)
     assert resumed.returncode == 0, resumed.stderr
