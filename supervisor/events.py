@@ -65,7 +65,7 @@ def _console_line(record: dict[str, Any]) -> str:
             f"[rose {stamp}] attempt {record.get('attempt')} running: {workers or 'no workers'} "
             f"(torchrun pid {record.get('torchrun_pid')})\n"
             f"    run dir {record.get('run_dir')}; worker output in "
-            f"logs/attempt-{record.get('attempt')}/"
+            f"{record.get('log_dir') or 'logs/attempt-' + str(record.get('attempt'))}/"
         )
     parts = []
     keys = [k for k in _CONSOLE_FIRST if k in record]

@@ -206,6 +206,9 @@ class TorchrunRunner:
                 "torchrun_pid": tree.torchrun_pid,
                 "workers": self.worker_pids(),
                 "run_dir": str(self.config.run_dir),
+                "log_dir": str(
+                    self.config.attempt_log_dir(self.attempt).relative_to(self.config.run_dir)
+                ),
             }
             if not self.config.single_node:
                 # Workers exist only once every node has joined: the start-up allowance runs
