@@ -378,13 +378,15 @@ def assert_detected(events: list[dict[str, Any]], fault: dict[str, Any]) -> dict
 
 def assert_resumed_well(events: list[dict[str, Any]], fault: dict[str, Any]) -> int:
     """(e), (f): the next attempt resumed from the newest checkpoint committed before the fault
-    (or a newer one that an in-flight write committed), never from beyond the fault's step.
+    (or a newer one that an in-flight write committed).
     Returns the chosen step."""
     chosen = selected(events, fault["attempt"] + 1)
     committed = list(fault.get("committed") or [0])
     if fault["kind"] == "corrupt":
         committed.remove(int(Path(fault["path"]).name.split("-")[1]))
     floor = max(committed, default=0)
-    assert floor <= chosen <= fault["step"], (fault, chosen)
+    # No upper bound from the fault's "step": heartbeats are throttled (0.2 s), so the step the
+    # tool saw may lag the step the workers had reached and checkpointed.
+    assert floor <= chosen, (fault, chosen)
     assert chosen % CKPT_EVERY == 0, chosen
     return chosen
