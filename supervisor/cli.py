@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a torchrun script under a supervisor that restarts it from the newest "
         "valid checkpoint after crashes and hangs.",
         usage=f"{PROG} [flags] [SCRIPT [SCRIPT ARGS...] | -- TRAINER ARGS...]  |  "
-        f"{PROG} status RUN_DIR  |  {PROG} chaos RUN_DIR [...]",
+        f"{PROG} status RUN_DIR  |  {PROG} chaos RUN_DIR [...]  |  {PROG} report RUN_DIR",
     )
     g = p.add_argument_group("workers")
     g.add_argument(
@@ -361,6 +361,7 @@ def run(argv: Sequence[str]) -> int:
             f"{PROG}: {exit_codes.describe(code)} (exit {code}); run dir {config.run_dir}",
             file=sys.stderr,
         )
+        _write_text_report(config.run_dir)
         return code
     finally:
         lock.release()
@@ -408,6 +409,30 @@ def status(argv: Sequence[str]) -> int:
     return exit_codes.SUCCESS
 
 
+def _write_text_report(run_dir: Path) -> None:
+    """Leave ``RUN_DIR/report.txt`` behind and say where; the plot is rendered on request only,
+    since matplotlib costs seconds that every run would pay."""
+    from supervisor import report
+
+    path = run_dir / "report.txt"
+    try:
+        path.write_text(report.render_text(report.build_report(run_dir)) + "\n", encoding="utf-8")
+    except (report.ReportError, OSError) as e:
+        print(f"{PROG}: no run report: {e}", file=sys.stderr)
+        return
+    print(
+        f"{PROG}: report {path} (with the plot: {PROG} report {run_dir})",
+        file=sys.stderr,
+    )
+
+
+def report_command(argv: Sequence[str]) -> int:
+    """``launch.py report RUN_DIR [...]``: the run report (``supervisor.report``)."""
+    from supervisor import report
+
+    return report.main(list(argv))
+
+
 def chaos_command(argv: Sequence[str]) -> int:
     """``launch.py chaos RUN_DIR [...]``: the chaos tool (``supervisor.chaos``)."""
     from supervisor import chaos
@@ -418,6 +443,7 @@ def chaos_command(argv: Sequence[str]) -> int:
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "status": status,
     "chaos": chaos_command,
+    "report": report_command,
 }
 """Subcommands taken from the first argument; anything else is a script to supervise."""
 

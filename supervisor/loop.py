@@ -238,7 +238,9 @@ class Supervisor:
         detected_at = self._clock()
         runtime = detected_at - launched_at
         if obs.failure is not None:
-            self.events.emit("worker_failed", attempt=self.attempt, **obs.failure.fields())
+            self.events.emit(
+                "worker_failed", attempt=self.attempt, step=self.step, **obs.failure.fields()
+            )
             reason = "worker failed"
         else:
             hang = obs.hang

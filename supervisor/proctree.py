@@ -294,15 +294,35 @@ class AttemptTree:
         )
 
     def _reap_adopted(self) -> None:
-        # Workers re-parented to us stay zombies until waited for; reap only those pids
-        # (a blanket waitpid(-1) would steal the exit status Popen expects for torchrun).
-        for pid in list(self.workers) + list(self.others):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            except OSError:
-                pass
+        # Workers re-parented to us stay zombies until waited for. Some die only after this
+        # stop has returned (they notice their dead torchrun a moment later), so every stop
+        # reaps all adopted zombies, not just this attempt's. torchrun is left to its Popen,
+        # which expects to read its exit status itself.
+        reap_zombie_children(exclude={self.root.pid})
+
+
+def reap_zombie_children(exclude: set[int]) -> int:
+    """Reap this process's zombie children whose pid is not in ``exclude``; returns how many.
+
+    A blanket ``waitpid(-1)`` would steal the exit status a ``Popen`` expects, so each zombie is
+    waited for by its own pid.
+    """
+    reaped = 0
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return 0
+    for child in children:
+        if child.pid in exclude:
+            continue
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                continue
+            os.waitpid(child.pid, os.WNOHANG)
+            reaped += 1
+        except (psutil.Error, ChildProcessError, OSError):
+            continue
+    return reaped
 
 
 def _send(proc: psutil.Process, sig: int, group: bool) -> bool:
