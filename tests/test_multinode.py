@@ -148,3 +148,55 @@ def test_two_supervisors_of_one_node_rank_are_refused(tmp_path: Path) -> None:
         assert code == exit_codes.RUN_DIR_LOCKED
     finally:
         held.release()
+
+
+def _agree_in_child(rank: int, store_path: str, choice: str | None, out: Any) -> None:
+    import torch.distributed as dist
+
+    from trainer import train
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        d = train.Dist(rank=rank, local_rank=0, world_size=2)
+        agreed = train._agree_on_resume(Path(choice) if choice else None, d)
+        out.put((rank, str(agreed) if agreed else None))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("choice0", "choice1", "expected"),
+    [
+        ("ckpt/step-00000040", "ckpt/step-00000044", "ckpt/step-00000044"),
+        ("ckpt/step-00000044", None, "ckpt/step-00000044"),
+        (None, None, None),
+    ],
+)
+def test_ranks_agree_on_the_newest_checkpoint_any_node_chose(
+    tmp_path: Path, choice0: str | None, choice1: str | None, expected: str | None
+) -> None:
+    """Two supervisors chose different checkpoints (one saw a late commit, one did not): every
+    rank loads the same one, the newest."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # torch is imported already: a fork starts fast
+    out = ctx.Queue()
+    store = str(tmp_path / "store")
+    procs = [
+        ctx.Process(target=_agree_in_child, args=(r, store, c, out))
+        for r, c in enumerate((choice0, choice1))
+    ]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert results == {0: expected, 1: expected}
+    assert all(p.exitcode == 0 for p in procs)

@@ -198,6 +198,9 @@ class Trainer:
                     f"{path}: saved with {key}={state.get(key)!r}, this run has {value!r} "
                     "(the data order would not continue); use the same --data and --seq-len"
                 )
+        saved_batch = int(state.get("global_batch") or self.sampler.global_batch)
+        if saved_batch != self.sampler.global_batch:
+            self._keep_global_batch(saved_batch, path)
         self.step = int(state["step"])
         self.position = int(state["position"])
         # The metrics cursor describes this run's metrics.jsonl only when the checkpoint is one
@@ -207,6 +210,27 @@ class Trainer:
         self.last_saved_step = self.step
         self.beat(self.step, phase="startup")
         self._log(f"resumed from {path} at step {self.step}")
+
+    def _keep_global_batch(self, global_batch: int, path: Path) -> None:
+        """Resume with another world size (or micro-batch) on the checkpoint's global batch:
+        gradient accumulation makes up the difference, so the optimizer sees the same batch
+        size and the sampler continues the same global order. Raises UsageError when the
+        batch cannot be split evenly."""
+        per_micro_step = self.d.world_size * self.cfg.micro_batch
+        if global_batch % per_micro_step:
+            raise UsageError(
+                f"{path}: its global batch of {global_batch} sequences cannot be split into "
+                f"{self.d.world_size} rank(s) x --micro-batch {self.cfg.micro_batch} x a whole "
+                f"number of accumulation steps; choose a --micro-batch (and world size) whose "
+                f"product divides {global_batch}"
+            )
+        accum = global_batch // per_micro_step
+        self.cfg = dataclasses.replace(self.cfg, grad_accum=accum)
+        self.sampler = dataclasses.replace(self.sampler, grad_accum=accum)
+        self._log(
+            f"resumed with {self.d.world_size} rank(s): grad_accum {accum} keeps the "
+            f"checkpoint's global batch of {global_batch} sequences"
+        )
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -406,7 +430,7 @@ def _find_resume(
     With --resume auto only rank 0 searches (the search may quarantine); the others take its
     answer, so every rank loads the same step."""
     if env is not None:
-        return env.resume_from
+        return _agree_on_resume(env.resume_from, d)
     if cfg.resume_from:
         return Path(cfg.resume_from)
     if cfg.resume != "auto":
@@ -420,6 +444,37 @@ def _find_resume(
     if d.enabled:
         dist.broadcast_object_list(found, src=0)
     return Path(found[0]) if found[0] else None
+
+
+def _agree_on_resume(chosen: Path | None, d: Dist) -> Path | None:
+    """The checkpoint every rank loads: the newest that any node's supervisor chose.
+
+    On several nodes each supervisor chooses on its own, and a late commit by the previous
+    attempt's rank 0 (the only writer) can reach one node's choice and not another's. This
+    attempt's process group exists only once every node has stopped its old attempt, and the
+    writer's node chose after its writer was stopped, so the newest of the choices is the newest
+    committed checkpoint and can no longer be overtaken (docs/multinode.md). On one node every
+    rank got the same path anyway."""
+    if not d.enabled:
+        return chosen
+    choices: list[Any] = [None] * d.world_size
+    dist.all_gather_object(choices, str(chosen) if chosen is not None else None)
+    agreed = max(choices, key=_checkpoint_order)  # the first of equals: every rank picks the same
+    result = Path(agreed) if agreed else None
+    if result != chosen:
+        print(
+            f"rank {d.rank}: resuming from {result} (the newest any node chose) rather than "
+            f"this node's choice {chosen}, so that every rank loads the same step",
+            file=sys.stderr,
+            flush=True,
+        )
+    return result
+
+
+def _checkpoint_order(path: str | None) -> int:
+    # Committed checkpoints are named step-XXXXXXXX; anything else ranks below every one.
+    name = Path(path).name if path else ""
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else -1
 
 
 def _fail(message: str, code: int) -> int:
