@@ -3,7 +3,10 @@
 The signal handler only sets a flag (acting inside a handler could interrupt a collective or a
 checkpoint write halfway). Once per step the ranks agree on the flag with one tiny all-reduce
 (MAX), so every rank stops after the same step even when only one of them was signalled. A
-second signal means "now": the process dies of that signal at once.
+second signal means "now": the process dies of that signal at once — unless the emergency
+checkpoint is already written, in which case it exits at once with the preemption exit code (a
+peer that exits first makes torchrun SIGTERM the ranks still tearing down; that must not turn a
+clean preemption into a death by signal).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._saved_exit_code: int | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -36,7 +40,13 @@ class Preemption:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
+    def checkpoint_written(self, exit_code: int) -> None:
+        """The emergency checkpoint is durable: from now on any signal exits with ``exit_code``."""
+        self._saved_exit_code = exit_code
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._saved_exit_code is not None:
+            os._exit(self._saved_exit_code)
         if self.signum is not None:
             # Second signal: the caller has lost patience. Die of the signal itself, so the parent
             # sees exactly what happened, and skip every cleanup that could block.
