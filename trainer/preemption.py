@@ -35,7 +35,12 @@ class Preemption:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
-        """Give SIGTERM and SIGUSR1 back to the handlers they had before `install()`."""
+        """Give SIGTERM and SIGUSR1 back to the handlers they had before `install()`.
+
+        After `checkpoint_written()` the handlers stay: the process is on its way out with the
+        preemption exit code, and a late SIGTERM from torchrun must not change that."""
+        if self._saved_exit_code is not None:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()

@@ -266,8 +266,8 @@ class Trainer:
             if self.preemption.agreed(self.device):
                 self._save(sync=True)
                 self._barrier()  # past it, every rank knows the checkpoint is durable
-                self._log(f"preempted: checkpoint at step {self.step} written; exiting")
                 self.preemption.checkpoint_written(EXIT_PREEMPTED)
+                self._log(f"preempted: checkpoint at step {self.step} written; exiting")
                 return EXIT_PREEMPTED
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._eval()
