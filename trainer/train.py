@@ -551,5 +551,20 @@ def _train(
             dist.destroy_process_group()
 
 
+def _exit(code: int) -> None:
+    """End the process with ``code``.
+
+    After a preemption checkpoint the process leaves with os._exit: interpreter teardown puts
+    SIGTERM back to its default action, and torchrun SIGTERMs the ranks still running as soon as
+    the first one exits, so a normal exit could turn a clean preemption into a death by signal.
+    Everything worth keeping is already durable and closed by then.
+    """
+    if code == EXIT_PREEMPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -20,6 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.scripts.harness import failure_signal
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "launch.py"
 TRAIN_PY = REPO_ROOT / "trainer" / "train.py"
@@ -353,16 +355,7 @@ def assert_detected(events: list[dict[str, Any]], fault: dict[str, Any]) -> dict
     kind = fault["kind"]
     if kind in ("kill-worker", "kill-writer", "corrupt"):
         assert detection["type"] == "worker_failed" and detection["pid"] == fault["pid"], detection
-        # When torchrun reaped the worker first the exit status is filled in once the attempt
-        # is stopped: the "stopped" event's root cause then carries it.
-        signal = detection["signal"]
-        if signal is None:
-            stopped = [e for e in attempt_events(events, attempt) if e["type"] == "stopped"]
-            assert stopped, f"attempt {attempt} was not stopped"
-            root = stopped[0]["root_cause"]
-            assert root["pid"] == fault["pid"], root
-            signal = root["signal"]
-        assert signal == "SIGKILL", detection
+        assert failure_signal(events, detection) == "SIGKILL", detection
     elif kind == "kill-torchrun":
         # Its workers die with it (parent-death signal); the supervisor may see torchrun's exit
         # or one of theirs first. Either names a process of the lost node, killed.

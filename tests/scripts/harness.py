@@ -176,3 +176,20 @@ def wait_heartbeat(
             raise AssertionError(f"supervisor exited {run.proc.returncode}: {run.stderr[-3000:]}")
         time.sleep(0.02)
     raise AssertionError(f"rank {rank} of attempt {attempt} never reached step {min_step}")
+
+
+def failure_signal(events: list[dict[str, Any]], failed: dict[str, Any]) -> str | None:
+    """The signal that ended the process a ``worker_failed`` event names.
+
+    When torchrun reaped the worker before the supervisor looked, the event has no exit status
+    yet; the supervisor fills it in once the attempt is stopped, in that "stopped" event's root
+    cause, so read it there.
+    """
+    if failed["signal"] is not None:
+        return failed["signal"]
+    stopped = next(
+        e for e in events if e["type"] == "stopped" and e["attempt"] == failed["attempt"]
+    )
+    root = stopped["root_cause"]
+    assert root is not None and root["pid"] == failed["pid"], stopped
+    return root["signal"]
