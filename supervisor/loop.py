@@ -265,15 +265,8 @@ class Supervisor:
         if obs.failure is not None:
             failure = self.runner.complete(obs.failure)
             root = failure.fields()
-        self.events.emit(
-            "stopped",
-            attempt=self.attempt,
-            seconds=round(report.seconds, 3),
-            terminated=report.terminated,
-            killed=report.killed,
-            leftovers=report.leftovers,
-            root_cause={k: v for k, v in root.items() if k != "log_tail"} or None,
-        )
+        root_cause = {k: v for k, v in root.items() if k != "log_tail"} or None
+        self._emit_stopped(report, root_cause=root_cause)
         return {"runtime": runtime, "failure": obs.failure}
 
     def _after_failure(self, info: dict[str, Any]) -> int | None:
@@ -361,6 +354,9 @@ class Supervisor:
                 had_workers = True
             self._sleep(self.config.poll_interval)
         report = self.runner.stop(0.0, already_signalled=True)
+        self._emit_stopped(report)
+
+    def _emit_stopped(self, report: StopReport, **extra: Any) -> None:
         self.events.emit(
             "stopped",
             attempt=self.attempt,
@@ -368,6 +364,7 @@ class Supervisor:
             terminated=report.terminated,
             killed=report.killed,
             leftovers=report.leftovers,
+            **extra,
         )
 
     def _interrupted_idle(self) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointIncompatible, CheckpointInvalid
 from .integrity import list_checkpoints, verify
@@ -42,6 +44,18 @@ def cmd_ls(run_dir: Path) -> int:
     return EXIT_OK if all(r.valid for r in rows) else EXIT_INVALID
 
 
+def _checked(read: Callable[[Path], dict[str, Any]], path: Path) -> dict[str, Any] | int:
+    """``read(path)``'s manifest, or the exit code after printing why the checkpoint is unusable."""
+    try:
+        return read(path)
+    except CheckpointInvalid as e:
+        print(f"INVALID {path}: {e.reason}")
+        return EXIT_INVALID
+    except CheckpointIncompatible as e:
+        print(f"INCOMPATIBLE {path}: {e}")
+        return EXIT_INCOMPATIBLE
+
+
 def cmd_verify(path: Path) -> int:
     if not path.exists():
         print(f"error: {path} does not exist", file=sys.stderr)
@@ -51,14 +65,9 @@ def cmd_verify(path: Path) -> int:
             f"error: {path} is a run directory; give one checkpoint, or use `ls`", file=sys.stderr
         )
         return EXIT_USAGE
-    try:
-        man = verify(path)
-    except CheckpointInvalid as e:
-        print(f"INVALID {path}: {e.reason}")
-        return EXIT_INVALID
-    except CheckpointIncompatible as e:
-        print(f"INCOMPATIBLE {path}: {e}")
-        return EXIT_INCOMPATIBLE
+    man = _checked(verify, path)
+    if isinstance(man, int):
+        return man
     print(f"valid {path}: step {man['step']}, {len(man['files'])} files verified")
     return EXIT_OK
 
@@ -67,14 +76,9 @@ def cmd_inspect(path: Path) -> int:
     if not path.is_dir():
         print(f"error: {path} is not a checkpoint directory", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        man = read_manifest(path)
-    except CheckpointInvalid as e:
-        print(f"INVALID {path}: {e.reason}")
-        return EXIT_INVALID
-    except CheckpointIncompatible as e:
-        print(f"INCOMPATIBLE {path}: {e}")
-        return EXIT_INCOMPATIBLE
+    man = _checked(read_manifest, path)
+    if isinstance(man, int):
+        return man
     print(json.dumps(man, indent=2, sort_keys=True))
     return EXIT_OK
 
