@@ -2,11 +2,12 @@
 
     python bench/run_all.py               # the full set (about half an hour on 2 quiet cores)
     python bench/run_all.py --quick       # few trials: checks that everything runs
-    python bench/run_all.py --only recovery overhead --output /tmp/bench.md
+    python bench/run_all.py --only recovery overhead   # rewrites only those sections
 
 Each benchmark runs as its own process, one after the other (never two at once: they would
 measure each other). A benchmark that fails leaves its output and exit status in the page
-instead of stopping the rest.
+instead of stopping the rest. The sections of benchmarks not run this time, and the hand-written
+last section ("Other measurements"), are kept from the page as it was.
 """
 
 from __future__ import annotations
@@ -83,7 +84,20 @@ BENCHES = (
         ("--steps", "8", "--warmup", "3"),
         "The trainer's own tokens/s, for reference.",
     ),
+    Bench(
+        "soak",
+        "6. Soak: many faults in one run",
+        "soak.py",
+        ("--faults", "50"),
+        ("--faults", "3"),
+        "One supervised run takes random faults of mixed kinds (kill-worker, kill-writer, hang, "
+        "kill-torchrun, corrupt) from the chaos tool and must end with the parameters of an "
+        "uninterrupted run.",
+    ),
 )
+
+KEPT = "## Other measurements"
+"""The page's last section: written by hand, kept as it is when the page is rewritten."""
 
 
 def run_one(bench: Bench, quick: bool) -> tuple[str, str, int, float]:
@@ -97,11 +111,37 @@ def run_one(bench: Bench, quick: bool) -> tuple[str, str, int, float]:
     return shown, proc.stdout, proc.returncode, time.monotonic() - started
 
 
-def render(results: list[tuple[Bench, str, str, int, float]], command: str) -> str:
-    """The whole docs/benchmarks.md page."""
-    commit = subprocess.run(
+def _commit() -> str:
+    return subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
     ).stdout.strip()
+
+
+def old_sections(page: str) -> tuple[dict[str, str], str]:
+    """A page's benchmark sections by title ("### ..." heading to the next heading), and its
+    hand-written last section (from ``KEPT`` on; "" when it has none)."""
+    body, _, kept = page.partition(KEPT)
+    sections: dict[str, str] = {}
+    for block in body.split("\n### ")[1:]:
+        title, _, text = block.partition("\n")
+        sections[title.strip()] = text.split("\n## ", 1)[0].strip("\n")
+    return sections, (KEPT + kept).rstrip() + "\n" if kept else ""
+
+
+def section(bench: Bench, shown: str, stdout: str, code: int, seconds: float) -> str:
+    """One benchmark's section body: what it measures, the command and when, its output."""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = [bench.intro, "", f"`{shown}` ({seconds:.0f} s; commit `{_commit() or '?'}`, {when})", ""]
+    if code != 0:
+        out += [f"**This benchmark exited with status {code}**; its output follows.", ""]
+    body = stdout.strip() or "(no output)"
+    # Plain-text tables (not Markdown) keep their alignment only in a code block.
+    out += [body if "|---" in body else f"```\n{body}\n```"]
+    return "\n".join(out)
+
+
+def render(sections: dict[str, str], kept: str) -> str:
+    """The whole docs/benchmarks.md page from each benchmark's section body, in BENCHES order."""
     out = [
         "# Benchmarks",
         "",
@@ -128,18 +168,15 @@ def render(results: list[tuple[Bench, str, str, int, float]], command: str) -> s
         "",
         "## Results",
         "",
-        f"Produced by `{command}` at commit `{commit or '?'}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Each section starts with the "
-        "machine it ran on and the load average when it started: on a shared, busy machine the "
-        "absolute seconds grow, the side-by-side ratios much less.",
+        "Each section names the command that produced it, its commit and date, and starts with "
+        "the machine it ran on and the load average when it started: on a shared, busy machine "
+        "the absolute seconds grow, the side-by-side ratios much less.",
     ]
-    for bench, shown, stdout, code, seconds in results:
-        out += ["", f"### {bench.title}", "", bench.intro, "", f"`{shown}` ({seconds:.0f} s)", ""]
-        if code != 0:
-            out += [f"**This benchmark exited with status {code}**; its output follows.", ""]
-        body = stdout.strip() or "(no output)"
-        # Plain-text tables (not Markdown) keep their alignment only in a code block.
-        out += [body if "|---" in body else f"```\n{body}\n```"]
+    for bench in BENCHES:
+        if bench.title in sections:
+            out += ["", f"### {bench.title}", "", sections[bench.title]]
+    if kept:
+        out += ["", kept.rstrip()]
     return "\n".join(out) + "\n"
 
 
@@ -155,24 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     chosen = [b for b in BENCHES if not args.only or b.name in args.only]
-    command = shlex.join(
-        ["python", "bench/run_all.py", *(argv if argv is not None else sys.argv[1:])]
-    )
-    results = []
+    page = args.output.read_text(encoding="utf-8") if args.output.is_file() else ""
+    sections, kept = old_sections(page)
+    failed = False
     for bench in chosen:
-        if not (HERE / bench.script).is_file():
-            results.append(
-                (bench, f"bench/{bench.script}", "(not present in this checkout)", 1, 0.0)
-            )
-            continue
         shown, stdout, code, seconds = run_one(bench, args.quick)
-        results.append((bench, shown, stdout, code, seconds))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
-    tmp.write_text(render(results, command), encoding="utf-8")
-    os.replace(tmp, args.output)
+        sections[bench.title] = section(bench, shown, stdout, code, seconds)
+        failed |= code != 0
+        write_page(args.output, render(sections, kept))  # after each: a long run keeps its parts
     print(f"wrote {args.output}", file=sys.stderr)
-    return 1 if any(code != 0 for *_, code, _ in results) else 0
+    return 1 if failed else 0
+
+
+def write_page(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

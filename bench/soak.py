@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "trainer" / "train.py"
 
@@ -143,16 +145,31 @@ def main(argv: list[str] | None = None) -> int:
     match = sha is not None and sha == ref_sha
     seconds = time.monotonic() - started
     (base / "soak-summary.json").write_text(json.dumps(s, indent=2))
-    print(tool.stdout[-4000:], end="")
-    print(f"soak: supervisor exit {rc}, chaos tool exit {tool.returncode}, {seconds:.0f} s")
-    print(f"fault kinds: {json.dumps(s['by_kind'], sort_keys=True)}")
+    print(tool.stdout[-4000:], end="", file=sys.stderr)  # progress, not the result
+    print(f"details: {base / 'soak-summary.json'}; run dirs under {base}", file=sys.stderr)
+    print(machine_line())
     print(
-        f"faults injected {s['faults']} / recovered {s['recovered']} / params match reference "
-        f"{'yes' if match else 'NO'} / lost steps beyond the checkpoint interval "
-        f"{s['lost_beyond_total']} (max {s['lost_beyond_max']} in one fault)"
+        f"job: tiny preset, 2 ranks (gloo), {args.steps} steps, checkpoint every "
+        f"{args.ckpt_every} steps (keep 3); one fault every {args.spacing} steps by "
+        f"`python -m supervisor.chaos --fault random --at-steps ... --seed {args.seed}`; "
+        f"supervisor exit {rc}, chaos tool exit {tool.returncode}, {seconds:.0f} s in all"
     )
-    print(f"details: {base / 'soak-summary.json'}; run dirs under {base}")
+    print()
+    print("| fault | injected | recovered |")
+    print("|---|---:|---:|")
+    for kind, n in sorted(s["by_kind"].items()):
+        ok = sum(r["ok"] for r in s["rows"] if r["kind"] == kind)
+        print(f"| {kind} | {n} | {ok} |")
+    print()
+    print(
+        f"**faults injected {s['faults']} / recovered {s['recovered']} / params match reference "
+        f"{'yes' if match else 'NO'} / lost steps beyond the checkpoint interval "
+        f"{s['lost_beyond_total']}** (max {s['lost_beyond_max']} in one fault)"
+    )
+    if s["faults"] < args.faults:
+        print(f"\nOnly {s['faults']} of the {args.faults} planned faults were injected.")
     good = rc == 0 and tool.returncode == 0 and match and s["recovered"] == s["faults"]
+    good = good and s["faults"] == args.faults
     return 0 if good else 1
 
 
