@@ -1,11 +1,16 @@
 """The chaos tool: inject real faults into a running supervised run, from outside.
 
-``python -m supervisor.chaos RUN_DIR [--fault KIND[,KIND...]] [--every S | --at-steps N,M,...]
-[--count C] [--seed X]`` attaches to the run that owns RUN_DIR, as a real failure would arrive:
-it finds its targets through the run directory (``supervisor.json``, ``heartbeats/``,
-``checkpoints/``) and psutil, sends real signals and damages real files. Every injection is
-appended to the run's ``events.jsonl`` (type ``fault_injected``) and printed; every random choice
-comes from ``--seed``, so a failing run can be replayed. See docs/chaos.md.
+``python -m supervisor.chaos RUN_DIR [--node TAG] [--fault KIND[,KIND...]] [--every S |
+--at-steps N,M,...] [--count C] [--seed X]`` attaches to the run that owns RUN_DIR, as a real
+failure would arrive: it finds its targets through the run directory (``supervisor.json``,
+``heartbeats/``, ``checkpoints/``) and psutil, sends real signals and damages real files. Every
+injection is appended to the run's ``events.jsonl`` (type ``fault_injected``) and printed; every
+random choice comes from ``--seed``, so a failing run can be replayed. See docs/chaos.md.
+
+On a multi-node run directory ``--node TAG`` (``node1``) picks the node to attack: its
+``supervisor-TAG.json``, its supervisor and torchrun, the workers under that torchrun; the
+injections go to ``events-TAG.jsonl``. Without it the tool refuses such a directory (exit 2) and
+names its nodes: it never guesses.
 
 Exit codes: 0 every planned fault was injected (or, with ``--every`` and no ``--count``, the run
 ended); 2 bad input; 3 the run ended, or ``--timeout`` passed, before the planned faults were
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from supervisor.chaos_run import EVENTS_FILE, RunView, Snapshot, TempDir
+from supervisor.chaos_run import RunView, Snapshot, TempDir, node_tags, valid_node_tag
 
 FAULTS: dict[str, str] = {
     "kill-worker": "SIGKILL of a random worker",
@@ -71,6 +76,9 @@ class ChaosConfig:
 
     run_dir: Path
     """The supervised run's directory."""
+    node: str | None = None
+    """On a multi-node run directory: the tag of the node to attack (``node1``); None on one
+    node."""
     faults: tuple[str, ...] = ("kill-worker",)
     """Kinds used in turn (the i-th injection takes ``faults[i % len]``); ``random`` draws
     each from ``RANDOM_POOL``."""
@@ -101,6 +109,10 @@ class ChaosConfig:
     """Seconds between looks at the run."""
 
     def __post_init__(self) -> None:
+        if self.node is not None and not valid_node_tag(self.node):
+            raise ValueError(
+                f"node={self.node!r}: not a node tag (e.g. node1, as in supervisor-node1.json)"
+            )
         if not self.faults:
             raise ValueError("fault: give at least one kind")
         for kind in self.faults:
@@ -214,8 +226,8 @@ class Injector:
 
     def __init__(self, config: ChaosConfig, console: Any = sys.stdout) -> None:
         self.config = config
-        self.view = RunView(config.run_dir)
-        self.events = EventAppender(self.view.run_dir / EVENTS_FILE, console)
+        self.view = RunView(config.run_dir, config.node)
+        self.events = EventAppender(self.view.events_path, console)
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
         self.seed = seed
         self.rng = random.Random(seed)
@@ -236,10 +248,7 @@ class Injector:
         started = time.monotonic()
         deadline = None if cfg.timeout is None else started + cfg.timeout
         if not self._wait_for_supervisor(started + cfg.wait_start):
-            raise ChaosError(
-                f"{self.view.run_dir} has no supervisor.json after {cfg.wait_start:g} s: "
-                "is a supervisor running on this run directory?"
-            )
+            raise ChaosError(self._no_supervisor_message())
         planned = cfg.planned
         self.events.emit(
             "chaos_started",
@@ -284,11 +293,30 @@ class Injector:
         return self._finish("done", EXIT_OK)
 
     def _wait_for_supervisor(self, until: float) -> bool:
+        """True once the supervisor's state file is there. Raises ChaosError as soon as the
+        run directory shows that ``--node`` is missing or not wanted."""
         while time.monotonic() < until and not self._stop:
+            problem = self.view.layout_error()
+            if problem is not None:
+                raise ChaosError(problem)
             if self.view.state() is not None:
                 return True
             time.sleep(self.config.poll_interval)
         return False
+
+    def _no_supervisor_message(self) -> str:
+        view, wait = self.view, self.config.wait_start
+        if view.node is None:
+            return (
+                f"{view.run_dir} has no {view.state_path.name} after {wait:g} s: "
+                "is a supervisor running on this run directory?"
+            )
+        tags = node_tags(view.run_dir)
+        known = f"its nodes are {', '.join(tags)}" if tags else "no node has written one yet"
+        return (
+            f"--node {view.node}: {view.run_dir} has no {view.state_path.name} after {wait:g} s "
+            f"({known}): check the tag, or that this node's supervisor is running"
+        )
 
     def _due(self, snap: Snapshot, next_time: float) -> bool:
         cfg = self.config
@@ -471,7 +499,11 @@ class Injector:
             None,
             snap.step,
             snap.attempt,
-            {"committed": self.view.committed(), "workers": snap.workers},
+            {
+                "committed": self.view.committed(),
+                "torchrun_pid": snap.torchrun_pid,
+                "workers": snap.workers,
+            },
         )
 
     def _inject_preempt(self, snap: Snapshot) -> Injection | None:
@@ -600,6 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="the run directory of a running supervisor")
     p.add_argument(
+        "--node",
+        default=None,
+        metavar="TAG",
+        help="on a multi-node run directory: the node to attack (node1 for "
+        "supervisor-node1.json); required there, refused on one node",
+    )
+    p.add_argument(
         "--fault",
         default="kill-worker",
         help="kind, or comma-separated kinds used in turn (default kill-worker)",
@@ -664,6 +703,7 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
     try:
         return ChaosConfig(
             run_dir=Path(args.run_dir),
+            node=args.node,
             faults=tuple(k.strip() for k in args.fault.split(",") if k.strip()),
             every=args.every,
             at_steps=at_steps,
@@ -698,8 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         injector = Injector(config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: injector.request_stop(signum))
+        node = f" node {config.node};" if config.node else ""
         print(
-            f"[chaos] run dir {injector.view.run_dir}; faults {','.join(config.faults)}; "
+            f"[chaos] run dir {injector.view.run_dir};{node} faults {','.join(config.faults)}; "
             f"seed {injector.seed} (replay with --seed {injector.seed})",
             flush=True,
         )
@@ -747,25 +788,31 @@ def spec_to_argv(spec: str) -> list[str]:
     return argv
 
 
-def parse_spec(spec: str, run_dir: Path) -> ChaosConfig:
-    """The validated configuration a SPEC describes for ``run_dir``. Raises ValueError."""
+def parse_spec(spec: str, run_dir: Path, node: str | None = None) -> ChaosConfig:
+    """The validated configuration a SPEC describes for ``run_dir`` (and its node ``node`` on a
+    multi-node run). Raises ValueError."""
     try:
-        args = build_parser().parse_args([str(run_dir), *spec_to_argv(spec)])
+        node_argv = ["--node", node] if node else []
+        args = build_parser().parse_args([str(run_dir), *node_argv, *spec_to_argv(spec)])
         return config_from_args(args)
     except UsageError as e:
         raise ValueError(f"chaos spec {spec!r}: {e}") from None
 
 
-def spawn(run_dir: Path, spec: str, **popen: Any) -> subprocess.Popen[bytes]:
+def spawn(
+    run_dir: Path, spec: str, node: str | None = None, **popen: Any
+) -> subprocess.Popen[bytes]:
     """Start the tool as its own process against ``run_dir`` (which a supervisor owns or is
-    about to own): the faults arrive from outside the supervisor, as real ones would.
+    about to own; on a multi-node run, the supervisor of node ``node``): the faults arrive from
+    outside the supervisor, as real ones would.
 
     The process ends by itself when its faults are injected or the run ends; stop it early
     with :func:`stop_spawned`. ``popen`` goes to ``subprocess.Popen`` (e.g. ``stdout=``).
     Raises ValueError for a bad SPEC (before anything starts), OSError if it cannot start.
     """
-    parse_spec(spec, run_dir)
-    cmd = [sys.executable, "-m", "supervisor.chaos", str(run_dir), *spec_to_argv(spec)]
+    parse_spec(spec, run_dir, node)
+    node_argv = ["--node", node] if node else []
+    cmd = [sys.executable, "-m", "supervisor.chaos", str(run_dir), *node_argv, *spec_to_argv(spec)]
     env = dict(popen.pop("env", None) or os.environ)
     root = str(Path(__file__).resolve().parents[1])
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -4,6 +4,11 @@ Everything here is read from the files the other parts publish (``supervisor.jso
 ``heartbeats/rank-*.json``, ``checkpoints/``) and checked against the live process table before a
 signal is sent, so a pid that was reused by an unrelated process is never touched. Nothing here
 imports torch: the tool starts in a fraction of a second.
+
+On a run directory shared by several nodes each supervisor names its files after its node
+(``supervisor-<tag>.json``, ``supervisor-<tag>.lock``, ``events-<tag>.jsonl``); a view of one
+node reads those, and takes as that node's workers only the heartbeats whose pid descends from
+the node's own torchrun (heartbeats are named by global rank, so every node's are in one folder).
 """
 
 from __future__ import annotations
@@ -22,10 +27,45 @@ LOCK_FILE = "supervisor.lock"
 EVENTS_FILE = "events.jsonl"
 FINAL_STATES = ("succeeded", "failed", "interrupted")
 
+_NODE_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 # The checkpoint directory's names (docs/architecture.md, trainer/checkpoint/layout.py), parsed
 # here rather than imported: importing the store would import torch.
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp-step-(\d{8,})-(.+)-(\d+)-([0-9a-f]{8})$")
+
+
+def per_node_name(stem: str, suffix: str, node: str | None) -> str:
+    """A per-node file name: ``supervisor.json`` for one node, ``supervisor-node1.json`` for
+    node ``node1`` (the names ``LaunchConfig`` gives the supervisor's files)."""
+    return f"{stem}-{node}{suffix}" if node else f"{stem}{suffix}"
+
+
+def valid_node_tag(tag: str) -> bool:
+    """True when ``tag`` can be a node's name in a file name (``node1``, ``node-host.example``)."""
+    return bool(_NODE_TAG_RE.match(tag))
+
+
+def _natural(tag: str) -> tuple[Any, ...]:
+    # node2 before node10
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", tag))
+
+
+def node_tags(run_dir: Path, stem: str = "supervisor", suffix: str = ".json") -> list[str]:
+    """The node tags of the per-node files ``<stem>-<tag><suffix>`` in ``run_dir``, in node
+    order (empty for a one-node run directory, or one no supervisor has written to yet)."""
+    tags = []
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return []
+    prefix = stem + "-"
+    for name in names:
+        if name.startswith(prefix) and name.endswith(suffix):
+            tag = name[len(prefix) : len(name) - len(suffix)]
+            if valid_node_tag(tag):
+                tags.append(tag)
+    return sorted(tags, key=_natural)
 
 
 @dataclass(frozen=True)
@@ -61,20 +101,47 @@ class Snapshot:
 
 
 class RunView:
-    """Reads one run directory and resolves its pids to live processes."""
+    """Reads one run directory (one node's files of it, when ``node`` is given) and resolves
+    its pids to live processes."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, node: str | None = None) -> None:
         self.run_dir = run_dir.absolute()
+        self.node = node or None
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.heartbeat_dir = self.run_dir / "heartbeats"
+        self.state_path = self.run_dir / per_node_name("supervisor", ".json", self.node)
+        self.lock_path = self.run_dir / per_node_name("supervisor", ".lock", self.node)
+        self.events_path = self.run_dir / per_node_name("events", ".jsonl", self.node)
         self._real = os.path.realpath(self.run_dir)
+
+    def layout_error(self) -> str | None:
+        """Why this view does not fit the run directory, or None while it may: no node given
+        for a multi-node directory, or a node given for a one-node one. A node whose state file
+        is not there yet is not an error here (its supervisor may still be starting)."""
+        if self.node is None:
+            if (self.run_dir / STATE_FILE).exists():
+                return None
+            tags = node_tags(self.run_dir)
+            if tags:
+                return (
+                    f"{self.run_dir} is a multi-node run directory (nodes: {', '.join(tags)}): "
+                    "choose the node to attack with --node TAG"
+                )
+            return None
+        if not self.state_path.exists() and (self.run_dir / STATE_FILE).exists():
+            return (
+                f"--node {self.node}: {self.run_dir} is a one-node run directory "
+                f"({STATE_FILE}, no {self.state_path.name}); leave out --node"
+            )
+        return None
 
     # -- files ---------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any] | None:
-        """The supervisor's ``supervisor.json``, or None while it is absent or half-written."""
+        """The supervisor's ``supervisor.json`` (its node's ``supervisor-<tag>.json``), or None
+        while it is absent or half-written."""
         try:
-            return json.loads((self.run_dir / STATE_FILE).read_text(encoding="utf-8"))
+            return json.loads(self.state_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 
@@ -136,8 +203,9 @@ class RunView:
         return bool(value) and os.path.realpath(value) == self._real
 
     def is_supervisor(self, pid: int) -> bool:
-        """True when ``pid`` is alive and holds this run's ``supervisor.lock`` open."""
-        lock = os.path.join(self._real, LOCK_FILE)
+        """True when ``pid`` is alive and holds this run's ``supervisor.lock`` (its node's
+        ``supervisor-<tag>.lock``) open."""
+        lock = os.path.join(self._real, self.lock_path.name)
         try:
             proc = psutil.Process(pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
@@ -176,6 +244,8 @@ class RunView:
             pid = int(record.get("pid") or 0)
             if not self.is_run_process(pid):
                 continue
+            if self.node is not None and not _descends_from(pid, snap.torchrun_pid):
+                continue  # another node's worker
             snap.workers[rank] = pid
             snap.phases[rank] = str(record.get("phase"))
             snap.step = max(snap.step, int(record.get("step") or 0))
@@ -190,3 +260,13 @@ class RunView:
             snap.workers.clear()  # not every worker is up (or one already died): not ready
             snap.phases.clear()
         return snap
+
+
+def _descends_from(pid: int, ancestor: int | None) -> bool:
+    """True when ``ancestor`` is a (grand)parent of the live process ``pid``."""
+    if not ancestor:
+        return False
+    try:
+        return any(p.pid == int(ancestor) for p in psutil.Process(pid).parents())
+    except (psutil.Error, OSError):
+        return False

@@ -311,7 +311,7 @@ def run(argv: Sequence[str]) -> int:
         from supervisor import chaos
 
         try:
-            chaos.parse_spec(args.chaos, config.run_dir)
+            chaos.parse_spec(args.chaos, config.run_dir, config.node_tag or None)
         except ValueError as e:
             raise UsageError(str(e)) from None
     prepare_run_dir(config.run_dir)
@@ -345,7 +345,7 @@ def run(argv: Sequence[str]) -> int:
                 from supervisor import chaos
 
                 # Its own process, as a real fault arrives from outside the supervisor.
-                injector = chaos.spawn(config.run_dir, args.chaos)
+                injector = chaos.spawn(config.run_dir, args.chaos, config.node_tag or None)
             code = supervisor.run()
         except Exception as e:  # a bug in the supervisor must not leave the workers running
             events.emit("internal_error", error=repr(e), attempt=supervisor.attempt)
@@ -361,7 +361,7 @@ def run(argv: Sequence[str]) -> int:
             f"{PROG}: {exit_codes.describe(code)} (exit {code}); run dir {config.run_dir}",
             file=sys.stderr,
         )
-        _write_text_report(config.run_dir)
+        _write_text_report(config.run_dir, config.node_tag or None)
         return code
     finally:
         lock.release()
@@ -409,19 +409,22 @@ def status(argv: Sequence[str]) -> int:
     return exit_codes.SUCCESS
 
 
-def _write_text_report(run_dir: Path) -> None:
-    """Leave ``RUN_DIR/report.txt`` behind and say where; the plot is rendered on request only,
-    since matplotlib costs seconds that every run would pay."""
+def _write_text_report(run_dir: Path, node: str | None = None) -> None:
+    """Leave ``RUN_DIR/report.txt`` (a node's ``report-<tag>.txt`` on several nodes) behind and
+    say where; the plot is rendered on request only, since matplotlib costs seconds that every
+    run would pay."""
     from supervisor import report
 
-    path = run_dir / "report.txt"
+    path = run_dir / (f"report-{node}.txt" if node else "report.txt")
     try:
-        path.write_text(report.render_text(report.build_report(run_dir)) + "\n", encoding="utf-8")
+        text = report.render_text(report.build_report(run_dir, node))
+        path.write_text(text + "\n", encoding="utf-8")
     except (report.ReportError, OSError) as e:
         print(f"{PROG}: no run report: {e}", file=sys.stderr)
         return
+    node_flag = f" --node {node}" if node else ""
     print(
-        f"{PROG}: report {path} (with the plot: {PROG} report {run_dir})",
+        f"{PROG}: report {path} (with the plot: {PROG} report {run_dir}{node_flag})",
         file=sys.stderr,
     )
 

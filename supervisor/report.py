@@ -9,6 +9,13 @@ Everything comes from files the run already writes: ``events.jsonl`` (the superv
 ``fault_injected`` lines from the chaos tool), ``metrics.jsonl`` (the trainer's per-step records)
 and ``checkpoints/``. Reading never changes the run directory, except for writing the PNG.
 
+A multi-node run directory holds one event log per node (``events-<tag>.jsonl``, no
+``events.jsonl``). Each node is reported on its own: its attempts and failures from its own log,
+the loss curve and first-step times from the one ``metrics.jsonl`` (global rank 0 writes it, and
+steps are global), the checkpoints shared. With no node chosen every node is reported, one section
+and one plot (``report-<tag>.png``) per node; ``--node TAG`` reports one (plot ``report-<tag>.png``
+too).
+
 A recovery's phases, for a failure of attempt N followed by attempt N+1:
 
 - detect: the injected fault (``fault_injected``), when one is logged → ``worker_failed`` or
@@ -29,6 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from supervisor import chaos_run
 
 EVENTS_FILE = "events.jsonl"
 METRICS_FILE = "metrics.jsonl"
@@ -157,6 +166,8 @@ class Report:
     """(step, loss) from metrics.jsonl."""
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
     faults_injected: int = 0
+    node: str | None = None
+    """The node's tag on a multi-node run directory (its ``events-<tag>.jsonl``); None on one."""
 
     @property
     def wall_seconds(self) -> float | None:
@@ -242,16 +253,41 @@ def _newest_valid(run_dir: Path) -> Checkpoint | None:
     return None
 
 
-def build_report(run_dir: str | Path) -> Report:
-    """Read ``run_dir``'s events, metrics and checkpoints into a Report.
+def node_tags(run_dir: str | Path) -> list[str]:
+    """The tags of the nodes with an event log (``events-<tag>.jsonl``) in ``run_dir``, in node
+    order; empty for a one-node run directory."""
+    return chaos_run.node_tags(Path(run_dir), "events", ".jsonl")
 
-    Raises ReportError when the directory or its ``events.jsonl`` is missing or holds no event.
+
+def build_report(run_dir: str | Path, node: str | None = None) -> Report:
+    """Read ``run_dir``'s events, metrics and checkpoints into a Report; on a multi-node run
+    directory, those of node ``node`` (its ``events-<node>.jsonl``).
+
+    Raises ReportError when the directory or the event log is missing or holds no event (for a
+    multi-node directory read without ``node``, or a ``node`` it does not have, the message names
+    its nodes).
     """
     run_dir = Path(run_dir)
-    events_path = run_dir / EVENTS_FILE
+    events_path = run_dir / (f"events-{node}.jsonl" if node else EVENTS_FILE)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
     if not events_path.is_file():
+        tags = node_tags(run_dir)
+        if node and (run_dir / EVENTS_FILE).is_file():
+            raise ReportError(
+                f"node {node!r}: {run_dir} is a one-node run directory ({EVENTS_FILE}); "
+                "leave out the node"
+            )
+        if node and tags:
+            raise ReportError(
+                f"node {node!r}: {run_dir} has no {events_path.name}; "
+                f"its nodes are {', '.join(tags)}"
+            )
+        if tags:
+            raise ReportError(
+                f"{run_dir} is a multi-node run directory (nodes: {', '.join(tags)}): "
+                "choose one node"
+            )
         raise ReportError(f"{events_path} not found: is {run_dir} a supervised run directory?")
     try:
         events = _read_jsonl(events_path)
@@ -273,11 +309,40 @@ def build_report(run_dir: str | Path) -> Report:
         started_at=None,
         ended_at=None,
         end_state="running or lost",
+        node=node or None,
     )
     _walk_events(report, events)
     _use_metrics(report, metrics)
     report.newest_checkpoint = _newest_valid(run_dir)
     return report
+
+
+def build_reports(run_dir: str | Path, node: str | None = None) -> list[Report]:
+    """The reports ``launch.py report`` shows: the one report of a one-node run directory; on a
+    multi-node one, node ``node``'s, or with ``node`` None one per node (``node_tags`` order).
+
+    Raises ReportError as ``build_report`` does.
+    """
+    run_dir = Path(run_dir)
+    if node is not None or (run_dir / EVENTS_FILE).is_file():
+        return [build_report(run_dir, node)]
+    tags = node_tags(run_dir)
+    if not tags:
+        return [build_report(run_dir)]  # raises: nothing to report
+    return [build_report(run_dir, tag) for tag in tags]
+
+
+def png_path(report: Report, base: str | Path | None = None, several: bool = False) -> Path:
+    """Where ``launch.py report`` writes ``report``'s plot: ``RUN_DIR/report.png`` on one node,
+    ``RUN_DIR/report-<tag>.png`` for a node of a multi-node run. An explicit ``base`` is used as
+    it is, except that with ``several`` reports each node's tag is added to its stem."""
+    if base is None:
+        name = f"report-{report.node}.png" if report.node else PNG_FILE
+        return report.run_dir / name
+    base = Path(base)
+    if several and report.node:
+        return base.with_name(f"{base.stem}-{report.node}{base.suffix}")
+    return base
 
 
 def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
@@ -496,7 +561,8 @@ def _n(value: Any) -> str:
 def render_text(report: Report) -> str:
     """The human summary (plain text, fixed-width tables). Never raises for missing data:
     unknown values print as ``-``."""
-    lines = [f"run report: {report.run_dir}"]
+    title = f"run report: {report.run_dir}"
+    lines = [f"{title} (node {report.node})" if report.node else title]
     lines.append(
         f"  outcome:     {report.end_state}; {len(report.attempts)} attempt(s), "
         f"{len(report.failures)} failure(s)"
@@ -624,8 +690,9 @@ def render_png(report: Report, path: str | Path) -> bool:
                 ax_loss.axvspan(f.resumed_from, f.step, color="#c62828", alpha=0.08)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
+    name = f"{report.run_dir.name} {report.node}" if report.node else report.run_dir.name
     ax_loss.set_title(
-        f"{report.run_dir.name}: {report.end_state}, {len(report.failures)} failure(s), "
+        f"{name}: {report.end_state}, {len(report.failures)} failure(s), "
         f"{report.steps_lost} step(s) lost"
     )
     if not report.loss:
@@ -677,35 +744,54 @@ def render_png(report: Report, path: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m supervisor.report RUN_DIR``: print the summary, write ``RUN_DIR/report.png``.
+    """``python -m supervisor.report RUN_DIR [--node TAG]``: print the summary, write
+    ``RUN_DIR/report.png`` (on a multi-node run directory: a section and a
+    ``RUN_DIR/report-<tag>.png`` per node, or only node TAG's).
 
-    Returns 0, or 2 with one line on stderr when RUN_DIR is not a supervised run directory.
+    Returns 0, or 2 with one line on stderr when RUN_DIR is not a supervised run directory or
+    TAG is not one of its nodes.
     """
     parser = argparse.ArgumentParser(
         prog=PROG, description="Summarise a supervised run and plot it to RUN_DIR/report.png."
     )
     parser.add_argument("run_dir", help="the run directory")
-    parser.add_argument("--png", default=None, help=f"where to write the plot (RUN_DIR/{PNG_FILE})")
+    parser.add_argument(
+        "--node",
+        default=None,
+        metavar="TAG",
+        help="multi-node run: report only this node (node1 for events-node1.jsonl; "
+        "default: every node)",
+    )
+    parser.add_argument(
+        "--png",
+        default=None,
+        help=f"where to write the plot (RUN_DIR/{PNG_FILE}; RUN_DIR/report-<tag>.png per node)",
+    )
     parser.add_argument("--no-png", action="store_true", help="print the summary only")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     try:
-        report = build_report(run_dir)
+        reports = build_reports(run_dir, args.node)
     except ReportError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write(render_text(report))
-    if not args.no_png:
-        png = Path(args.png) if args.png else run_dir / PNG_FILE
+    for i, report in enumerate(reports):
+        if i:
+            sys.stdout.write("\n")
+        sys.stdout.write(render_text(report))
+    if args.no_png:
+        return 0
+    for report in reports:
+        png = png_path(report, args.png, several=len(reports) > 1)
         try:
             written = render_png(report, png)
         except OSError as e:
             print(f"plot not written: {png}: {e.strerror or e}", file=sys.stderr)
             return 2
-        if written:
-            print(f"plot: {png}")
-        else:
+        if not written:
             print("plot skipped: matplotlib is not installed (pip install 'rosetrainer[report]')")
+            break
+        print(f"plot: {png}")
     return 0
 
 

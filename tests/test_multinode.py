@@ -1,21 +1,27 @@
 """Two "nodes" on this machine: two supervisors, one rank each, one shared run directory,
-torchrun's c10d rendezvous on 127.0.0.1. One node is lost (its supervisor, torchrun and worker
-SIGKILLed at once) mid-run and started again; the run must finish on both nodes at the same step
-with parameters bitwise equal to an uninterrupted two-node run.
+torchrun's c10d rendezvous on 127.0.0.1. One node is lost mid-run (the chaos tool SIGKILLs its
+supervisor; its torchrun and worker follow through their parent-death signals) and started again;
+the run must finish on both nodes at the same step with parameters bitwise equal to an
+uninterrupted two-node run, and the run report must tell each node's story as its events file does.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from supervisor import exit_codes
 from supervisor.cli import main as launch_main
+from supervisor.report import build_reports
 from tests.conftest import free_port
-from tests.scripts.nodes import Node
+from tests.scripts.nodes import LAUNCH, ROOT, Node, read_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.chaos, pytest.mark.slow]
 
@@ -52,18 +58,90 @@ def _final_params(run_dir: Path) -> str:
     return json.loads(manifest.read_text())["params_sha256"]
 
 
-def _heartbeat_step(run_dir: Path) -> int:
-    steps = [0]
-    for path in (run_dir / "heartbeats").glob("rank-*.json"):
-        try:
-            steps.append(int(json.loads(path.read_text())["step"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return min(steps[1:] or [0])
-
-
 def _of(type_: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == type_]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _chaos_kill_supervisor(node: Node, at_step: int, env: dict[str, str]) -> subprocess.Popen:
+    """``launch.py chaos RUN_DIR --node <tag> --fault kill-supervisor --at-steps N``, started
+    beside the run: it waits for the node's attempt to reach step N (a tiny step takes a tenth
+    of a second, so a tool started only then would find the run over)."""
+    return subprocess.Popen(
+        [sys.executable, str(LAUNCH), "chaos", str(node.run_dir), "--node", node.name,
+         "--fault", "kill-supervisor", "--at-steps", str(at_step), "--seed", "1",
+         "--wait-start", str(TIMEOUT), "--timeout", str(TIMEOUT)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _node_lost(node: Node, others: list[Node], tool: subprocess.Popen) -> list[int]:
+    """Waits for the chaos tool, then until the node's supervisor, torchrun and workers (the
+    pids the tool logged) are all gone; returns them."""
+    deadline = time.monotonic() + TIMEOUT
+    while tool.poll() is None:
+        assert time.monotonic() < deadline, "the chaos tool did not inject in time"
+        for n in (node, *others):
+            n.note_tree()  # remembered for the final cleanup, should anything outlive its parent
+        time.sleep(0.2)
+    out = tool.communicate()[0]
+    assert tool.returncode == 0, out
+    assert f"node {node.name};" in out
+    (fault,) = _of("fault_injected", node.events())
+    assert fault["kind"] == "kill-supervisor" and fault["source"] == "chaos"
+    # The targets are the node's own, as its state file (last written before the kill) names
+    # them: its one worker, not the other node's, whose heartbeat shares the folder.
+    state = node.state()
+    assert fault["pid"] == state["supervisor_pid"] == node.proc.pid
+    assert fault["torchrun_pid"] == state["torchrun_pid"]
+    assert fault["workers"] == state["workers"] and len(fault["workers"]) == 1
+    assert fault["step"] >= 5 and fault["attempt"] == 1
+    assert node.proc.wait(timeout=30) == -9
+    pids = [fault["pid"], fault["torchrun_pid"], *fault["workers"].values()]
+    deadline = time.monotonic() + 60
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() < deadline, f"still alive: {[p for p in pids if not _gone(p)]}"
+        time.sleep(0.1)
+    return pids
+
+
+def _check_report(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``launch.py report`` on the two-node run directory: a section per node whose attempts and
+    failures are those of the node's own events file."""
+    capsys.readouterr()
+    assert launch_main(["report", str(run_dir), "--no-png"]) == exit_codes.SUCCESS
+    out = capsys.readouterr().out
+    reports = build_reports(run_dir)
+    assert [r.node for r in reports] == ["node0", "node1"]
+    for report in reports:
+        events = read_jsonl(run_dir / f"events-{report.node}.jsonl")
+        launches = _of("launch", events)
+        failures = _of("worker_failed", events) + _of("hang_detected", events)
+        failures.sort(key=lambda e: e["time"])
+        assert f"run report: {run_dir} (node {report.node})" in out
+        assert len(report.attempts) == len(launches)
+        assert [a.resume_step for a in report.attempts] == [e["resume_step"] for e in launches]
+        assert [a.supervisor_attempt for a in report.attempts] == [e["attempt"] for e in launches]
+        assert [(f.rank, f.detected_at) for f in report.failures] == [
+            (e.get("rank"), e["time"]) for e in failures
+        ]
+        assert report.end_state == "succeeded" and report.final_step == STEPS
+        summary = f"succeeded; {len(launches)} attempt(s), {len(failures)} failure(s)"
+        assert summary in out
+    node0, node1 = reports
+    # Node 0 lived through the loss: its first attempt failed and it went on. Node 1's supervisor
+    # died with its attempt (nothing logged a failure), and a new supervisor continued the count.
+    assert node0.failures and node0.failures[0].attempt == 1
+    assert node0.attempts[0].outcome in ("failed", "hung")
+    assert node1.faults_injected == 1 and not node1.failures
+    assert [a.outcome for a in node1.attempts] == ["unknown", "succeeded"]
+    assert (run_dir / "report-node0.txt").is_file() and (run_dir / "report-node1.txt").is_file()
 
 
 @pytest.mark.timeout(900)
@@ -78,11 +156,16 @@ def test_node_loss_and_return_ends_bitwise_equal_on_both_nodes(
         node0, node1 = _start_pair(tmp_path / "run", train_env, started)
         run_dir = node0.run_dir
 
-        # Mid-run: past the first checkpoint (step 4), well before the end.
-        node0.wait_for(lambda _e: _heartbeat_step(run_dir) >= 6, TIMEOUT, "step 6")
-        assert (run_dir / "checkpoints" / "step-00000004").is_dir()
-        killed = node1.kill_node()
+        # Node 1 is lost mid-run: past the first checkpoint (step 4), well before the end.
+        tool = _chaos_kill_supervisor(node1, 5, train_env)
+        try:
+            killed = _node_lost(node1, [node0], tool)
+        finally:
+            if tool.poll() is None:
+                tool.kill()
+                tool.communicate()
         assert len(killed) >= 3, f"expected supervisor, torchrun and worker, got {killed}"
+        assert (run_dir / "checkpoints" / "step-00000004").is_dir()
 
         # The surviving node detects the loss (its worker fails in a collective, or stalls),
         # stops its tree and relaunches; its new torchrun waits for the lost node, bounded.
@@ -123,6 +206,8 @@ def test_node_loss_and_return_ends_bitwise_equal_on_both_nodes(
         states = json.loads(capsys.readouterr().out)
         assert sorted(states) == ["node0", "node1"]
         assert {s["step"] for s in states.values()} == {STEPS}
+
+        _check_report(run_dir, capsys)
     finally:
         for node in started:
             node.cleanup()

@@ -17,7 +17,17 @@ from typing import Any
 import pytest
 
 from supervisor import exit_codes
-from supervisor.report import PHASES, ReportError, build_report, main, render_png, render_text
+from supervisor.report import (
+    PHASES,
+    Report,
+    ReportError,
+    build_report,
+    build_reports,
+    main,
+    png_path,
+    render_png,
+    render_text,
+)
 from tests.scripts.harness import FAST, ROOT, Launched
 
 STEPS = 40
@@ -328,3 +338,87 @@ def test_not_a_run_directory_is_one_line_and_exit_2(
     with pytest.raises(ReportError, match="holds no events"):
         (tmp_path / "empty" / "events.jsonl").write_text("")
         build_report(tmp_path / "empty")
+
+
+def _node_events(run_dir: Path) -> None:
+    """A two-node run directory: node 0 lived through node 1's loss (one failure), node 1's
+    supervisor was killed and a new one continued."""
+    node0 = [
+        {"time": 10.0, "type": "supervisor_started"},
+        {"time": 10.2, "type": "launch", "attempt": 1, "resume_step": 0},
+        {"time": 30.0, "type": "worker_failed", "attempt": 1, "rank": 0, "pid": 5,
+         "exit_code": 1, "step": 7},
+        {"time": 31.0, "type": "stopped", "attempt": 1},
+        {"time": 31.5, "type": "launch", "attempt": 2, "resume_step": 4},
+        {"time": 60.0, "type": "done", "attempt": 2, "step": 16},
+    ]  # fmt: skip
+    node1 = [
+        {"time": 10.1, "type": "supervisor_started"},
+        {"time": 10.3, "type": "launch", "attempt": 1, "resume_step": 0},
+        {"time": 29.0, "type": "fault_injected", "source": "chaos", "kind": "kill-supervisor",
+         "attempt": 1, "step": 7},
+        {"time": 35.0, "type": "supervisor_started"},
+        {"time": 35.5, "type": "launch", "attempt": 2, "resume_step": 4},
+        {"time": 60.1, "type": "done", "attempt": 2, "step": 16},
+    ]  # fmt: skip
+    run_dir.mkdir(parents=True)
+    for tag, events in (("node0", node0), ("node1", node1)):
+        lines = "".join(json.dumps(e) + "\n" for e in events)
+        (run_dir / f"events-{tag}.jsonl").write_text(lines)
+
+
+def test_a_multi_node_run_dir_is_reported_node_by_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    _node_events(run_dir)
+    with pytest.raises(ReportError, match=r"multi-node run directory \(nodes: node0, node1\)"):
+        build_report(run_dir)
+    node0, node1 = build_reports(run_dir)
+    assert (node0.node, node1.node) == ("node0", "node1")
+    assert [a.outcome for a in node0.attempts] == ["failed", "succeeded"]
+    assert [(f.rank, f.step, f.resumed_from) for f in node0.failures] == [(0, 7, 4)]
+    assert [a.outcome for a in node1.attempts] == ["unknown", "succeeded"]
+    assert not node1.failures and node1.faults_injected == 1
+    assert node0.final_step == node1.final_step == 16
+
+    assert main([str(run_dir), "--no-png"]) == 0
+    out = capsys.readouterr().out
+    sections = out.split("\n\nrun report: ")
+    assert len(sections) == 2
+    assert sections[0].startswith(f"run report: {run_dir} (node node0)\n")
+    assert sections[1].startswith(f"{run_dir} (node node1)\n")
+    assert "succeeded; 2 attempt(s), 1 failure(s)" in sections[0]
+    assert "succeeded; 2 attempt(s), 0 failure(s), 1 fault(s) injected" in sections[1]
+
+    # --node: that node alone; the plot is named after it.
+    assert main([str(run_dir), "--node", "node1"]) == 0
+    out = capsys.readouterr().out
+    assert "(node node1)" in out and "(node node0)" not in out
+    assert f"plot: {run_dir / 'report-node1.png'}" in out
+    assert (run_dir / "report-node1.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run_dir / "report-node0.png").exists() and not (run_dir / "report.png").exists()
+
+
+def test_plot_names_per_node() -> None:
+    one = Report(run_dir=Path("r"), started_at=None, ended_at=None, end_state="x")
+    node = Report(run_dir=Path("r"), started_at=None, ended_at=None, end_state="x", node="node1")
+    assert png_path(one) == Path("r/report.png")
+    assert png_path(node) == Path("r/report-node1.png")
+    assert png_path(node, "out/plot.png") == Path("out/plot.png")
+    assert png_path(node, "out/plot.png", several=True) == Path("out/plot-node1.png")
+
+
+def test_a_bad_node_names_the_nodes_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    _node_events(run_dir)
+    assert main([str(run_dir), "--node", "node7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "node 'node7'" in err and "no events-node7.jsonl; its nodes are node0, node1" in err
+    one = tmp_path / "one"
+    _write_events(one, [{"time": 1.0, "type": "supervisor_started"}])
+    assert main([str(one), "--node", "node0", "--no-png"]) == 2
+    assert "one-node run directory" in capsys.readouterr().err

@@ -269,3 +269,61 @@ def test_spawn_runs_the_tool_beside_a_run(tmp_path: Path, fake_runs: list[FakeRu
         e for e in read_jsonl(run.run_dir / "events.jsonl") if e["type"] == "chaos_finished"
     ]
     assert finished[-1]["reason"] == "stopped by a signal" and finished[-1]["injected"] == 0
+
+
+def _multi_node_dir(run_dir: Path, tags: tuple[str, ...] = ("node0", "node1")) -> Path:
+    """A run directory as two node supervisors leave it (state and event files per node)."""
+    run_dir.mkdir(parents=True)
+    for tag in tags:
+        (run_dir / f"supervisor-{tag}.json").write_text(json.dumps({"state": "running"}))
+        (run_dir / f"events-{tag}.jsonl").write_text("")
+    return run_dir
+
+
+def test_a_multi_node_run_dir_without_node_is_refused_naming_the_nodes(tmp_path: Path) -> None:
+    run_dir = _multi_node_dir(tmp_path / "run", ("node0", "node1", "node10", "node2"))
+    injector = chaos.Injector(chaos.ChaosConfig(run_dir), console=None)
+    with pytest.raises(chaos.ChaosError, match="nodes: node0, node1, node2, node10") as err:
+        injector.run()
+    assert "--node TAG" in str(err.value)
+    # Refused before anything was logged anywhere: no event file gained a line or appeared.
+    assert not (run_dir / "events.jsonl").exists()
+    assert all(p.read_text() == "" for p in run_dir.glob("events-*.jsonl"))
+
+
+def test_a_bad_node_names_the_nodes_that_exist(tmp_path: Path) -> None:
+    run_dir = _multi_node_dir(tmp_path / "run")
+    config = chaos.ChaosConfig(run_dir, node="node7", wait_start=0.3, poll_interval=0.02)
+    with pytest.raises(chaos.ChaosError) as err:
+        chaos.Injector(config, console=None).run()
+    message = str(err.value)
+    assert "--node node7" in message and "supervisor-node7.json" in message
+    assert "its nodes are node0, node1" in message
+    assert not (run_dir / "events-node7.jsonl").exists()
+
+
+def test_node_on_a_one_node_run_dir_and_a_malformed_tag_are_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "supervisor.json").write_text(json.dumps({"state": "running"}))
+    config = chaos.ChaosConfig(run_dir, node="node1", wait_start=5)
+    with pytest.raises(chaos.ChaosError, match="one-node run directory.*leave out --node"):
+        chaos.Injector(config, console=None).run()
+    with pytest.raises(ValueError, match=r"node='\.\./x': not a node tag"):
+        chaos.ChaosConfig(run_dir, node="../x")
+    with pytest.raises(chaos.UsageError, match=r"^--node '\.\./x': not a node tag"):
+        chaos.config_from_args(chaos.build_parser().parse_args([str(run_dir), "--node", "../x"]))
+
+
+def test_a_node_view_reads_and_writes_that_nodes_files(tmp_path: Path) -> None:
+    run_dir = _multi_node_dir(tmp_path / "run")
+    (run_dir / "supervisor-node1.json").write_text(json.dumps({"state": "running", "attempt": 3}))
+    injector = chaos.Injector(chaos.ChaosConfig(run_dir, node="node1"), console=None)
+    assert injector.view.state() == {"state": "running", "attempt": 3}
+    assert injector.view.lock_path.name == "supervisor-node1.lock"
+    injector.events.emit("probe")
+    assert [e["type"] for e in read_jsonl(run_dir / "events-node1.jsonl")] == ["probe"]
+    assert (run_dir / "events-node0.jsonl").read_text() == ""
+    # launch.py --chaos passes its own node: the spec's configuration carries it.
+    assert chaos.parse_spec("kill-worker:seed=1", run_dir, "node1").node == "node1"
+    assert chaos.parse_spec("kill-worker", run_dir).node is None
