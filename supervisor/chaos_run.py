@@ -200,7 +200,7 @@ class RunView:
             value = proc.environ().get("ROSE_RUN_DIR")
         except (psutil.Error, OSError):
             return False
-        return bool(value) and os.path.realpath(value) == self._real
+        return value is not None and value != "" and os.path.realpath(value) == self._real
 
     def is_supervisor(self, pid: int) -> bool:
         """True when ``pid`` is alive and holds this run's ``supervisor.lock`` (its node's

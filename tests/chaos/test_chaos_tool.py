@@ -327,3 +327,18 @@ def test_a_node_view_reads_and_writes_that_nodes_files(tmp_path: Path) -> None:
     # launch.py --chaos passes its own node: the spec's configuration carries it.
     assert chaos.parse_spec("kill-worker:seed=1", run_dir, "node1").node == "node1"
     assert chaos.parse_spec("kill-worker", run_dir).node is None
+
+
+def test_spawn_for_a_node_attacks_that_node(tmp_path: Path) -> None:
+    """What ``launch.py --chaos`` does on a multi-node supervisor: the tool gets its node, reads
+    that node's state (here: a finished run, so it stops at once) and logs to its events file."""
+    run_dir = _multi_node_dir(tmp_path / "run")
+    (run_dir / "supervisor-node1.json").write_text(json.dumps({"state": "succeeded"}))
+    proc = chaos.spawn(run_dir, "kill-worker:seed=4", node="node1", cwd=REPO_ROOT)
+    try:
+        assert proc.wait(timeout=60) == chaos.EXIT_NOT_DONE
+    finally:
+        chaos.stop_spawned(proc)
+    finished = [e["type"] for e in read_jsonl(run_dir / "events-node1.jsonl")]
+    assert finished == ["chaos_started", "chaos_finished"]
+    assert (run_dir / "events-node0.jsonl").read_text() == ""
