@@ -249,8 +249,10 @@ class TorchrunRunner:
                 log_tail=self.torchrun_log_tail(),
             )
         if self._failure is None:
-            for worker in exited:
+            for worker in sorted(exited, key=_likely_cause_first):
                 self._judge_exit(worker)
+                if self._failure is not None:
+                    break
         if self._failure is not None:
             return Observation(Outcome.FAILED, failure=self._failure, step=step, notes=notes)
 
@@ -396,3 +398,20 @@ class TorchrunRunner:
     def attempt_alive(self) -> bool:
         """True while torchrun runs."""
         return self.tree is not None and self.tree.root.poll() is None
+
+
+def _likely_cause_first(worker: Worker) -> int:
+    """Order for workers seen exited in the same look: the likeliest root cause first.
+
+    A rank killed by a signal (other than torchrun's SIGTERM) takes its peers down with it:
+    they fail in their next collective and exit 1 within milliseconds, often before the next
+    look. A rank torchrun already reaped died before those still waiting to be reaped.
+    """
+    code = worker.exit_code
+    if code is not None and code < 0 and code != -signal.SIGTERM:
+        return 0
+    if code is None:
+        return 1
+    if code == -signal.SIGTERM:
+        return 3
+    return 2

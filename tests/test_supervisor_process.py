@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import exit_codes
-from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched, alive
+from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched, alive, failure_signal
 
 pytestmark = pytest.mark.distributed
 
@@ -59,6 +59,23 @@ def test_worker_failures_are_explained_and_recovered(tmp_path: Path) -> None:
         assert types[-1] == "done"
         for attempt in (1, 2, 3):
             assert (run.run_dir / "logs" / f"attempt-{attempt}" / "torchrun.log").is_file()
+        assert run.leftovers(timeout=5.0) == []
+    finally:
+        run.kill_all()
+
+
+def test_the_rank_killed_first_is_blamed_not_the_peers_failing_after_it(tmp_path: Path) -> None:
+    # Rank 0 is SIGKILLed; rank 1 exits 1 a few milliseconds later, as a peer does when a
+    # collective breaks. Both are usually seen gone in the same look: the kill is the cause.
+    run = _run(
+        tmp_path, str(WORKER), "signal", "--rank", "0", "--peers-exit", "1", "--until-attempt", "2"
+    )
+    try:
+        assert run.wait(2 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        events = run.events()
+        failed = next(e for e in events if e["type"] == "worker_failed")
+        assert failed["rank"] == 0, failed
+        assert failure_signal(events, failed) == "SIGKILL"
         assert run.leftovers(timeout=5.0) == []
     finally:
         run.kill_all()

@@ -15,7 +15,9 @@ MODE (the others keep beating until stopped):
 A comma-separated list gives one MODE per attempt (``ROSE_ATTEMPT``; the last one repeats).
 From attempt ``--until-attempt`` on (``ROSE_ATTEMPT``), MODE becomes ``finish``: a run that
 recovers. ``--ignore-sigterm`` makes every rank ignore SIGTERM; otherwise SIGTERM makes a rank
-exit with ``--term-code`` (75, like the trainer's emergency checkpoint exit).
+exit with ``--term-code`` (75, like the trainer's emergency checkpoint exit). With
+``--peers-exit C`` the other ranks exit with C a few milliseconds after rank R's fault, as peers
+do when a collective breaks under them.
 """
 
 import argparse
@@ -38,6 +40,7 @@ p.add_argument("--until-attempt", type=int, default=0)
 p.add_argument("--ignore-sigterm", action="store_true")
 p.add_argument("--term-code", type=int, default=75)
 p.add_argument("--no-guard", action="store_true", help="do not watch the supervisor")
+p.add_argument("--peers-exit", type=int, default=None)
 args = p.parse_args()
 
 rank = int(os.environ.get("RANK", "0"))
@@ -68,8 +71,10 @@ while step < args.steps:
 if mode == "finish":
     beat(step, phase="done")
     sys.exit(0)
+fault_marker = os.path.join(os.environ.get("ROSE_RUN_DIR", "."), f"fault-{attempt}")
 if rank == args.rank and mode != "forever":
     print(f"rank {rank}: {mode} at step {step}", file=sys.stderr, flush=True)
+    open(fault_marker, "w").close()
     if mode == "exit":
         sys.exit(args.code)
     if mode == "signal":
@@ -82,3 +87,6 @@ while True:
     time.sleep(args.step_time)
     step += 1
     beat(step)
+    if args.peers_exit is not None and os.path.exists(fault_marker):
+        time.sleep(0.005)  # the faulty rank goes first
+        sys.exit(args.peers_exit)
