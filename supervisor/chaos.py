@@ -621,11 +621,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The tool's flags."""
     kinds = "\n".join(f"  {k:16} {v}" for k, v in FAULTS.items())
     p = _Parser(
-        prog=PROG,
+        prog=prog,
         description="Inject faults into a running supervised run, from outside.",
         epilog=f"fault kinds:\n{kinds}\n  {RANDOM:16} a seeded draw from {', '.join(RANDOM_POOL)}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -730,11 +730,12 @@ def _flag_names(message: str) -> str:
     return message
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m supervisor.chaos``; returns the process exit code."""
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of ``python -m supervisor.chaos`` (``prog`` names the command in messages);
+    returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config = config_from_args(build_parser().parse_args(argv))
+        config = config_from_args(build_parser(prog).parse_args(argv))
         injector = Injector(config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: injector.request_stop(signum))
@@ -746,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return injector.run()
     except (UsageError, ChaosError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

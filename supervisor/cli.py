@@ -433,14 +433,14 @@ def report_command(argv: Sequence[str]) -> int:
     """``launch.py report RUN_DIR [...]``: the run report (``supervisor.report``)."""
     from supervisor import report
 
-    return report.main(list(argv))
+    return report.main(list(argv), prog=f"{PROG} report")
 
 
 def chaos_command(argv: Sequence[str]) -> int:
     """``launch.py chaos RUN_DIR [...]``: the chaos tool (``supervisor.chaos``)."""
     from supervisor import chaos
 
-    return chaos.main(list(argv))
+    return chaos.main(list(argv), prog=f"{PROG} chaos")
 
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

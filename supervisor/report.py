@@ -743,7 +743,7 @@ def render_png(report: Report, path: str | Path) -> bool:
 # -- command line --------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``python -m supervisor.report RUN_DIR [--node TAG]``: print the summary, write
     ``RUN_DIR/report.png`` (on a multi-node run directory: a section and a
     ``RUN_DIR/report-<tag>.png`` per node, or only node TAG's).
@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     TAG is not one of its nodes.
     """
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Summarise a supervised run and plot it to RUN_DIR/report.png."
+        prog=prog, description="Summarise a supervised run and plot it to RUN_DIR/report.png."
     )
     parser.add_argument("run_dir", help="the run directory")
     parser.add_argument(
@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reports = build_reports(run_dir, args.node)
     except ReportError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     for i, report in enumerate(reports):
         if i:
