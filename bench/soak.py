@@ -27,20 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import machine_line
+from common import machine_line, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "trainer" / "train.py"
-
-
-def _events(run_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in (run_dir / "events.jsonl").read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def _final_sha(run_dir: Path) -> str | None:
@@ -141,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     rc = sup.wait()
     sha = _final_sha(soak_dir)
-    s = summarize(_events(soak_dir), args.ckpt_every)
+    s = summarize(read_jsonl(soak_dir / "events.jsonl"), args.ckpt_every)
     match = sha is not None and sha == ref_sha
     seconds = time.monotonic() - started
     (base / "soak-summary.json").write_text(json.dumps(s, indent=2))
