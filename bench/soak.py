@@ -114,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         env["ROSE_DATA_CACHE"] = str(base / "data-cache")
 
     started = time.monotonic()
+    machine = machine_line()  # its load average is the one at the start
     ref_dir, soak_dir = base / "reference", base / "soak"
     for d in (ref_dir, soak_dir):
         shutil.rmtree(d, ignore_errors=True)
     ref = _launch(ref_dir, args, env)
     ref_rc = ref.wait()
     ref_sha = _final_sha(ref_dir)
-    print(f"reference: exit {ref_rc}, params_sha256 {ref_sha}", flush=True)
+    print(f"reference: exit {ref_rc}, params_sha256 {ref_sha}", file=sys.stderr, flush=True)
 
     sup = _launch(soak_dir, args, env)
     steps = ",".join(str(args.spacing * (i + 1)) for i in range(args.faults))
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     (base / "soak-summary.json").write_text(json.dumps(s, indent=2))
     print(tool.stdout[-4000:], end="", file=sys.stderr)  # progress, not the result
     print(f"details: {base / 'soak-summary.json'}; run dirs under {base}", file=sys.stderr)
-    print(machine_line())
+    print(machine)
     print(
         f"job: tiny preset, 2 ranks (gloo), {args.steps} steps, checkpoint every "
         f"{args.ckpt_every} steps (keep 3); one fault every {args.spacing} steps by "
