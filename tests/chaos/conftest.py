@@ -6,7 +6,6 @@ uninterrupted reference run, no process left, the story in events.jsonl, and no 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.scripts.harness import failure_signal
+from tests.scripts.harness import failure_signal, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "launch.py"
@@ -44,19 +43,6 @@ SUPERVISOR_ARGS = [
     "--nproc", "2", "--max-restarts", "8", "--crash-loop", "0", "--backoff-initial", "0.05",
     "--backoff-max", "0.2", "--stop-grace", "1", "--require-heartbeats", "yes",
 ]  # fmt: skip
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path`` (none while it does not exist)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def run_processes(run_dir: Path) -> list[psutil.Process]:

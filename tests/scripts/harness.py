@@ -20,6 +20,20 @@ WORKER = Path(__file__).resolve().parent / "worker.py"
 FAST = ["--backoff-initial", "0.05", "--backoff-max", "0.2", "--stop-grace", "1"]
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of ``path`` ([] while it does not exist; a torn last line, being
+    written as we read, is left out)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 class Launched:
     """A supervisor started as ``python launch.py ...``, with its output in files."""
 
@@ -47,15 +61,7 @@ class Launched:
         return self.err_path.read_text(errors="replace")
 
     def events(self) -> list[dict[str, Any]]:
-        path = self.run_dir / "events.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        out = read_jsonl(self.run_dir / "events.jsonl")
         self._note_pids(out)
         return out
 

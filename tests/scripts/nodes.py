@@ -18,21 +18,10 @@ from typing import Any
 
 import psutil
 
+from tests.scripts.harness import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch.py"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path`` ([] when it does not exist yet)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 class Node:
