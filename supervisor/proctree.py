@@ -161,13 +161,14 @@ class AttemptTree:
     def torchrun_pid(self) -> int:
         return self.root.pid
 
-    def refresh(self) -> list[Worker]:
-        """Look for new processes under torchrun and note exited workers.
+    def refresh(self, find_new: bool = True) -> list[Worker]:
+        """Look for new processes under torchrun (unless not ``find_new``) and note exited
+        workers.
 
         Returns the workers newly seen exited, earliest first. Never raises.
         """
         now = time.monotonic()
-        if self._root_proc is not None and self.root.poll() is None:
+        if find_new and self._root_proc is not None and self.root.poll() is None:
             try:
                 for child in self._root_proc.children(recursive=True):
                     self._track(child)

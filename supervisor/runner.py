@@ -28,6 +28,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # torchrun reaps its workers on this interval. The supervisor polls faster, so it usually sees
 # a dead worker as a zombie and reads its exit status before torchrun reaps it.
 TORCHRUN_MONITOR_INTERVAL = "1"
+# Seconds between looks for new processes under torchrun once every worker is known.
+TREE_WALK_INTERVAL = 1.0
 
 _EXITCODE_PID = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 _FAILED_LINE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
@@ -87,6 +89,7 @@ class TorchrunRunner:
         self.attempt = 0
         self._failure: Failure | None = None
         self._next_heartbeat_read = 0.0
+        self._next_tree_walk = 0.0
         self._announced_workers = False
         self._announced_silent = False
 
@@ -178,6 +181,7 @@ class TorchrunRunner:
             self.config.heartbeat_dir, attempt, self.config.hang, started, clock=self.clock
         )
         self._next_heartbeat_read = started
+        self._next_tree_walk = started
         return proc.pid
 
     # -- watch -------------------------------------------------------------------------------
@@ -198,7 +202,13 @@ class TorchrunRunner:
         tree, monitor = self.tree, self.monitor
         notes: list[tuple[str, dict[str, Any]]] = []
         now = self.clock()
-        exited = tree.refresh()
+        # Finding new processes reads every /proc/<pid>/stat (psutil's parent map), the bulk
+        # of the supervisor's own CPU: every look until each worker is found, then once a
+        # second (only the workers' own children appear later, and a stop walks anyway).
+        find_new = len(tree.workers) < self.config.nproc or now >= self._next_tree_walk
+        if find_new:
+            self._next_tree_walk = now + TREE_WALK_INTERVAL
+        exited = tree.refresh(find_new=find_new)
         if not self._announced_workers and len(tree.workers) >= self.config.nproc:
             self._announced_workers = True
             fields: dict[str, Any] = {
