@@ -62,7 +62,7 @@ BENCHES = (
         "goodput",
         "3. Goodput under failures",
         "bench_goodput.py",
-        ("--every", "30", "15"),
+        ("--every", "60", "30"),
         ("--every", "60", "--steps", "60", "--ckpt-every", "10"),
         "Useful steps per wall-clock second with a worker SIGKILLed every T seconds, against the "
         "same job with no faults; lost work per failure against half the checkpoint interval.",
