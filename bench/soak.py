@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if s["faults"] < args.faults:
         print(f"\nOnly {s['faults']} of the {args.faults} planned faults were injected.")
-    good = rc == 0 and tool.returncode == 0 and match and s["recovered"] == s["faults"]
-    good = good and s["faults"] == args.faults
+    all_recovered = s["recovered"] == s["faults"] == args.faults
+    good = rc == 0 and tool.returncode == 0 and match and all_recovered
     return 0 if good else 1
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import psutil
 
+from supervisor.config import per_node_name
+
 STATE_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
 EVENTS_FILE = "events.jsonl"
@@ -33,12 +35,6 @@ _NODE_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # here rather than imported: importing the store would import torch.
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp-step-(\d{8,})-(.+)-(\d+)-([0-9a-f]{8})$")
-
-
-def per_node_name(stem: str, suffix: str, node: str | None) -> str:
-    """A per-node file name: ``supervisor.json`` for one node, ``supervisor-node1.json`` for
-    node ``node1`` (the names ``LaunchConfig`` gives the supervisor's files)."""
-    return f"{stem}-{node}{suffix}" if node else f"{stem}{suffix}"
 
 
 def valid_node_tag(tag: str) -> bool:

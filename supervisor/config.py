@@ -13,6 +13,12 @@ from supervisor.policy import PolicyConfig
 _NNODES = re.compile(r"^[1-9]\d*(:[1-9]\d*)?$")
 
 
+def per_node_name(stem: str, suffix: str, node: str | None) -> str:
+    """A per-node file name: ``supervisor.json`` on one node (``node`` empty or None),
+    ``supervisor-node1.json`` for node ``node1``."""
+    return f"{stem}-{node}{suffix}" if node else f"{stem}{suffix}"
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """One supervised run. Validation names the bad value; the CLI turns it into exit 2."""
@@ -92,8 +98,7 @@ class LaunchConfig:
         return f"node-{socket.gethostname()}"
 
     def _per_node(self, stem: str, suffix: str) -> Path:
-        tag = self.node_tag
-        return self.run_dir / (f"{stem}-{tag}{suffix}" if tag else f"{stem}{suffix}")
+        return self.run_dir / per_node_name(stem, suffix, self.node_tag)
 
     @property
     def lock_file(self) -> Path:
