@@ -19,17 +19,16 @@ from typing import NoReturn
 import filelock
 
 from supervisor import exit_codes, slurm
-from supervisor.config import LaunchConfig
+from supervisor.config import BUILTIN_TRAINER, LaunchConfig
 from supervisor.events import EventLog
 from supervisor.heartbeat import HangConfig
 from supervisor.loop import Supervisor
 from supervisor.policy import PolicyConfig
 from supervisor.proctree import set_child_subreaper
 from supervisor.resume import prewarm
-from supervisor.runner import PROJECT_ROOT, TorchrunRunner
+from supervisor.runner import TorchrunRunner
 from supervisor.status import format_status, read_node_states, read_state
 
-BUILTIN_TRAINER = PROJECT_ROOT / "trainer" / "train.py"
 LOCK_FILE = "supervisor.lock"
 PROG = "launch.py"
 
@@ -358,7 +357,8 @@ def run(argv: Sequence[str]) -> int:
             restore()
             events.close()
         print(
-            f"{PROG}: {exit_codes.describe(code)} (exit {code}); run dir {config.run_dir}",
+            f"{PROG}: {supervisor.exit_reason or exit_codes.describe(code)} (exit {code}); "
+            f"run dir {config.run_dir}",
             file=sys.stderr,
         )
         _write_text_report(config.run_dir, config.node_tag or None)

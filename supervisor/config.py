@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -11,6 +12,10 @@ from supervisor.heartbeat import HangConfig
 from supervisor.policy import PolicyConfig
 
 _NNODES = re.compile(r"^[1-9]\d*(:[1-9]\d*)?$")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_TRAINER = PROJECT_ROOT / "trainer" / "train.py"
+"""The script supervised when none is given."""
 
 
 def per_node_name(stem: str, suffix: str, node: str | None) -> str:
@@ -81,6 +86,13 @@ class LaunchConfig:
     @property
     def single_node(self) -> bool:
         return self.nnodes == "1"
+
+    def uses_checkpoint_store(self) -> bool:
+        """Whether the run's checkpoints are ours to verify: the built-in trainer's always, a
+        script's once anything stands at ``checkpoints`` (even something that is not a
+        directory: the store's place is broken, not unused). A script that keeps its own
+        snapshots is taken at its word (its exit codes)."""
+        return self.script == BUILTIN_TRAINER or os.path.lexists(self.run_dir / "checkpoints")
 
     @property
     def heartbeat_dir(self) -> Path:

@@ -26,14 +26,25 @@ RUN_DIR_LOCKED = 5
 WORKER_BAD_INPUT = 6
 """A worker exited 2 (bad flag, bad data, incompatible checkpoint): retrying cannot help."""
 
+INTERRUPTED_UNSAVED = 7
+"""SIGINT/SIGTERM (or SLURM's signals): the workers stopped, but no valid checkpoint holds the
+step they had reached (the emergency checkpoint failed or was never written). A relaunch
+resumes from the newest durable step, which the message and the event name."""
+
+FINAL_STATE_UNSAVED = 8
+"""Every worker finished, but no valid checkpoint holds the final step (a save failed, the disk
+is full, ``checkpoints/`` vanished): the final state is lost. The newest durable step is named."""
+
 INTERRUPTED = 75
-"""SIGINT/SIGTERM: workers were asked to write an emergency checkpoint and stopped.
-Relaunching on the same run directory resumes. Same value as the trainer's "preempted"."""
+"""SIGINT/SIGTERM: the workers wrote an emergency checkpoint of the step they had reached (or
+none was running) and stopped. Relaunching on the same run directory resumes without loss. Same
+value as the trainer's "preempted"."""
 
 REQUEUE = 79
 """Under ``--slurm``: SLURM's pre-timeout SIGUSR1 (``sbatch --signal=USR1@T``) or its SIGTERM
-arrived; workers wrote an emergency checkpoint and stopped. Requeue the job (``scontrol requeue``,
-see examples/slurm.sbatch): it resumes from that checkpoint with the restart count carried over."""
+arrived; workers wrote an emergency checkpoint of the step they had reached and stopped. Requeue
+the job (``scontrol requeue``, see examples/slurm.sbatch): it resumes from that checkpoint with the
+restart count carried over."""
 
 DESCRIPTIONS: dict[int, str] = {
     SUCCESS: "success",
@@ -43,6 +54,8 @@ DESCRIPTIONS: dict[int, str] = {
     CRASH_LOOP: "crash loop",
     RUN_DIR_LOCKED: "run directory locked by another supervisor",
     WORKER_BAD_INPUT: "worker reported bad input",
+    INTERRUPTED_UNSAVED: "interrupted; the emergency checkpoint was not written",
+    FINAL_STATE_UNSAVED: "finished, but the final state is not in a valid checkpoint",
     INTERRUPTED: "interrupted",
     REQUEUE: "preempted by SLURM: requeue to resume",
 }

@@ -38,6 +38,7 @@ class Runner(Protocol):
     def complete(self, failure: Failure) -> Failure: ...
     def worker_pids(self) -> dict[str, int]: ...
     def attempt_alive(self) -> bool: ...
+    def all_done(self) -> bool: ...
 
 
 class Supervisor:
@@ -74,6 +75,8 @@ class Supervisor:
         self.resume_from: Path | None = None
         self.torchrun_pid: int | None = None
         self._signals: list[int] = []
+        self.exit_reason = ""
+        """How the run ended, in words (set on exit; the CLI prints it)."""
         self._state_written_at = float("-inf")
         self._started_at = time.time()
 
@@ -121,9 +124,10 @@ class Supervisor:
         self.state = state
         self._write_state()
 
-    def _finish(self, state: State, code: int) -> int:
+    def _finish(self, state: State, code: int, detail: str = "") -> int:
         self.state = state
-        self._write_state(exit_code=code, exit_reason=exit_codes.describe(code))
+        self.exit_reason = exit_codes.describe(code) + (f": {detail}" if detail else "")
+        self._write_state(exit_code=code, exit_reason=self.exit_reason)
         return code
 
     # -- the loop ----------------------------------------------------------------------------
@@ -152,20 +156,81 @@ class Supervisor:
                 return self._interrupted_idle()
             self.attempt += 1
             outcome, info = self._run_attempt()
+            if outcome == Outcome.INTERRUPTED and self.runner.all_done():
+                outcome = Outcome.SUCCEEDED  # every rank had finished: the signal came late
             if outcome == Outcome.SUCCEEDED:
-                self.events.emit(
-                    "done",
-                    attempt=self.attempt,
-                    step=self.step,
-                    restarts_used=self.policy.restarts_used,
-                    seconds=round(time.time() - self._started_at, 3),
-                )
-                return self._finish(State.SUCCEEDED, exit_codes.SUCCESS)
-            if outcome == Outcome.RUNNING:  # interrupted while running: already stopped
-                return self._finish(State.INTERRUPTED, self._interrupted_code())
+                return self._finish_success()
+            if outcome == Outcome.INTERRUPTED:
+                return self._finish_interrupted()
             code = self._after_failure(info)
             if code is not None:
                 return code
+
+    def _durable(self) -> tuple[Path | None, int]:
+        """The newest valid checkpoint now, and its step (0 for none)."""
+        self.resume_from = self._choose_checkpoint()
+        return self.resume_from, checkpoint_step(self.resume_from)
+
+    def _finish_success(self) -> int:
+        """Success only when the final state is durable: for a run on the checkpoint store, a
+        valid checkpoint must hold the last step the workers reported."""
+        newest, saved = self._durable()
+        if self.config.uses_checkpoint_store() and self.step is not None and saved < self.step:
+            self.events.emit(
+                "final_state_unsaved",
+                attempt=self.attempt,
+                step=self.step,
+                durable_step=saved,
+                checkpoint=str(newest) if newest else None,
+                reason=f"the workers finished step {self.step}, but the newest valid "
+                f"checkpoint holds step {saved}: the final state is lost",
+            )
+            return self._finish(
+                State.FAILED,
+                exit_codes.FINAL_STATE_UNSAVED,
+                f"the newest valid checkpoint holds step {saved}, not the final step {self.step}",
+            )
+        self.events.emit(
+            "done",
+            attempt=self.attempt,
+            step=self.step,
+            checkpoint=str(newest) if newest else None,
+            restarts_used=self.policy.restarts_used,
+            seconds=round(time.time() - self._started_at, 3),
+        )
+        return self._finish(State.SUCCEEDED, exit_codes.SUCCESS)
+
+    def _finish_interrupted(self) -> int:
+        """75 (79 under SLURM) only when a valid checkpoint holds the step the workers reached;
+        otherwise INTERRUPTED_UNSAVED, naming the newest durable step."""
+        newest, saved = self._durable()
+        verified = self.config.uses_checkpoint_store()
+        # A script that keeps its own snapshots is taken at its word (its exit code); with no
+        # step reported, nothing was trained beyond the checkpoint the attempt started from.
+        durable = not verified or self.step is None or saved >= self.step
+        self.events.emit(
+            "emergency_checkpoint",
+            attempt=self.attempt,
+            durable=durable,
+            verified=verified,
+            reached_step=self.step,
+            durable_step=saved if verified else None,
+            checkpoint=str(newest) if newest else None,
+        )
+        if durable:
+            if not verified:
+                where = "the script's own checkpoint"
+            else:
+                where = f"step {saved}" if newest else "a fresh start (nothing was trained)"
+            return self._finish(
+                State.INTERRUPTED, self._interrupted_code(), f"resumes from {where}"
+            )
+        return self._finish(
+            State.INTERRUPTED,
+            exit_codes.INTERRUPTED_UNSAVED,
+            f"the workers had reached step {self.step}; the newest valid checkpoint holds step "
+            f"{saved}",
+        )
 
     def _choose_checkpoint(self) -> Path | None:
         def on_event(event: dict[str, Any]) -> None:
@@ -175,8 +240,8 @@ class Supervisor:
         return self._select(self.config.run_dir, on_event=on_event)
 
     def _run_attempt(self) -> tuple[Outcome, dict[str, Any]]:
-        """Launch and watch one attempt. Returns (SUCCEEDED | FAILED | HUNG | RUNNING, details);
-        RUNNING means it was interrupted by a signal and has been stopped."""
+        """Launch and watch one attempt. Returns (SUCCEEDED | FAILED | HUNG | INTERRUPTED,
+        details); INTERRUPTED means a signal arrived and the attempt has been stopped."""
         resume_step = checkpoint_step(self.resume_from)
         self.events.emit(
             "checkpoint_selected",
@@ -205,13 +270,14 @@ class Supervisor:
                 reason=f"waiting up to {self.config.rdzv_timeout:g} s for {self.config.nnodes} "
                 "node(s) to join",
             )
-        self.step = resume_step if self.resume_from else self.step
+        # The step this attempt starts from; None for a fresh start until a rank reports one.
+        self.step = resume_step if self.resume_from else None
         self._enter(State.RUNNING)
         first_step_seen = False
         while True:
             if self.interrupted:
                 self._stop_interrupted()
-                return Outcome.RUNNING, {}
+                return Outcome.INTERRUPTED, {}
             obs = self.runner.poll()
             for type_, fields in obs.notes:
                 self.events.emit(type_, **fields)

@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.config import LaunchConfig
+from supervisor.config import PROJECT_ROOT, LaunchConfig
 from supervisor.heartbeat import Hang, HeartbeatMonitor
 from supervisor.proctree import AttemptTree, StopReport, Worker, signal_name, start_in_new_session
 from supervisor.states import Outcome
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # torchrun reaps its workers on this interval. The supervisor polls faster, so it usually sees
 # a dead worker as a zombie and reads its exit status before torchrun reaps it.
@@ -408,6 +406,16 @@ class TorchrunRunner:
     def attempt_alive(self) -> bool:
         """True while torchrun runs."""
         return self.tree is not None and self.tree.root.poll() is None
+
+    def all_done(self) -> bool:
+        """Whether every worker of this node reported ``done`` in this attempt: the script
+        finished, whatever happened to its processes afterwards (a late signal, a teardown)."""
+        if self.tree is None or self.monitor is None or len(self.tree.workers) < self.config.nproc:
+            return False
+        self.monitor.poll(self.tree.workers.keys())
+        ranks = [w.rank for w in self.tree.workers.values()]
+        states = self.monitor.ranks
+        return all(r is not None and r in states and states[r].phase == "done" for r in ranks)
 
 
 def _likely_cause_first(worker: Worker) -> int:

@@ -38,3 +38,5 @@ class Outcome(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     HUNG = "hung"
+    INTERRUPTED = "interrupted"
+    """A signal asked the run to stop; the attempt has been stopped."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from supervisor import exit_codes, slurm
@@ -99,6 +101,7 @@ def test_slurm_flag_outside_a_job_is_a_usage_error(monkeypatch: pytest.MonkeyPat
 
 
 STEPS = 40
+HOLD_STEP = 5
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "2", "--eval-every", "0", "--log-every", "0", "--threads", "1",
@@ -108,11 +111,47 @@ FLAGS = [
     "--slurm", "--nproc", "1", "--max-restarts", "3", "--backoff-initial", "0.05",
     "--backoff-max", "0.2", "--stop-grace", "1",
 ]  # fmt: skip
+HELD_TRAINER = Path(__file__).parent / "scripts" / "held_trainer.py"
 TIMEOUT = 240.0
+ONE_NODE = {**FAKE_SLURM, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "cn07"}
 
 
 def _of(type_: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == type_]
+
+
+def _job(run_dir: Path, train_env: dict[str, str], tag: str, hold_at: str = "") -> Node:
+    """One node of a one-node allocation on ``run_dir``, running the held trainer."""
+    return Node(
+        run_dir, None, [*FLAGS, str(HELD_TRAINER), *TRAIN_ARGS], train_env, tag,
+        {**ONE_NODE, "HOLD_AT": hold_at},
+    )  # fmt: skip
+
+
+def _held_rank0(job: Node, attempt: int) -> psutil.Process:
+    """Rank 0 of ``attempt`` once it has stopped itself at its ``HOLD_AT`` point."""
+    started = job.wait_for(
+        lambda ev: [e for e in _of("workers_started", ev) if e["attempt"] == attempt],
+        TIMEOUT,
+        f"workers of attempt {attempt}",
+    )
+    worker = psutil.Process(int(started[0]["workers"]["0"]))
+    job.wait_for(
+        lambda _: worker.status() == psutil.STATUS_STOPPED, TIMEOUT, "rank 0 held at its point"
+    )
+    return worker
+
+
+def _signal_while_held(job: Node, worker: psutil.Process, attempt: int) -> None:
+    """SLURM's pre-timeout signal to the supervisor while rank 0 is frozen; rank 0 resumes once
+    the supervisor has forwarded it, and so acts on it at exactly its held point."""
+    os.kill(job.proc.pid, signal.SIGUSR1)
+    job.wait_for(
+        lambda ev: [e for e in _of("stopping", ev) if e["attempt"] == attempt],
+        TIMEOUT,
+        "the supervisor forwarding the signal",
+    )
+    worker.send_signal(signal.SIGCONT)
 
 
 @pytest.mark.distributed
@@ -121,48 +160,89 @@ def _of(type_: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_sigusr1_checkpoints_exits_requeue_and_the_requeued_job_carries_restarts(
     tmp_path: Path, train_env: dict[str, str]
 ) -> None:
-    # One node of a one-node allocation: the job's run directory, as SLURM would requeue it.
-    env = {**FAKE_SLURM, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "cn07"}
     run_dir = tmp_path / "run"
     started: list[Node] = []
     try:
-        job = Node(run_dir, None, [*FLAGS, "--", *TRAIN_ARGS], train_env, "job", env)
+        job = _job(run_dir, train_env, "job", hold_at=f"2:{HOLD_STEP}")
         started.append(job)
         # A real failure first, so that there is a restart to carry over: torchrun killed as
         # soon as it is launched (cheaper than waiting for a worker to start).
         launch = job.wait_for(lambda ev: _of("launch", ev), TIMEOUT, "launch")
         os.kill(int(launch[0]["torchrun_pid"]), signal.SIGKILL)
-        job.wait_for(
-            lambda ev: [e for e in _of("first_step", ev) if e["attempt"] == 2], TIMEOUT, "step"
-        )
-        os.kill(job.proc.pid, signal.SIGUSR1)  # SLURM's pre-timeout signal
+        # Attempt 2 is held at step HOLD_STEP, mid-way, however fast the machine is.
+        _signal_while_held(job, _held_rank0(job, 2), 2)
         assert job.wait(TIMEOUT) == exit_codes.REQUEUE, job.output[-3000:]
 
         events = job.events()
         assert _of("interrupted", events)[0]["signal"] == "SIGUSR1"
+        emergency = _of("emergency_checkpoint", events)[0]
+        assert emergency["durable"] and emergency["durable_step"] == HOLD_STEP
         state = json.loads((run_dir / "supervisor.json").read_text())
         assert state["exit_code"] == exit_codes.REQUEUE and state["restarts_used"] == 1
         saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
-        assert len(saved) == 1, "--ckpt-every 0: the only checkpoint is the emergency one"
-        saved_step = int(saved[0][5:])
-        assert 1 <= saved_step < STEPS
+        assert saved == [f"step-{HOLD_STEP:08d}"], "--ckpt-every 0: only the emergency one"
 
         # The requeued job: the same command and environment on the same run directory.
-        requeued = Node(run_dir, None, [*FLAGS, "--", *TRAIN_ARGS], train_env, "requeued", env)
+        requeued = _job(run_dir, train_env, "requeued")
         started.append(requeued)
         assert requeued.wait(TIMEOUT) == exit_codes.SUCCESS, requeued.output[-3000:]
         events = requeued.events()
         second = events[_index_of_last_start(events) :]
         assert second[0]["type"] == "supervisor_started" and second[0]["restarts_carried"] == 1
         launch = _of("launch", second)[0]
-        assert launch["attempt"] == 3 and launch["resume_step"] == saved_step
+        assert launch["attempt"] == 3 and launch["resume_step"] == HOLD_STEP
         assert launch["restarts_left"] == 2
         state = json.loads((run_dir / "supervisor.json").read_text())
         assert state["state"] == "succeeded" and state["step"] == STEPS
         assert (state["restarts_used"], state["restarts_left"]) == (1, 2)
+        # Every finished run commits its final state, even with --ckpt-every 0.
+        assert _of("done", second)[0]["checkpoint"].endswith(f"step-{STEPS:08d}")
     finally:
         for node in started:
             node.cleanup()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_signal_after_every_rank_finished_is_a_success_not_a_requeue(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    run_dir = tmp_path / "run"
+    job = _job(run_dir, train_env, "job", hold_at="1:done")
+    try:
+        _signal_while_held(job, _held_rank0(job, 1), 1)
+        assert job.wait(TIMEOUT) == exit_codes.SUCCESS, job.output[-3000:]
+        events = job.events()
+        assert _of("interrupted", events)[0]["signal"] == "SIGUSR1"
+        assert _of("done", events)[0]["checkpoint"].endswith(f"step-{STEPS:08d}")
+        assert json.loads((run_dir / "supervisor.json").read_text())["state"] == "succeeded"
+        assert "success (exit 0)" in job.output
+    finally:
+        job.cleanup()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_interrupt_whose_emergency_checkpoint_fails_is_not_a_requeue(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    run_dir = tmp_path / "run"
+    job = _job(run_dir, train_env, "job", hold_at=f"1:{HOLD_STEP}")
+    try:
+        worker = _held_rank0(job, 1)
+        # The emergency save cannot succeed: where checkpoints/ should be lies a plain file.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "checkpoints").write_text("not a directory")
+        _signal_while_held(job, worker, 1)
+        assert job.wait(TIMEOUT) == exit_codes.INTERRUPTED_UNSAVED, job.output[-3000:]
+        emergency = _of("emergency_checkpoint", job.events())[0]
+        assert not emergency["durable"] and emergency["durable_step"] == 0
+        assert emergency["reached_step"] == HOLD_STEP
+        assert "emergency checkpoint was not written" in job.output
+    finally:
+        job.cleanup()
 
 
 def _index_of_last_start(events: list[dict[str, Any]]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ class FakeRunner:
         self.forwarded = 0
         self._script: list[Observation] = []
         self.on_poll = on_poll
+        self.finished = False
+        """What ``all_done`` answers: whether every rank reported ``done``."""
 
     def start(self, attempt: int, resume_from: Path | None) -> int:
         self.started.append((attempt, resume_from))
@@ -83,6 +86,9 @@ class FakeRunner:
 
     def attempt_alive(self) -> bool:
         return self._script[0].outcome == Outcome.RUNNING
+
+    def all_done(self) -> bool:
+        return self.finished
 
     def worker_pids(self) -> dict[str, int]:
         return (
@@ -206,6 +212,65 @@ def test_signal_while_running_forwards_sigterm_and_exits_interrupted(tmp_path: P
     events = read_events(tmp_path / "events.jsonl")
     assert [e for e in events if e["type"] == "interrupted"][0]["signal"] == "SIGTERM"
     assert read_state(tmp_path)["state"] == "interrupted"
+
+
+def _sigterm_at_poll(n: int, sup: list[Supervisor]) -> Callable[[FakeRunner], None]:
+    """An ``on_poll`` that sends the supervisor (``sup[0]``) SIGTERM at its n-th poll."""
+    polls = []
+
+    def on_poll(runner: FakeRunner) -> None:
+        polls.append(1)
+        if len(polls) == n:
+            sup[0].request_stop(signal.SIGTERM)
+
+    return on_poll
+
+
+def _step_dir(tmp_path: Path, step: int) -> Path:
+    path = tmp_path / "checkpoints" / f"step-{step:08d}"
+    path.mkdir(parents=True, exist_ok=True)  # the run is on the checkpoint store
+    return path
+
+
+@pytest.mark.parametrize(("saved", "code"), [(7, exit_codes.INTERRUPTED_UNSAVED), (8, 75)])
+def test_an_interrupt_is_75_only_when_a_checkpoint_holds_the_step_reached(
+    tmp_path: Path, saved: int, code: int
+) -> None:
+    holder: list[Supervisor] = []
+    runner = FakeRunner(
+        [[Observation(Outcome.RUNNING, step=8)]], on_poll=_sigterm_at_poll(3, holder)
+    )
+    sup, _ = _supervisor(tmp_path, runner, checkpoints=[None, _step_dir(tmp_path, saved)])
+    holder.append(sup)
+    assert sup.run() == code
+    emergency = [
+        e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "emergency_checkpoint"
+    ]
+    assert emergency[0]["reached_step"] == 8 and emergency[0]["durable_step"] == saved
+    assert emergency[0]["durable"] == (code == 75)
+    assert read_state(tmp_path)["exit_code"] == code
+
+
+def test_a_signal_after_every_rank_finished_is_judged_as_a_finished_run(tmp_path: Path) -> None:
+    holder: list[Supervisor] = []
+    runner = FakeRunner(
+        [[Observation(Outcome.RUNNING, step=10)]], on_poll=_sigterm_at_poll(2, holder)
+    )
+    runner.finished = True
+    sup, _ = _supervisor(tmp_path, runner, checkpoints=[None, _step_dir(tmp_path, 10)])
+    holder.append(sup)
+    assert sup.run() == exit_codes.SUCCESS
+    assert _types(tmp_path)[-1] == "done"
+
+
+def test_a_finished_run_whose_final_step_is_not_saved_is_not_a_success(tmp_path: Path) -> None:
+    runner = FakeRunner([[DONE]])
+    sup, _ = _supervisor(tmp_path, runner, checkpoints=[None, _step_dir(tmp_path, 6)])
+    assert sup.run() == exit_codes.FINAL_STATE_UNSAVED
+    unsaved = read_events(tmp_path / "events.jsonl")[-1]
+    assert unsaved["type"] == "final_state_unsaved"
+    assert (unsaved["step"], unsaved["durable_step"]) == (10, 6)
+    assert read_state(tmp_path)["state"] == "failed"
 
 
 def test_signal_during_backoff_exits_without_relaunch(tmp_path: Path) -> None:

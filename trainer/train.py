@@ -273,11 +273,15 @@ class Trainer:
                 self._eval()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self._save(sync=cfg.ckpt_sync)
-        if cfg.ckpt_every and self.last_saved_step != self.step:
+        # Every finished run commits its final state, whatever --ckpt-every says.
+        if self.last_saved_step != self.step:
             self._save(sync=True)
         self.beat(self.step, phase="checkpoint")
         self.store.wait()
         self._barrier()
+        # The run is over: a preemption signal from now on has nothing left to save, and must
+        # not turn a finished run into a death by signal.
+        self.preemption.checkpoint_written(EXIT_OK)
         self.beat(self.step, phase="done")
         if self.d.is_main:
             print(
@@ -554,12 +558,12 @@ def _train(
 def _exit(code: int) -> None:
     """End the process with ``code``.
 
-    After a preemption checkpoint the process leaves with os._exit: interpreter teardown puts
-    SIGTERM back to its default action, and torchrun SIGTERMs the ranks still running as soon as
-    the first one exits, so a normal exit could turn a clean preemption into a death by signal.
-    Everything worth keeping is already durable and closed by then.
+    After the final or a preemption checkpoint the process leaves with os._exit: interpreter
+    teardown puts SIGTERM back to its default action, and torchrun SIGTERMs the ranks still
+    running as soon as the first one exits, so a normal exit could turn a finished run or a
+    clean preemption into a death by signal. Everything worth keeping is durable and closed.
     """
-    if code == EXIT_PREEMPTED:
+    if code in (EXIT_OK, EXIT_PREEMPTED):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import exit_codes
 from tests.chaos.conftest import (
     CKPT_EVERY,
     HERE,
@@ -199,7 +200,10 @@ def test_full_checkpoint_disk_training_goes_on(
     assert harness.wait_tool(tool) == 0
     events = read_jsonl(harness.run_dir / "events.jsonl")
     (fault,) = faults(events)
-    assert rc == 0 and last_attempt(harness.run_dir) == 1
+    # Training went on to the end, but its final state could not be saved: no false success.
+    assert rc == exit_codes.FINAL_STATE_UNSAVED and last_attempt(harness.run_dir) == 1
+    (unsaved,) = [e for e in events if e["type"] == "final_state_unsaved"]
+    assert unsaved["step"] == STEPS and unsaved["durable_step"] == max(fault["committed"])
     assert final_sha(harness.run_dir) == reference.sha
     steps = [r["step"] for r in read_jsonl(harness.run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
