@@ -86,7 +86,9 @@ def test_kill_freeze_and_preempt_then_relaunch_ends_bitwise_equal(
         assert chosen[0] == 0 and chosen == sorted(chosen) and len(chosen) == 3
         interrupted = next(e for e in events if e["type"] == "interrupted")
         assert interrupted["attempt"] == 3 and interrupted["signal"] == "SIGTERM"
-        assert events[-1]["type"] == "stopped" and events[-1]["killed"] == 0  # exited by itself
+        stopped = [e for e in events if e["type"] == "stopped"][-1]
+        assert stopped["killed"] == 0  # the workers exited by themselves
+        assert events[-1]["type"] == "emergency_checkpoint" and events[-1]["durable"]
         assert run.leftovers(timeout=5.0) == []
         log = (run_dir / "logs" / "attempt-3" / "torchrun.log").read_text()
         preempted = [line for line in log.splitlines() if "preempted: checkpoint at step" in line]
