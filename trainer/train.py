@@ -163,6 +163,8 @@ class Trainer:
             self._resume(Path(resume))
         # DDP after loading: it broadcasts rank 0's parameters, which are the loaded ones.
         self.ddp = DDP(self.model) if d.enabled else None
+        if self.ddp is not None:
+            self._settle_buckets(self.ddp)
         self.store = CheckpointStore(
             run_dir,
             is_writer=d.is_main,
@@ -185,6 +187,28 @@ class Trainer:
                     f.truncate(self.metrics_offset)
             self.metrics = open(self.metrics_path, "a")  # noqa: SIM115
             self.metrics_offset = self.metrics.tell()
+
+    def _settle_buckets(self, ddp: DDP) -> None:
+        """One throw-away forward and backward, so that every real step of every attempt
+        all-reduces with the same bucket layout.
+
+        DDP starts with a provisional layout and rebuilds it, once, from the order in which the
+        first backward produced the gradients. Gloo sums each element of a bucket in an order
+        that depends on its offset there, so with three or more ranks the two layouts give
+        different bits: without this, the first step after a resume would reduce differently
+        from the same step of an uninterrupted run. torch offers no public way to skip or force
+        the rebuild (find_unused_parameters=True skips it, at the price of a graph traversal
+        every step and a layout that overlaps communication worse), so take it here.
+
+        The loss is multiplied by 0 and the gradients dropped: the optimizer, its state, the
+        sampler position and the metrics are untouched, and the dropout draws made here are
+        forgotten because every step reseeds its generator (_train_step)."""
+        x = torch.zeros((1, self.cfg.seq_len), dtype=torch.long, device=self.device)
+        with self._autocast():
+            _, loss = ddp(x, x)
+        assert loss is not None
+        (loss * 0.0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- resume -------------------------------------------------------------------------------
 
