@@ -1,7 +1,8 @@
 """Whole-system fault tests: the real supervisor (``launch.py``) runs the real trainer on 2 CPU
-ranks, the chaos tool (``python -m supervisor.chaos``) injects faults from outside, and each test
-checks what a user would: the exit code, the final step, the final parameters against an
-uninterrupted reference run, no process left, the story in events.jsonl, and no checkpoint lost.
+ranks (one test: 3 and 4), the chaos tool (``python -m supervisor.chaos``) injects faults from
+outside, and each test checks what a user would: the exit code, the final step, the final
+parameters against an uninterrupted reference run, no process left, the story in events.jsonl,
+and no checkpoint lost.
 """
 
 from __future__ import annotations
@@ -176,12 +177,17 @@ class Harness:
         kill_run(self.run_dir)
 
 
+def harness_env(train_env: dict[str, str]) -> dict[str, str]:
+    """The trainer's environment, with this repository importable (for the chaos tool)."""
+    env = dict(train_env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 @pytest.fixture
 def harness(tmp_path: Path, train_env: dict[str, str]) -> Iterator[Harness]:
     """A run directory, and every process started for it killed and reaped at the end."""
-    env = dict(train_env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    h = Harness(tmp_path, env)
+    h = Harness(tmp_path, harness_env(train_env))
     try:
         yield h
     finally:
@@ -200,12 +206,21 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory: pytest.TempPathFactory, train_env: dict[str, str]) -> Reference:
     """The same configuration, supervised, without faults: run once per test session."""
-    base = tmp_path_factory.mktemp("chaos-reference")
-    env = dict(train_env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    h = Harness(base, env)
+    return run_reference(tmp_path_factory.mktemp("chaos-reference"), train_env)
+
+
+def run_reference(
+    base: Path,
+    train_env: dict[str, str],
+    extra: list[str] = (),  # type: ignore[assignment]
+    script_args: list[str] | None = None,
+) -> Reference:
+    """An uninterrupted supervised run in ``base``: ``launch.py`` with ``extra`` flags (after
+    the defaults, so they win) and the trainer with ``script_args`` (default TRAIN_ARGS)."""
+    base.mkdir(parents=True, exist_ok=True)
+    h = Harness(base, harness_env(train_env))
     try:
-        sup = h.launch()
+        sup = h.launch(extra, script_args=script_args)
         rc = sup.wait()
         assert rc == 0, f"reference run failed ({rc}):\n{sup.output()[-3000:]}"
         sha = final_sha(h.run_dir)

@@ -13,6 +13,7 @@ from tests.chaos.conftest import (
     CKPT_EVERY,
     HERE,
     STEPS,
+    TRAIN_ARGS,
     Harness,
     Reference,
     assert_detected,
@@ -27,6 +28,7 @@ from tests.chaos.conftest import (
     rank0_stderr,
     read_jsonl,
     relaunch_choice,
+    run_reference,
     selected,
     wait_no_processes,
 )
@@ -54,6 +56,29 @@ def test_three_random_worker_kills(harness: Harness, reference: Reference) -> No
         assert_detected(events, fault)
         assert_resumed_well(events, fault)
     assert last_attempt(harness.run_dir) == 4
+
+
+@pytest.mark.parametrize("nproc", [3, 4])
+def test_worker_kill_beyond_two_ranks_resumes_exactly(
+    harness: Harness, train_env: dict[str, str], tmp_path: Path, nproc: int
+) -> None:
+    # With three ranks or more, the all-reduce's result depends on the order it sums the ranks'
+    # gradients in, so the first step after the resume must reduce exactly as the same step of
+    # the uninterrupted run did. Dropout, so that every rank's gradients differ.
+    extra = ["--nproc", str(nproc)]
+    args = [*TRAIN_ARGS, "--dropout", "0.1"]
+    reference = run_reference(tmp_path / "reference", train_env, extra, args)
+    sup = harness.launch(extra, script_args=args)
+    tool = harness.chaos("--fault", "kill-worker", "--at-steps", "10", "--seed", "3")
+    rc = sup.wait()
+    assert harness.wait_tool(tool) == 0
+    events = assert_recovered(harness.run_dir, rc, reference)
+    (fault,) = faults(events)
+    assert fault["kind"] == "kill-worker" and fault["attempt"] == 1
+    assert_detected(events, fault)
+    # Resumed from a checkpoint, not from the start: a step ran first in the new attempt.
+    assert assert_resumed_well(events, fault) >= CKPT_EVERY
+    assert last_attempt(harness.run_dir) == 2
 
 
 def test_kill_writer_in_every_phase(harness: Harness, reference: Reference) -> None:
