@@ -38,7 +38,8 @@ from common import (
     wait_heartbeat,
 )
 
-from supervisor.chaos import EventAppender
+from runcontract import layout
+from runcontract.events import EventType, EventWriter
 from supervisor.report import PHASES, build_report
 
 _RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
@@ -62,11 +63,12 @@ def supervised_trial(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             (e["time"] for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "launch"), 0.0
         )
         # The kill is logged like the chaos tool logs it, so the report can time detection.
-        log = EventAppender(run_dir / "events.jsonl", console=None)
+        log = EventWriter(run_dir / layout.per_node_name(layout.EVENTS, None), source="chaos")
         killed_at = time.time()
         psutil.Process(int(beat["pid"])).kill()
-        log.emit("fault_injected", kind="kill-worker", pid=beat["pid"], rank=1,
+        log.write(EventType.FAULT_INJECTED, kind="kill-worker", pid=beat["pid"], rank=1,
                  step=beat["step"], attempt=1, time=killed_at)  # fmt: skip
+        log.close()
         code = wait_exit(proc, _patience(args, run_dir, started))
     finally:
         stop_run(proc, run_dir)

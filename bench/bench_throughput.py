@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 import psutil
+from common import REPO_ROOT, TRAIN_PY
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAIN_PY = REPO_ROOT / "trainer" / "train.py"
+from runcontract.env import unsupervised
 
 
 def run_case(args: argparse.Namespace, nproc: int, run_dir: Path) -> dict[str, float]:
@@ -43,7 +43,7 @@ def run_case(args: argparse.Namespace, nproc: int, run_dir: Path) -> dict[str, f
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             str(TRAIN_PY), *flags,
         ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROSE_")}
+    env = unsupervised(os.environ)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{nproc}-rank run failed ({proc.returncode}):\n{proc.stderr}")

@@ -22,8 +22,12 @@ from typing import Any
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
+if str(REPO_ROOT) not in sys.path:  # run as `python bench/x.py`: the project is importable
     sys.path.insert(0, str(REPO_ROOT))
+
+from runcontract.env import run_dir_of, unsupervised  # noqa: E402
+from runcontract.events import read_jsonl as read_jsonl  # noqa: E402 - re-exported
+from runcontract.heartbeat import read_heartbeat  # noqa: E402
 
 LAUNCH_PY = REPO_ROOT / "launch.py"
 TRAIN_PY = REPO_ROOT / "trainer" / "train.py"
@@ -46,7 +50,7 @@ def job_args(
 
 def clean_env() -> dict[str, str]:
     """This environment without supervisor variables (a worker would think it is supervised)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROSE_")}
+    env = unsupervised(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
@@ -116,29 +120,6 @@ def start_torchrun(
         )
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines of ``path`` (none when it does not exist)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def heartbeat(run_dir: Path, rank: int) -> dict[str, Any] | None:
-    """Rank ``rank``'s newest heartbeat, or None."""
-    try:
-        return json.loads((run_dir / "heartbeats" / f"rank-{rank}.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def wait_heartbeat(
     run_dir: Path, proc: subprocess.Popen, rank: int, attempt: int, min_step: int, timeout: float
 ) -> dict[str, Any] | None:
@@ -146,7 +127,7 @@ def wait_heartbeat(
     the supervisor exits or ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        beat = heartbeat(run_dir, rank)
+        beat = read_heartbeat(run_dir, rank)
         if (
             beat is not None
             and beat.get("attempt") == attempt
@@ -162,12 +143,11 @@ def belongs_to(pid: int, run_dir: Path) -> bool:
     """True when ``pid`` is a process of this run (``ROSE_RUN_DIR`` or the run dir in its
     command line); a reused pid of another process is never touched."""
     try:
-        p = psutil.Process(pid)
-        if str(run_dir) in " ".join(p.cmdline()):
+        if str(run_dir) in " ".join(psutil.Process(pid).cmdline()):
             return True
-        return p.environ().get("ROSE_RUN_DIR") == str(run_dir)
     except (psutil.Error, OSError):
         return False
+    return run_dir_of(pid) == str(run_dir)
 
 
 def stop_run(proc: subprocess.Popen, run_dir: Path) -> None:

@@ -29,6 +29,8 @@ from typing import Any
 
 from common import machine_line, read_jsonl
 
+from runcontract import env as contract_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "trainer" / "train.py"
 
@@ -108,10 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.spacing * (args.faults + 1)
     base = Path(args.out or tempfile.mkdtemp(prefix="rose-soak-")).absolute()
     base.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROSE_CKPT")}
+    env = {k: v for k, v in os.environ.items() if k != contract_env.CKPT_PAUSE_AT}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    if "ROSE_DATA_CACHE" not in env:
-        env["ROSE_DATA_CACHE"] = str(base / "data-cache")
+    env.setdefault(contract_env.DATA_CACHE, str(base / "data-cache"))
 
     started = time.monotonic()
     machine = machine_line()  # its load average is the one at the start

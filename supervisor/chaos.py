@@ -20,7 +20,6 @@ injected.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from runcontract.events import EventType, EventWriter
 from supervisor.chaos_run import RunView, Snapshot, TempDir, node_tags, valid_node_tag
 
 FAULTS: dict[str, str] = {
@@ -180,36 +180,20 @@ class Injection:
         }
 
 
-class EventAppender:
-    """Appends events to the run's ``events.jsonl`` beside the supervisor's own writes.
-
-    Each event is one ``os.write`` of one complete line on an ``O_APPEND`` descriptor: the kernel
-    places each such write at the end of the file whole, and the supervisor writes each of its
-    lines with a single flushed write too, so lines from the two processes never interleave.
-    """
+class ChaosLog:
+    """The chaos tool's events, appended to the run's events file beside the supervisor's own
+    (``runcontract.events.EventWriter``, marked ``source: chaos``) and echoed to the console."""
 
     def __init__(self, path: Path, console: Any = sys.stdout) -> None:
         self.path = path
         self.console = console
+        self._writer: EventWriter | None = None
 
-    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
-        """Append one event (fsync'd, like the supervisor's) and print it. Raises OSError."""
-        record: dict[str, Any] = {
-            "time": time.time(),
-            "mono": time.monotonic(),
-            "type": type_,
-            "source": "chaos",
-        }
-        record.update(fields)
-        line = (json.dumps(record, default=str) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            written = os.write(fd, line)
-            if written != len(line):  # only a full disk does this; say so rather than tear
-                raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def emit(self, type_: EventType | str, **fields: Any) -> dict[str, Any]:
+        """Append one event and print it. Raises OSError."""
+        if self._writer is None:  # opened at the first event: the run may start after the tool
+            self._writer = EventWriter(self.path, source="chaos")
+        record = self._writer.write(type_, **fields)
         if self.console is not None:
             stamp = time.strftime("%H:%M:%S", time.localtime(record["time"]))
             parts = " ".join(
@@ -220,6 +204,10 @@ class EventAppender:
             print(f"[chaos {stamp}] {type_}: {parts}", file=self.console, flush=True)
         return record
 
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
 
 class Injector:
     """Waits for the run to be in the right place, then injects, one fault at a time."""
@@ -227,7 +215,7 @@ class Injector:
     def __init__(self, config: ChaosConfig, console: Any = sys.stdout) -> None:
         self.config = config
         self.view = RunView(config.run_dir, config.node)
-        self.events = EventAppender(self.view.events_path, console)
+        self.events = ChaosLog(self.view.events_path, console)
         seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
         self.seed = seed
         self.rng = random.Random(seed)
@@ -251,7 +239,7 @@ class Injector:
             raise ChaosError(self._no_supervisor_message())
         planned = cfg.planned
         self.events.emit(
-            "chaos_started",
+            EventType.CHAOS_STARTED,
             faults=list(cfg.faults),
             every=cfg.every,
             at_steps=list(cfg.at_steps),
@@ -336,7 +324,7 @@ class Injector:
     def _finish(self, reason: str, code: int) -> int:
         try:
             self.events.emit(
-                "chaos_finished", reason=reason, injected=len(self.injected), exit_code=code
+                EventType.CHAOS_FINISHED, reason=reason, injected=len(self.injected), exit_code=code
             )
         except OSError:
             pass
@@ -355,7 +343,7 @@ class Injector:
         return handler(snap)
 
     def _log(self, injection: Injection) -> None:
-        self.events.emit("fault_injected", **injection.record())
+        self.events.emit(EventType.FAULT_INJECTED, **injection.record())
 
     def _signal(self, injection: Injection, sig: int) -> bool:
         """Log, then signal: the log reads in causal order. A target that vanished in between
@@ -366,7 +354,10 @@ class Injector:
             os.kill(injection.pid, sig)
         except ProcessLookupError:
             self.events.emit(
-                "fault_missed", kind=injection.kind, pid=injection.pid, reason="target exited"
+                EventType.FAULT_MISSED,
+                kind=injection.kind,
+                pid=injection.pid,
+                reason="target exited",
             )
             return False
         return True
@@ -540,7 +531,7 @@ class Injector:
         written = _fill(ballast, max(0, need))
         stat = os.statvfs(ckpt_dir)
         self.events.emit(
-            "disk_filled",
+            EventType.DISK_FILLED,
             path=str(ballast),
             bytes=written,
             free_after=stat.f_bavail * stat.f_frsize,

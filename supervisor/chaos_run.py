@@ -15,53 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from supervisor.config import per_node_name
+from runcontract import env, layout
+from runcontract.heartbeat import Phase
+from runcontract.layout import node_tags, valid_node_tag
+from runcontract.states import is_final
 
-STATE_FILE = "supervisor.json"
-LOCK_FILE = "supervisor.lock"
-EVENTS_FILE = "events.jsonl"
-FINAL_STATES = ("succeeded", "failed", "interrupted")
-
-_NODE_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-# The checkpoint directory's names (docs/architecture.md, trainer/checkpoint/layout.py), parsed
-# here rather than imported: importing the store would import torch.
-_STEP_RE = re.compile(r"^step-(\d{8,})$")
-_TMP_RE = re.compile(r"^\.tmp-step-(\d{8,})-(.+)-(\d+)-([0-9a-f]{8})$")
-
-
-def valid_node_tag(tag: str) -> bool:
-    """True when ``tag`` can be a node's name in a file name (``node1``, ``node-host.example``)."""
-    return bool(_NODE_TAG_RE.match(tag))
-
-
-def _natural(tag: str) -> tuple[Any, ...]:
-    # node2 before node10
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", tag))
-
-
-def node_tags(run_dir: Path, stem: str = "supervisor", suffix: str = ".json") -> list[str]:
-    """The node tags of the per-node files ``<stem>-<tag><suffix>`` in ``run_dir``, in node
-    order (empty for a one-node run directory, or one no supervisor has written to yet)."""
-    tags = []
-    try:
-        names = os.listdir(run_dir)
-    except OSError:
-        return []
-    prefix = stem + "-"
-    for name in names:
-        if name.startswith(prefix) and name.endswith(suffix):
-            tag = name[len(prefix) : len(name) - len(suffix)]
-            if valid_node_tag(tag):
-                tags.append(tag)
-    return sorted(tags, key=_natural)
+__all__ = ["RunView", "Snapshot", "TempDir", "node_tags", "valid_node_tag"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +57,7 @@ class Snapshot:
     def ready(self) -> bool:
         """True when every worker of the attempt is alive, past start-up and not finished."""
         return bool(self.workers) and all(
-            p not in ("startup", "done") for p in self.phases.values()
+            p not in (Phase.STARTUP, Phase.DONE) for p in self.phases.values()
         )
 
 
@@ -103,19 +68,20 @@ class RunView:
     def __init__(self, run_dir: Path, node: str | None = None) -> None:
         self.run_dir = run_dir.absolute()
         self.node = node or None
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.heartbeat_dir = self.run_dir / "heartbeats"
-        self.state_path = self.run_dir / per_node_name("supervisor", ".json", self.node)
-        self.lock_path = self.run_dir / per_node_name("supervisor", ".lock", self.node)
-        self.events_path = self.run_dir / per_node_name("events", ".jsonl", self.node)
+        self.ckpt_dir = self.run_dir / layout.CHECKPOINTS
+        self.heartbeat_dir = self.run_dir / layout.HEARTBEATS
+        self.state_path = self.run_dir / layout.per_node_name(layout.STATE, self.node)
+        self.lock_path = self.run_dir / layout.per_node_name(layout.LOCK, self.node)
+        self.events_path = self.run_dir / layout.per_node_name(layout.EVENTS, self.node)
         self._real = os.path.realpath(self.run_dir)
+        self.one_node_state = layout.per_node_name(layout.STATE, None)
 
     def layout_error(self) -> str | None:
         """Why this view does not fit the run directory, or None while it may: no node given
         for a multi-node directory, or a node given for a one-node one. A node whose state file
         is not there yet is not an error here (its supervisor may still be starting)."""
         if self.node is None:
-            if (self.run_dir / STATE_FILE).exists():
+            if (self.run_dir / self.one_node_state).exists():
                 return None
             tags = node_tags(self.run_dir)
             if tags:
@@ -124,10 +90,10 @@ class RunView:
                     "choose the node to attack with --node TAG"
                 )
             return None
-        if not self.state_path.exists() and (self.run_dir / STATE_FILE).exists():
+        if not self.state_path.exists() and (self.run_dir / self.one_node_state).exists():
             return (
                 f"--node {self.node}: {self.run_dir} is a one-node run directory "
-                f"({STATE_FILE}, no {self.state_path.name}); leave out --node"
+                f"({self.one_node_state}, no {self.state_path.name}); leave out --node"
             )
         return None
 
@@ -147,7 +113,7 @@ class RunView:
         out: dict[int, dict[str, Any]] = {}
         if not self.heartbeat_dir.is_dir():
             return out
-        for path in self.heartbeat_dir.glob("rank-*.json"):
+        for path in self.heartbeat_dir.glob(layout.HEARTBEAT_GLOB):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
                 out[int(record["rank"])] = record
@@ -163,9 +129,9 @@ class RunView:
         except OSError:
             return []
         for entry in entries:
-            m = _STEP_RE.match(entry.name)
-            if m and entry.is_dir(follow_symlinks=False):
-                steps.append(int(m.group(1)))
+            step = layout.parse_step(entry.name)
+            if step is not None and entry.is_dir(follow_symlinks=False):
+                steps.append(step)
         return sorted(steps)
 
     def temp_dirs(self) -> list[TempDir]:
@@ -176,14 +142,14 @@ class RunView:
         except OSError:
             return []
         for entry in entries:
-            m = _TMP_RE.match(entry.name)
-            if m:
-                out.append(TempDir(Path(entry.path), int(m.group(1)), int(m.group(3))))
+            work = layout.parse_work_name(entry.name)
+            if work is not None and work.prefix == layout.TMP_PREFIX:
+                out.append(TempDir(Path(entry.path), work.step, work.pid))
         return out
 
     def step_dir(self, step: int) -> Path:
         """The committed directory of ``step``."""
-        return self.ckpt_dir / f"step-{step:08d}"
+        return self.ckpt_dir / layout.step_name(step)
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -193,10 +159,10 @@ class RunView:
             proc = psutil.Process(pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return False
-            value = proc.environ().get("ROSE_RUN_DIR")
         except (psutil.Error, OSError):
             return False
-        return value is not None and value != "" and os.path.realpath(value) == self._real
+        value = env.run_dir_of(pid)
+        return value is not None and os.path.realpath(value) == self._real
 
     def is_supervisor(self, pid: int) -> bool:
         """True when ``pid`` is alive and holds this run's ``supervisor.lock`` (its node's
@@ -215,7 +181,7 @@ class RunView:
         state = self.state()
         if state is None:
             return False
-        if state.get("state") in FINAL_STATES:
+        if is_final(state.get("state")):
             return True
         pid = int(state.get("supervisor_pid") or 0)
         return not pid or not self.is_supervisor(pid)

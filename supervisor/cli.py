@@ -18,18 +18,18 @@ from typing import NoReturn
 
 import filelock
 
-from supervisor import exit_codes, slurm
+from runcontract import exit_codes, layout
+from runcontract.events import EventType
+from supervisor import slurm
 from supervisor.config import BUILTIN_TRAINER, LaunchConfig
 from supervisor.events import EventLog
 from supervisor.heartbeat import HangConfig
 from supervisor.loop import Supervisor
 from supervisor.policy import PolicyConfig
 from supervisor.proctree import set_child_subreaper
-from supervisor.resume import prewarm
 from supervisor.runner import TorchrunRunner
 from supervisor.status import format_status, read_node_states, read_state
 
-LOCK_FILE = "supervisor.lock"
 PROG = "launch.py"
 
 
@@ -327,7 +327,6 @@ def run(argv: Sequence[str]) -> int:
         return exit_codes.RUN_DIR_LOCKED
     try:
         set_child_subreaper()
-        prewarm()
         events = EventLog(config.events_file)
         runner = TorchrunRunner(config)
         supervisor = Supervisor(
@@ -347,7 +346,7 @@ def run(argv: Sequence[str]) -> int:
                 injector = chaos.spawn(config.run_dir, args.chaos, config.node_tag or None)
             code = supervisor.run()
         except Exception as e:  # a bug in the supervisor must not leave the workers running
-            events.emit("internal_error", error=repr(e), attempt=supervisor.attempt)
+            events.emit(EventType.INTERNAL_ERROR, error=repr(e), attempt=supervisor.attempt)
             if runner.tree is not None:
                 runner.stop(0.0)
             raise
@@ -415,7 +414,7 @@ def _write_text_report(run_dir: Path, node: str | None = None) -> None:
     run would pay."""
     from supervisor import report
 
-    path = run_dir / (f"report-{node}.txt" if node else "report.txt")
+    path = run_dir / layout.per_node_name(layout.REPORT, node)
     try:
         text = report.render_text(report.build_report(run_dir, node))
         path.write_text(text + "\n", encoding="utf-8")

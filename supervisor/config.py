@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runcontract import layout
 from supervisor.heartbeat import HangConfig
 from supervisor.policy import PolicyConfig
 
@@ -16,12 +17,6 @@ _NNODES = re.compile(r"^[1-9]\d*(:[1-9]\d*)?$")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_TRAINER = PROJECT_ROOT / "trainer" / "train.py"
 """The script supervised when none is given."""
-
-
-def per_node_name(stem: str, suffix: str, node: str | None) -> str:
-    """A per-node file name: ``supervisor.json`` on one node (``node`` empty or None),
-    ``supervisor-node1.json`` for node ``node1``."""
-    return f"{stem}-{node}{suffix}" if node else f"{stem}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -92,11 +87,11 @@ class LaunchConfig:
         script's once anything stands at ``checkpoints`` (even something that is not a
         directory: the store's place is broken, not unused). A script that keeps its own
         snapshots is taken at its word (its exit codes)."""
-        return self.script == BUILTIN_TRAINER or os.path.lexists(self.run_dir / "checkpoints")
+        return self.script == BUILTIN_TRAINER or os.path.lexists(self.run_dir / layout.CHECKPOINTS)
 
     @property
     def heartbeat_dir(self) -> Path:
-        return self.run_dir / "heartbeats"
+        return self.run_dir / layout.HEARTBEATS
 
     @property
     def node_tag(self) -> str:
@@ -109,29 +104,29 @@ class LaunchConfig:
             return f"node{self.node_rank}"
         return f"node-{socket.gethostname()}"
 
-    def _per_node(self, stem: str, suffix: str) -> Path:
-        return self.run_dir / per_node_name(stem, suffix, self.node_tag)
+    def _per_node(self, name: tuple[str, str]) -> Path:
+        return self.run_dir / layout.per_node_name(name, self.node_tag)
 
     @property
     def lock_file(self) -> Path:
         """Held by the one supervisor of this node (``supervisor.lock`` on one node)."""
-        return self._per_node("supervisor", ".lock")
+        return self._per_node(layout.LOCK)
 
     @property
     def state_file(self) -> Path:
         """This node's state for ``launch.py status`` (``supervisor.json`` on one node)."""
-        return self._per_node("supervisor", ".json")
+        return self._per_node(layout.STATE)
 
     @property
     def events_file(self) -> Path:
         """This node's event log (``events.jsonl`` on one node)."""
-        return self._per_node("events", ".jsonl")
+        return self._per_node(layout.EVENTS)
 
     @property
     def log_root(self) -> Path:
         """Where this node's ``attempt-<N>`` log folders go."""
         tag = self.node_tag
-        return self.run_dir / "logs" / tag if tag else self.run_dir / "logs"
+        return self.run_dir / layout.LOGS / tag if tag else self.run_dir / layout.LOGS
 
     def attempt_log_dir(self, attempt: int) -> Path:
-        return self.log_root / f"attempt-{attempt}"
+        return self.log_root / layout.attempt_dir_name(attempt)

@@ -8,58 +8,56 @@ gaps between ``worker_failed``/``hang_detected`` → ``stopping`` → ``stopped`
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from runcontract.events import EventType, EventWriter, read_events
+
+__all__ = ["EventLog", "read_events"]
+
 # Field order for the console line; the rest follow alphabetically.
 _CONSOLE_FIRST = ("attempt", "rank", "pid", "exit_code", "signal", "step", "reason")
 
 
 class EventLog:
-    """Appends events to ``events.jsonl`` and prints a concise line for each to the console."""
+    """Appends the supervisor's events to ``events.jsonl`` (``runcontract.events.EventWriter``)
+    and prints a concise line for each to the console."""
 
     def __init__(self, path: Path, console: TextIO | None = sys.stderr) -> None:
         """Open ``path`` for appending (created with its parent). Raises OSError if it cannot."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the log
+        self._writer = EventWriter(path)
         self._console = console
         self._lock = threading.Lock()
 
-    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
-        """Write one event (flushed and fsync'd, so a killed supervisor leaves its story)."""
-        record: dict[str, Any] = {"time": time.time(), "mono": time.monotonic(), "type": type_}
-        record.update(fields)
-        line = json.dumps(record, default=str)
+    def emit(self, type_: EventType | str, **fields: Any) -> dict[str, Any]:
+        """Write one event (one whole line, fsync'd, so a killed supervisor leaves its story)
+        and print it. Raises OSError when the line cannot be written; it is printed anyway."""
         with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
             try:
-                os.fsync(self._file.fileno())
-            except OSError:
-                pass
-            if self._console is not None:
-                try:
-                    self._console.write(_console_line(record) + "\n")
-                    self._console.flush()
-                except (OSError, ValueError):
-                    pass
+                record = self._writer.write(type_, **fields)
+            finally:
+                if self._console is not None:
+                    shown = {"time": time.time(), "type": type_, **fields}
+                    try:
+                        self._console.write(_console_line(shown) + "\n")
+                        self._console.flush()
+                    except (OSError, ValueError):
+                        pass
         return record
 
     def close(self) -> None:
         """Close the file; later emits raise ValueError."""
         with self._lock:
-            self._file.close()
+            self._writer.close()
 
 
 def _console_line(record: dict[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(record["time"]))
-    if record["type"] == "workers_started":
+    if record["type"] == EventType.WORKERS_STARTED:
         workers = ", ".join(f"rank {r} pid {p}" for r, p in (record.get("workers") or {}).items())
         return (
             f"[rose {stamp}] attempt {record.get('attempt')} running: {workers or 'no workers'} "
@@ -80,15 +78,3 @@ def _console_line(record: dict[str, Any]) -> str:
     if tail:
         line += "\n    " + "\n    ".join(str(tail).splitlines()[-8:])
     return line
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """Every complete event in ``path`` (a torn last line is skipped). Raises OSError."""
-    events = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return events

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runcontract.heartbeat import Phase
+
 
 @dataclass(frozen=True)
 class HangConfig:
@@ -118,7 +120,12 @@ class HeartbeatMonitor:
         if old is None:
             self.ranks[rank] = RankState(rank, pid, step, phase, stamp, now)
             return
-        if step > old.step and phase == "train" and old.phase == "train" and stamp > old.time:
+        if (
+            step > old.step
+            and phase == Phase.TRAIN
+            and old.phase == Phase.TRAIN
+            and stamp > old.time
+        ):
             self._step_times.append((stamp - old.time) / (step - old.step))
         if step != old.step or phase != old.phase:
             old.changed_at = now
@@ -143,11 +150,11 @@ class HeartbeatMonitor:
 
     def allowance(self, phase: str) -> float | None:
         """Seconds ``phase`` may go without progress (None: unlimited)."""
-        if phase == "done":
+        if phase == Phase.DONE:
             return None
-        if phase == "startup":
+        if phase == Phase.STARTUP:
             return self.config.startup_timeout
-        if phase in ("eval", "checkpoint"):
+        if phase in (Phase.EVAL, Phase.CHECKPOINT):
             return max(self.hang_timeout(), self.config.checkpoint_timeout)
         return self.hang_timeout()
 
@@ -166,7 +173,7 @@ class HeartbeatMonitor:
         worst: Hang | None = None
         for state in self.ranks.values():
             allowed = self.allowance(state.phase)
-            if state.phase == "startup":
+            if state.phase == Phase.STARTUP:
                 stalled = now - self.started_at
             else:
                 stalled = now - state.changed_at
@@ -194,7 +201,7 @@ class HeartbeatMonitor:
                 rank=None,
                 pid=silent[0],
                 step=None,
-                phase="startup",
+                phase=Phase.STARTUP,
                 stalled_for=stalled,
                 timeout=self.config.startup_timeout,
                 reason=f"worker pid {silent[0]} wrote no heartbeat within the start-up "

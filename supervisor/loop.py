@@ -14,18 +14,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from supervisor import exit_codes
+from runcontract import exit_codes
+from runcontract.events import EventType
+from runcontract.exit_codes import TrainerExit
+from runcontract.states import State
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog
 from supervisor.policy import RestartPolicy
 from supervisor.proctree import StopReport
 from supervisor.resume import checkpoint_step, select_checkpoint
 from supervisor.runner import Failure, Observation
-from supervisor.states import Outcome, State
+from supervisor.states import Outcome
 from supervisor.status import write_state
 
 # Worker exit codes that no restart can fix (see the trainer's exit codes).
-FATAL_WORKER_CODES = {2: exit_codes.WORKER_BAD_INPUT}
+FATAL_WORKER_CODES: dict[int, int] = {TrainerExit.USAGE: exit_codes.WORKER_BAD_INPUT}
 
 
 class Runner(Protocol):
@@ -118,7 +121,7 @@ class Supervisor:
         try:
             write_state(self.config.run_dir, state, self.config.state_file)
         except OSError as e:
-            self.events.emit("warning", reason=f"cannot write supervisor.json: {e}")
+            self.events.emit(EventType.WARNING, reason=f"cannot write supervisor.json: {e}")
 
     def _enter(self, state: State) -> None:
         self.state = state
@@ -135,7 +138,7 @@ class Supervisor:
     def run(self) -> int:
         """Run attempts until success or a reason to stop; returns the exit code."""
         self.events.emit(
-            "supervisor_started",
+            EventType.SUPERVISOR_STARTED,
             run_dir=str(self.config.run_dir),
             script=str(self.config.script),
             script_args=list(self.config.script_args),
@@ -177,7 +180,7 @@ class Supervisor:
         newest, saved = self._durable()
         if self.config.uses_checkpoint_store() and self.step is not None and saved < self.step:
             self.events.emit(
-                "final_state_unsaved",
+                EventType.FINAL_STATE_UNSAVED,
                 attempt=self.attempt,
                 step=self.step,
                 durable_step=saved,
@@ -191,7 +194,7 @@ class Supervisor:
                 f"the newest valid checkpoint holds step {saved}, not the final step {self.step}",
             )
         self.events.emit(
-            "done",
+            EventType.DONE,
             attempt=self.attempt,
             step=self.step,
             checkpoint=str(newest) if newest else None,
@@ -209,7 +212,7 @@ class Supervisor:
         # step reported, nothing was trained beyond the checkpoint the attempt started from.
         durable = not verified or self.step is None or saved >= self.step
         self.events.emit(
-            "emergency_checkpoint",
+            EventType.EMERGENCY_CHECKPOINT,
             attempt=self.attempt,
             durable=durable,
             verified=verified,
@@ -244,7 +247,7 @@ class Supervisor:
         details); INTERRUPTED means a signal arrived and the attempt has been stopped."""
         resume_step = checkpoint_step(self.resume_from)
         self.events.emit(
-            "checkpoint_selected",
+            EventType.CHECKPOINT_SELECTED,
             attempt=self.attempt,
             path=str(self.resume_from) if self.resume_from else None,
             step=resume_step,
@@ -253,7 +256,7 @@ class Supervisor:
         launched_at = self._clock()
         self.torchrun_pid = self.runner.start(self.attempt, self.resume_from)
         self.events.emit(
-            "launch",
+            EventType.LAUNCH,
             attempt=self.attempt,
             torchrun_pid=self.torchrun_pid,
             resume_from=str(self.resume_from) if self.resume_from else None,
@@ -262,7 +265,7 @@ class Supervisor:
         )
         if not self.config.single_node:
             self.events.emit(
-                "rendezvous_wait",
+                EventType.RENDEZVOUS_WAIT,
                 attempt=self.attempt,
                 endpoint=self.config.rdzv_endpoint,
                 nnodes=self.config.nnodes,
@@ -281,7 +284,7 @@ class Supervisor:
             obs = self.runner.poll()
             for type_, fields in obs.notes:
                 self.events.emit(type_, **fields)
-                if type_ == "workers_started":
+                if type_ == EventType.WORKERS_STARTED:
                     self._write_state()
             if obs.step is not None and obs.step != self.step:
                 self.step = obs.step
@@ -289,7 +292,7 @@ class Supervisor:
             if not first_step_seen and obs.step is not None and obs.step > resume_step:
                 first_step_seen = True
                 self.events.emit(
-                    "first_step",
+                    EventType.FIRST_STEP,
                     attempt=self.attempt,
                     step=obs.step,
                     since_launch=round(self._clock() - launched_at, 3),
@@ -305,14 +308,17 @@ class Supervisor:
         runtime = detected_at - launched_at
         if obs.failure is not None:
             self.events.emit(
-                "worker_failed", attempt=self.attempt, step=self.step, **obs.failure.fields()
+                EventType.WORKER_FAILED,
+                attempt=self.attempt,
+                step=self.step,
+                **obs.failure.fields(),
             )
             reason = "worker failed"
         else:
             hang = obs.hang
             assert hang is not None
             self.events.emit(
-                "hang_detected",
+                EventType.HANG_DETECTED,
                 attempt=self.attempt,
                 rank=hang.rank,
                 pid=hang.pid,
@@ -325,7 +331,7 @@ class Supervisor:
             reason = "hang"
         self._enter(State.STOPPING)
         grace = self.config.stop_grace
-        self.events.emit("stopping", attempt=self.attempt, reason=reason, grace=grace)
+        self.events.emit(EventType.STOPPING, attempt=self.attempt, reason=reason, grace=grace)
         report = self.runner.stop(grace)
         root: dict[str, Any] = {}
         if obs.failure is not None:
@@ -341,7 +347,7 @@ class Supervisor:
         if failure is not None and failure.exit_code in FATAL_WORKER_CODES:
             code = FATAL_WORKER_CODES[failure.exit_code]
             self.events.emit(
-                "fatal",
+                EventType.FATAL,
                 attempt=self.attempt,
                 rank=failure.rank,
                 exit_code=failure.exit_code,
@@ -363,7 +369,9 @@ class Supervisor:
         if not decision.restart:
             assert decision.exit_code is not None
             type_ = (
-                "crash_loop" if decision.exit_code == exit_codes.CRASH_LOOP else "budget_exhausted"
+                EventType.CRASH_LOOP
+                if decision.exit_code == exit_codes.CRASH_LOOP
+                else EventType.BUDGET_EXHAUSTED
             )
             self.events.emit(
                 type_,
@@ -375,7 +383,7 @@ class Supervisor:
             )
             return self._finish(State.FAILED, decision.exit_code)
         self.events.emit(
-            "backoff",
+            EventType.BACKOFF,
             attempt=self.attempt,
             delay=round(decision.delay, 3),
             restarts_used=decision.restarts_used,
@@ -393,12 +401,12 @@ class Supervisor:
     def _stop_interrupted(self) -> None:
         signum = self._signals[0]
         name = _signal_name(signum)
-        self.events.emit("interrupted", attempt=self.attempt, signal=name, step=self.step)
+        self.events.emit(EventType.INTERRUPTED, attempt=self.attempt, signal=name, step=self.step)
         self._enter(State.STOPPING)
         forwarded = self.runner.forward_sigterm()
         timeout = self.config.term_timeout
         self.events.emit(
-            "stopping",
+            EventType.STOPPING,
             attempt=self.attempt,
             reason=f"{name}: workers asked to checkpoint and exit",
             grace=timeout,
@@ -424,7 +432,7 @@ class Supervisor:
 
     def _emit_stopped(self, report: StopReport, **extra: Any) -> None:
         self.events.emit(
-            "stopped",
+            EventType.STOPPED,
             attempt=self.attempt,
             seconds=round(report.seconds, 3),
             terminated=report.terminated,
@@ -435,7 +443,7 @@ class Supervisor:
 
     def _interrupted_idle(self) -> int:
         name = _signal_name(self._signals[0])
-        self.events.emit("interrupted", attempt=self.attempt, signal=name, step=self.step)
+        self.events.emit(EventType.INTERRUPTED, attempt=self.attempt, signal=name, step=self.step)
         return self._finish(State.INTERRUPTED, self._interrupted_code())
 
     def _interrupted_code(self) -> int:

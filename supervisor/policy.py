@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import tenacity
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 
 
 @dataclass(frozen=True)

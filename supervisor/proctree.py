@@ -9,11 +9,9 @@ it rather than to init, where the walk after each stop still finds them.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,28 +19,19 @@ from pathlib import Path
 
 import psutil
 
-_PR_SET_PDEATHSIG = 1
+from trainer.supervised import PR_SET_PDEATHSIG, prctl
+
 _PR_SET_CHILD_SUBREAPER = 36
-
-
-def _prctl(option: int, arg: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, arg, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def set_child_subreaper() -> bool:
     """Make orphaned descendants of this process re-parent to it (Linux). True when set."""
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    return prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _preexec_parent_death(parent: int, sig: int) -> None:
     # Runs in the child between fork and exec: only async-signal-safe work.
-    _prctl(_PR_SET_PDEATHSIG, sig)
+    prctl(PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:  # the supervisor died before prctl took effect
         os._exit(1)
 

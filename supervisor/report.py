@@ -30,24 +30,23 @@ A recovery's phases, for a failure of attempt N followed by attempt N+1:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor import chaos_run
+from runcontract import layout
+from runcontract.events import EventType, read_jsonl
 
-EVENTS_FILE = "events.jsonl"
-METRICS_FILE = "metrics.jsonl"
-PNG_FILE = "report.png"
+EVENTS_FILE = layout.per_node_name(layout.EVENTS, None)
+PNG_FILE = layout.per_node_name(layout.REPORT_PNG, None)
 
 PHASES = ("detect", "stop", "backoff", "launch", "first_step")
 """The phases of one recovery, in order (see the module docstring)."""
 
 # Events that end one attempt, and the outcome each gives it.
-_FAILURE_TYPES = ("worker_failed", "hang_detected")
+_FAILURE_TYPES = (EventType.WORKER_FAILED, EventType.HANG_DETECTED)
 _ENDING = {
     "done": "succeeded",
     "interrupted": "interrupted",
@@ -207,22 +206,8 @@ class Report:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON object line of ``path`` (a torn or foreign line is skipped)."""
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-    return out
-
-
 def _cause(event: dict[str, Any]) -> str:
-    if event["type"] == "hang_detected":
+    if event["type"] == EventType.HANG_DETECTED:
         phase = event.get("phase")
         return f"hang ({phase} phase)" if phase else "hang"
     who = "torchrun" if event.get("source") == "torchrun" else "worker"
@@ -234,16 +219,16 @@ def _cause(event: dict[str, Any]) -> str:
 
 def _newest_valid(run_dir: Path) -> Checkpoint | None:
     """The newest checkpoint that verifies; read-only (nothing is quarantined)."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / layout.CHECKPOINTS
     if not ckpt_dir.is_dir():
         return None
     from trainer.checkpoint import CheckpointIncompatible, CheckpointInvalid, verify
 
     found = []
     for entry in ckpt_dir.iterdir():
-        name = entry.name
-        if name.startswith("step-") and name[5:].isdigit() and entry.is_dir():
-            found.append((int(name[5:]), entry))
+        step = layout.parse_step(entry.name)
+        if step is not None and entry.is_dir():
+            found.append((step, entry))
     for step, path in sorted(found, reverse=True):
         try:
             verify(path)
@@ -256,7 +241,7 @@ def _newest_valid(run_dir: Path) -> Checkpoint | None:
 def node_tags(run_dir: str | Path) -> list[str]:
     """The tags of the nodes with an event log (``events-<tag>.jsonl``) in ``run_dir``, in node
     order; empty for a one-node run directory."""
-    return chaos_run.node_tags(Path(run_dir), "events", ".jsonl")
+    return layout.node_tags(Path(run_dir), layout.EVENTS)
 
 
 def build_report(run_dir: str | Path, node: str | None = None) -> Report:
@@ -268,7 +253,7 @@ def build_report(run_dir: str | Path, node: str | None = None) -> Report:
     its nodes).
     """
     run_dir = Path(run_dir)
-    events_path = run_dir / (f"events-{node}.jsonl" if node else EVENTS_FILE)
+    events_path = run_dir / layout.per_node_name(layout.EVENTS, node)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
     if not events_path.is_file():
@@ -290,17 +275,17 @@ def build_report(run_dir: str | Path, node: str | None = None) -> Report:
             )
         raise ReportError(f"{events_path} not found: is {run_dir} a supervised run directory?")
     try:
-        events = _read_jsonl(events_path)
+        events = read_jsonl(events_path)
     except OSError as e:
         raise ReportError(f"cannot read {events_path}: {e.strerror or e}") from None
     events = [e for e in events if "type" in e and isinstance(e.get("time"), (int, float))]
     if not events:
         raise ReportError(f"{events_path} holds no events: the run has not started")
     metrics: list[dict[str, Any]] = []
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = run_dir / layout.METRICS
     if metrics_path.is_file():
         try:
-            metrics = _read_jsonl(metrics_path)
+            metrics = read_jsonl(metrics_path)
         except OSError:
             metrics = []
 
@@ -337,7 +322,7 @@ def png_path(report: Report, base: str | Path | None = None, several: bool = Fal
     ``RUN_DIR/report-<tag>.png`` for a node of a multi-node run. An explicit ``base`` is used as
     it is, except that with ``several`` reports each node's tag is added to its stem."""
     if base is None:
-        name = f"report-{report.node}.png" if report.node else PNG_FILE
+        name = layout.per_node_name(layout.REPORT_PNG, report.node)
         return report.run_dir / name
     base = Path(base)
     if several and report.node:
@@ -354,7 +339,7 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
     selected_step = 0
     for ev in events:
         type_, t = ev["type"], float(ev["time"])
-        if type_ == "supervisor_started":
+        if type_ == EventType.SUPERVISOR_STARTED:
             if report.started_at is None:
                 report.started_at = t
             if current is not None and current.ended_at is None:
@@ -362,9 +347,9 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
             by_local = {}
             current = None
             report.end_state = "running or lost"
-        elif type_ == "checkpoint_selected":
+        elif type_ == EventType.CHECKPOINT_SELECTED:
             selected_step = int(ev.get("step") or 0)
-        elif type_ == "launch":
+        elif type_ == EventType.LAUNCH:
             resume = ev.get("resume_step")
             resume_step = int(resume) if resume is not None else selected_step
             current = Attempt(
@@ -381,17 +366,17 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
             if last_failure is not None and last_failure.resumed_from is None:
                 last_failure.resumed_from = resume_step
             pending_fault = None
-        elif type_ == "workers_started":
+        elif type_ == EventType.WORKERS_STARTED:
             att = by_local.get(int(ev.get("attempt") or 0))
             if att is not None and att.workers_started_at is None:
                 att.workers_started_at = t
-        elif type_ == "first_step":
+        elif type_ == EventType.FIRST_STEP:
             att = by_local.get(int(ev.get("attempt") or 0))
             if att is not None:
                 if att.first_step_at is None:
                     att.first_step_at = t
                 _raise_step(att, ev.get("step"))
-        elif type_ == "fault_injected":
+        elif type_ == EventType.FAULT_INJECTED:
             report.faults_injected += 1
             if ev.get("kind") in _FAILING_FAULTS:
                 pending_fault = ev
@@ -402,7 +387,7 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
             att = by_local.get(int(ev.get("attempt") or 0)) or current
             if att is None:
                 continue
-            att.outcome = "hung" if type_ == "hang_detected" else "failed"
+            att.outcome = "hung" if type_ == EventType.HANG_DETECTED else "failed"
             _raise_step(att, ev.get("step"))
             # A fault counts as this failure's cause only if it hit this attempt.
             fault = pending_fault
@@ -425,7 +410,7 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
             )
             report.failures.append(last_failure)
             pending_fault = None
-        elif type_ == "stopped":
+        elif type_ == EventType.STOPPED:
             att = by_local.get(int(ev.get("attempt") or 0)) or current
             if att is not None and att.ended_at is None:
                 att.ended_at = t
@@ -436,12 +421,12 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
                     if failure.exit_code is None and root.get("exit_code") is not None:
                         failure.exit_code = root.get("exit_code")
                         failure.signal = root.get("signal")
-                        failure.cause = _cause({"type": "worker_failed", **root})
+                        failure.cause = _cause({"type": EventType.WORKER_FAILED, **root})
         elif type_ in _ENDING:
             report.end_state = _ENDING[type_]
             report.ended_at = t
             if current is not None:
-                if type_ == "done":
+                if type_ == EventType.DONE:
                     current.outcome = "succeeded"
                     _raise_step(current, ev.get("step"))
                 elif current.outcome == "unknown":
@@ -449,7 +434,7 @@ def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
                 _raise_step(current, ev.get("step"))
                 if current.ended_at is None:
                     current.ended_at = t
-        elif type_ in ("fatal", "crash_loop", "budget_exhausted"):
+        elif type_ in (EventType.FATAL, EventType.CRASH_LOOP, EventType.BUDGET_EXHAUSTED):
             reason = ev.get("reason") or type_.replace("_", " ")
             report.end_state = f"gave up: {type_.replace('_', ' ')} ({reason})"
             report.ended_at = t

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runcontract import env as env_names
+from runcontract.events import EventType
+from runcontract.heartbeat import Phase
 from supervisor.config import PROJECT_ROOT, LaunchConfig
 from supervisor.heartbeat import Hang, HeartbeatMonitor
 from supervisor.proctree import AttemptTree, StopReport, Worker, signal_name, start_in_new_session
@@ -141,11 +144,11 @@ class TorchrunRunner:
         env = dict(os.environ)
         env.update(
             {
-                "ROSE_RUN_DIR": str(self.config.run_dir),
-                "ROSE_ATTEMPT": str(self.attempt),
-                "ROSE_RESUME_FROM": str(resume_from) if resume_from else "",
-                "ROSE_HEARTBEAT_DIR": str(self.config.heartbeat_dir),
-                "ROSE_SUPERVISOR_PID": str(os.getpid()),
+                env_names.RUN_DIR: str(self.config.run_dir),
+                env_names.ATTEMPT: str(self.attempt),
+                env_names.RESUME_FROM: str(resume_from) if resume_from else "",
+                env_names.HEARTBEAT_DIR: str(self.config.heartbeat_dir),
+                env_names.SUPERVISOR_PID: str(os.getpid()),
             }
         )
         # Worker logs are read for root causes: keep them current.
@@ -223,10 +226,10 @@ class TorchrunRunner:
                 # from here, not from the launch, so a long wait for a peer is not a hang.
                 fields["rendezvous_seconds"] = round(now - monitor.started_at, 3)
                 monitor.started_at = now
-            notes.append(("workers_started", fields))
+            notes.append((EventType.WORKERS_STARTED, fields))
         # Until a rank reports training, read on every poll: the first step after a launch is
         # a recovery's last phase, worth timing to 0.1 s rather than 0.5 s.
-        training = any(r.phase != "startup" for r in monitor.ranks.values())
+        training = any(r.phase != Phase.STARTUP for r in monitor.ranks.values())
         read_heartbeats = now >= self._next_heartbeat_read or bool(exited) or not training
         if read_heartbeats:
             self._next_heartbeat_read = now + self.config.heartbeat_interval
@@ -235,7 +238,7 @@ class TorchrunRunner:
             if new_timeout is not None:
                 notes.append(
                     (
-                        "hang_timeout",
+                        EventType.HANG_TIMEOUT,
                         {
                             "attempt": self.attempt,
                             "timeout": round(new_timeout, 3),
@@ -280,7 +283,7 @@ class TorchrunRunner:
                 self._announced_silent = True
                 notes.append(
                     (
-                        "heartbeats_absent",
+                        EventType.HEARTBEATS_ABSENT,
                         {
                             "attempt": self.attempt,
                             "reason": "no heartbeat within the start-up timeout: hang "
@@ -300,7 +303,11 @@ class TorchrunRunner:
             # Otherwise torchrun's own exit status decides.
             ranks = self.monitor.ranks if self.monitor is not None else {}
             state = ranks.get(worker.rank) if worker.rank is not None else None
-            if not self.config.hang.require_heartbeats or state is None or state.phase == "done":
+            if (
+                not self.config.hang.require_heartbeats
+                or state is None
+                or state.phase == Phase.DONE
+            ):
                 return
         self._failure = Failure(
             source="worker",
@@ -415,7 +422,7 @@ class TorchrunRunner:
         self.monitor.poll(self.tree.workers.keys())
         ranks = [w.rank for w in self.tree.workers.values()]
         states = self.monitor.ranks
-        return all(r is not None and r in states and states[r].phase == "done" for r in ranks)
+        return all(r is not None and r in states and states[r].phase == Phase.DONE for r in ranks)
 
 
 def _likely_cause_first(worker: Worker) -> int:

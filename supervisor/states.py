@@ -1,34 +1,9 @@
-"""The supervisor's states. Depends on nothing, so anything may import it.
-
-Transitions (one attempt per pass)::
-
-    INIT -> STARTING -> RUNNING -> SUCCEEDED
-                        RUNNING -> STOPPING -> BACKOFF -> STARTING   (failure or hang, budget left)
-                                   STOPPING -> FAILED                 (budget spent, crash loop)
-                        RUNNING -> STOPPING -> INTERRUPTED            (SIGINT/SIGTERM)
-"""
+"""How one attempt ended, as the runner saw it. (The supervisor's own states, which
+``supervisor.json`` records, are ``runcontract.states.State``.)"""
 
 from __future__ import annotations
 
 import enum
-
-
-class State(str, enum.Enum):
-    """Where the supervisor is; written to ``supervisor.json`` for ``launch.py status``."""
-
-    INIT = "init"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    BACKOFF = "backoff"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-
-    @property
-    def final(self) -> bool:
-        """True for states the supervisor exits in."""
-        return self in (State.SUCCEEDED, State.FAILED, State.INTERRUPTED)
 
 
 class Outcome(str, enum.Enum):

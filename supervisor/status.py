@@ -8,7 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-STATE_FILE = "supervisor.json"
+from runcontract import layout
+from runcontract.states import is_final
+from trainer.supervised import pid_alive
+
+STATE_FILE = layout.per_node_name(layout.STATE, None)
 
 
 def write_state(run_dir: Path, state: dict[str, Any], path: Path | None = None) -> None:
@@ -37,29 +41,19 @@ def read_node_states(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Every node's state, by node tag (``""`` for a one-node run's ``supervisor.json``,
     ``node<R>`` for ``supervisor-node<R>.json``). Raises FileNotFoundError when there is none,
     and ValueError when a file is not valid JSON."""
-    paths = sorted(run_dir.glob("supervisor-*.json"))
+    tags = layout.node_tags(run_dir, layout.STATE)
     if (run_dir / STATE_FILE).exists():
-        paths.insert(0, run_dir / STATE_FILE)
-    if not paths:
+        tags.insert(0, "")
+    if not tags:
         raise FileNotFoundError(run_dir / STATE_FILE)
-    return {p.stem.removeprefix("supervisor").lstrip("-"): read_state(run_dir, p) for p in paths}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return {t: read_state(run_dir, run_dir / layout.per_node_name(layout.STATE, t)) for t in tags}
 
 
 def format_status(run_dir: Path, state: dict[str, Any]) -> str:
     """The human summary printed by ``launch.py status``."""
     pid = int(state.get("supervisor_pid") or 0)
-    final = state.get("state") in ("succeeded", "failed", "interrupted")
-    alive = bool(pid) and _pid_alive(pid)
+    final = is_final(state.get("state"))
+    alive = bool(pid) and pid_alive(pid)
     shown_state = state.get("state", "?")
     if not final and not alive:
         shown_state = f"{shown_state} (supervisor pid {pid} is gone: the run is not running)"
@@ -91,7 +85,8 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
 def _newest_on_disk(run_dir: Path) -> str | None:
     # Names only: status is read-only and quick, so nothing is verified here.
     try:
-        names = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")]
+        names = [p.name for p in (run_dir / layout.CHECKPOINTS).iterdir()]
     except OSError:
         return None
-    return max(names) if names else None
+    newest = max(names, key=layout.checkpoint_order, default=None)
+    return newest if newest is not None and layout.parse_step(newest) is not None else None

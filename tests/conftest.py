@@ -14,6 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.common import free_port
+from runcontract.env import DATA_CACHE, unsupervised
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = REPO_ROOT / "trainer" / "train.py"
 
@@ -47,8 +50,8 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_env(data_cache: Path) -> dict[str, str]:
     """Environment for a trainer process: the shared corpus cache, and no supervisor variables
     inherited from whatever runs the tests (a worker would think it is supervised)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROSE_")}
-    env["ROSE_DATA_CACHE"] = str(data_cache)
+    env = unsupervised(os.environ)
+    env[DATA_CACHE] = str(data_cache)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("OMP_NUM_THREADS", None)
     return env
@@ -62,15 +65,6 @@ def train_command(args: list[str], nproc: int = 1) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(TRAIN_PY), *args,
     ]  # fmt: skip
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for torchrun's rendezvous store)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

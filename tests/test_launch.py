@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 from supervisor.cli import BUILTIN_TRAINER, build_parser, config_from_args, main
 from supervisor.status import write_state
 from tests.scripts.harness import LAUNCH, ROOT, WORKER

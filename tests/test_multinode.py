@@ -17,10 +17,10 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor import exit_codes
+from bench.common import free_port
+from runcontract import exit_codes
 from supervisor.cli import main as launch_main
 from supervisor.report import build_reports
-from tests.conftest import free_port
 from tests.scripts.nodes import LAUNCH, ROOT, Node, read_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.chaos, pytest.mark.slow]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 from supervisor.report import (
     PHASES,
     Report,

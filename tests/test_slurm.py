@@ -14,7 +14,8 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor import exit_codes, slurm
+from runcontract import exit_codes
+from supervisor import slurm
 from supervisor.cli import build_parser, config_from_args
 from supervisor.runner import TorchrunRunner
 from tests.scripts.nodes import Node

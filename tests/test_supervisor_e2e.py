@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 from tests.scripts.harness import FAST, Launched, failure_signal, wait_heartbeat
 
 pytestmark = [pytest.mark.distributed, pytest.mark.chaos, pytest.mark.slow]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog, read_events
 from supervisor.heartbeat import Hang

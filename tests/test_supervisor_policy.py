@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 from supervisor.policy import PolicyConfig, RestartPolicy
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched, alive, failure_signal
 
 pytestmark = pytest.mark.distributed

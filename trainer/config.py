@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from runcontract import env
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag and the value."""
@@ -83,8 +85,8 @@ def model_config(preset: str, vocab_size: int, dropout: float) -> GPTConfig:
 def default_data_cache() -> str:
     """Where the embedded corpus is cached: $ROSE_DATA_CACHE, else $XDG_CACHE_HOME/rosetrainer,
     else ~/.cache/rosetrainer."""
-    if os.environ.get("ROSE_DATA_CACHE"):
-        return os.environ["ROSE_DATA_CACHE"]
+    if os.environ.get(env.DATA_CACHE):
+        return os.environ[env.DATA_CACHE]
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(xdg, "rosetrainer")
 

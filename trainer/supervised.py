@@ -25,19 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_RUN_DIR = "ROSE_RUN_DIR"
-ENV_ATTEMPT = "ROSE_ATTEMPT"
-ENV_RESUME_FROM = "ROSE_RESUME_FROM"
-ENV_HEARTBEAT_DIR = "ROSE_HEARTBEAT_DIR"
-ENV_SUPERVISOR_PID = "ROSE_SUPERVISOR_PID"
-
-PHASES = ("startup", "train", "eval", "checkpoint", "done")
-"""The phases a heartbeat may report (see the heartbeat contract)."""
+from runcontract import env as env_names
+from runcontract import layout
+from runcontract.heartbeat import PHASES
 
 ORPHAN_EXIT_CODE = 1
 """Exit status of a worker that found its supervisor or torchrun gone."""
 
-_PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -63,20 +58,20 @@ def from_env(environ: Mapping[str, str] | None = None) -> SupervisedEnv | None:
     Raises ValueError, naming the variable, when a variable is present but malformed.
     """
     env = os.environ if environ is None else environ
-    run_dir = env.get(ENV_RUN_DIR, "")
+    run_dir = env.get(env_names.RUN_DIR, "")
     if not run_dir:
         return None
-    attempt = _int_var(env, ENV_ATTEMPT, default=1)
+    attempt = _int_var(env, env_names.ATTEMPT, default=1)
     if attempt < 1:
-        raise ValueError(f"{ENV_ATTEMPT}={attempt} is not a positive attempt number")
-    resume = env.get(ENV_RESUME_FROM, "")
-    heartbeat_dir = env.get(ENV_HEARTBEAT_DIR, "") or os.path.join(run_dir, "heartbeats")
+        raise ValueError(f"{env_names.ATTEMPT}={attempt} is not a positive attempt number")
+    resume = env.get(env_names.RESUME_FROM, "")
+    heartbeat_dir = env.get(env_names.HEARTBEAT_DIR, "") or os.path.join(run_dir, layout.HEARTBEATS)
     return SupervisedEnv(
         run_dir=Path(run_dir).absolute(),
         attempt=attempt,
         resume_from=Path(resume).absolute() if resume else None,
         heartbeat_dir=Path(heartbeat_dir).absolute(),
-        supervisor_pid=_int_var(env, ENV_SUPERVISOR_PID, default=0),
+        supervisor_pid=_int_var(env, env_names.SUPERVISOR_PID, default=0),
     )
 
 
@@ -90,21 +85,26 @@ def _int_var(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
 
 
+def prctl(option: int, arg: int) -> bool:
+    """``prctl(option, arg)`` on Linux; True when it succeeded, False elsewhere. Never raises."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, arg, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only).
 
     Returns True when armed, False where prctl is unavailable. Never raises.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return prctl(PR_SET_PDEATHSIG, int(sig))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -143,7 +143,7 @@ def guard_parent(poll_interval: float = 0.5) -> bool:
         set_parent_death_signal(signal.SIGKILL)
         # The parent may have died before prctl took effect; then we were re-parented already.
         supervisor = env.supervisor_pid
-        if parent == 1 or (supervisor and not _pid_alive(supervisor)):
+        if parent == 1 or (supervisor and not pid_alive(supervisor)):
             os._exit(ORPHAN_EXIT_CODE)
         thread = threading.Thread(
             target=_watch_parent,
@@ -159,7 +159,7 @@ def guard_parent(poll_interval: float = 0.5) -> bool:
 def _watch_parent(parent: int, supervisor: int, poll_interval: float) -> None:
     while True:
         time.sleep(poll_interval)
-        if os.getppid() != parent or (supervisor and not _pid_alive(supervisor)):
+        if os.getppid() != parent or (supervisor and not pid_alive(supervisor)):
             try:
                 sys.stderr.write(
                     f"rank process {os.getpid()}: supervisor or torchrun is gone; exiting\n"
@@ -202,7 +202,7 @@ class Heartbeat:
         self._last_step: int | None = None
         self._dir_ready = False
         if self.env is not None:
-            self.path: Path | None = self.env.heartbeat_dir / f"rank-{rank}.json"
+            self.path: Path | None = self.env.heartbeat_dir / layout.heartbeat_name(rank)
             self._tmp = self.env.heartbeat_dir / f".rank-{rank}.json.{self._pid}.tmp"
         else:
             self.path = None

@@ -1,8 +1,8 @@
 """Train a GPT: alone (`python trainer/train.py`) or under `torchrun ... trainer/train.py`.
 
-Exit codes (docs/architecture.md): 0 finished, 2 bad flag / data / checkpoint, 75 preempted
-(checkpoint written), 76 checkpoint write failed with --ckpt-fail-fatal, 77 another process
-holds the checkpoint writer lock.
+Exit codes: ``runcontract.exit_codes.TrainerExit`` (0 finished, 2 bad flag / data / checkpoint,
+75 preempted with a checkpoint written, 76 checkpoint write failed with --ckpt-fail-fatal, 77
+another process holds the checkpoint writer lock).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from runcontract.exit_codes import TrainerExit
+from runcontract.heartbeat import Phase
+from runcontract.layout import checkpoint_order
 from trainer import supervised
 from trainer.checkpoint import (
     CheckpointError,
@@ -48,12 +51,6 @@ from trainer.data import Corpus, DataError, load_corpus
 from trainer.model import GPT
 from trainer.preemption import Preemption
 from trainer.sampler import ResumableSampler, derive_seed
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 75
-EXIT_CKPT_FAILED = 76
-EXIT_CKPT_LOCKED = 77
 
 
 class UsageError(Exception):
@@ -133,7 +130,7 @@ class Trainer:
         self.cfg, self.corpus, self.run_dir, self.d, self.device = cfg, corpus, run_dir, d, device
         self.preemption = preemption
         self.beat = supervised.Heartbeat(d.rank)
-        self.beat(0, phase="startup")
+        self.beat(0, phase=Phase.STARTUP)
 
         self.model_cfg = cfg.model_config(corpus.vocab_size)
         # Same seed on every rank: identical initial weights (DDP would broadcast them anyway).
@@ -232,7 +229,7 @@ class Trainer:
         own = path.resolve().parent == (self.run_dir / "checkpoints").resolve()
         self.metrics_offset = int(state.get("metrics_offset", 0)) if own else -1
         self.last_saved_step = self.step
-        self.beat(self.step, phase="startup")
+        self.beat(self.step, phase=Phase.STARTUP)
         self._log(f"resumed from {path} at step {self.step}")
 
     def _keep_global_batch(self, global_batch: int, path: Path) -> None:
@@ -269,7 +266,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.step += 1
             self.position += self.sampler.global_batch
-            self.beat(self.step, phase="train")
+            self.beat(self.step, phase=Phase.TRAIN)
             self._write_metrics(
                 {
                     "step": self.step,
@@ -290,9 +287,9 @@ class Trainer:
             if self.preemption.agreed(self.device):
                 self._save(sync=True)
                 self._barrier()  # past it, every rank knows the checkpoint is durable
-                self.preemption.checkpoint_written(EXIT_PREEMPTED)
+                self.preemption.checkpoint_written(TrainerExit.PREEMPTED)
                 self._log(f"preempted: checkpoint at step {self.step} written; exiting")
-                return EXIT_PREEMPTED
+                return TrainerExit.PREEMPTED
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._eval()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
@@ -300,20 +297,20 @@ class Trainer:
         # Every finished run commits its final state, whatever --ckpt-every says.
         if self.last_saved_step != self.step:
             self._save(sync=True)
-        self.beat(self.step, phase="checkpoint")
+        self.beat(self.step, phase=Phase.CHECKPOINT)
         self.store.wait()
         self._barrier()
         # The run is over: a preemption signal from now on has nothing left to save, and must
         # not turn a finished run into a death by signal.
-        self.preemption.checkpoint_written(EXIT_OK)
-        self.beat(self.step, phase="done")
+        self.preemption.checkpoint_written(TrainerExit.OK)
+        self.beat(self.step, phase=Phase.DONE)
         if self.d.is_main:
             print(
                 f"done step={self.step} loss={self.last_loss:.4f} "
                 f"params_sha256={params_sha256(self.model)}",
                 flush=True,
             )
-        return EXIT_OK
+        return TrainerExit.OK
 
     def _train_step(self, model: torch.nn.Module) -> float:
         cfg = self.cfg
@@ -382,7 +379,7 @@ class Trainer:
 
     @torch.no_grad()
     def _eval(self) -> None:
-        self.beat(self.step, phase="eval")
+        self.beat(self.step, phase=Phase.EVAL)
         self.model.eval()
         total = 0.0
         for k in range(self.cfg.eval_batches):
@@ -395,7 +392,7 @@ class Trainer:
         eval_loss = self._mean_over_ranks(total / self.cfg.eval_batches)
         self._write_metrics({"step": self.step, "eval_loss": eval_loss, "time": time.time()})
         self._log(f"step {self.step}/{self.cfg.steps} eval_loss {eval_loss:.4f}")
-        self.beat(self.step, phase="train")
+        self.beat(self.step, phase=Phase.TRAIN)
 
     def _mean_over_ranks(self, value: float) -> float:
         if not self.d.enabled:
@@ -411,7 +408,7 @@ class Trainer:
     # -- checkpoints and metrics --------------------------------------------------------------
 
     def _save(self, sync: bool) -> None:
-        self.beat(self.step, phase="checkpoint")
+        self.beat(self.step, phase=Phase.CHECKPOINT)
         train_state = {
             "step": self.step,
             "position": self.position,
@@ -430,7 +427,7 @@ class Trainer:
         if sync:
             self.store.wait()
         self.last_saved_step = self.step
-        self.beat(self.step, phase="train")
+        self.beat(self.step, phase=Phase.TRAIN)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not self.d.is_main:
@@ -488,7 +485,7 @@ def _agree_on_resume(chosen: Path | None, d: Dist) -> Path | None:
         return chosen
     choices: list[Any] = [None] * d.world_size
     dist.all_gather_object(choices, str(chosen) if chosen is not None else None)
-    agreed = max(choices, key=_checkpoint_order)  # the first of equals: every rank picks the same
+    agreed = max(choices, key=checkpoint_order)  # the first of equals: every rank picks the same
     result = Path(agreed) if agreed else None
     if result != chosen:
         print(
@@ -498,12 +495,6 @@ def _agree_on_resume(chosen: Path | None, d: Dist) -> Path | None:
             flush=True,
         )
     return result
-
-
-def _checkpoint_order(path: str | None) -> int:
-    # Committed checkpoints are named step-XXXXXXXX; anything else ranks below every one.
-    name = Path(path).name if path else ""
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else -1
 
 
 def _fail(message: str, code: int) -> int:
@@ -521,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         env = supervised.from_env()
     except (ConfigError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(str(e), TrainerExit.USAGE)
     # Armed first: a worker whose supervisor dies during a slow start-up must not linger.
     supervised.guard_parent()
     run_dir = env.run_dir if env is not None else Path(cfg.run_dir)
@@ -536,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         device = _resolve_device(cfg, d)
     except (DataError, UsageError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(str(e), TrainerExit.USAGE)
 
     # From here on a preemption signal asks for a checkpoint instead of ending the process.
     preemption = Preemption()
@@ -567,11 +558,11 @@ def _train(
         trainer = Trainer(cfg, corpus, run_dir, resume, d, device, preemption)
         return trainer.run()
     except CheckpointLocked as e:
-        return _fail(str(e), EXIT_CKPT_LOCKED)
+        return _fail(str(e), TrainerExit.CKPT_LOCKED)
     except CheckpointWriteFailed as e:
-        return _fail(f"checkpoint write failed: {e}", EXIT_CKPT_FAILED)
+        return _fail(f"checkpoint write failed: {e}", TrainerExit.CKPT_FAILED)
     except (CheckpointError, UsageError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(str(e), TrainerExit.USAGE)
     finally:
         if trainer is not None:
             trainer.close()
@@ -587,7 +578,7 @@ def _exit(code: int) -> None:
     running as soon as the first one exits, so a normal exit could turn a finished run or a
     clean preemption into a death by signal. Everything worth keeping is durable and closed.
     """
-    if code in (EXIT_OK, EXIT_PREEMPTED):
+    if code in (TrainerExit.OK, TrainerExit.PREEMPTED):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from runcontract.env import run_dir_of
 from tests.scripts.harness import failure_signal, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,9 +57,7 @@ def run_processes(run_dir: Path) -> list[psutil.Process]:
             continue
         try:
             cmdline = proc.info["cmdline"] or []
-            if any(needle in part for part in cmdline) or (
-                proc.environ().get("ROSE_RUN_DIR") == needle
-            ):
+            if any(needle in part for part in cmdline) or run_dir_of(proc.pid) == needle:
                 found.append(proc)
         except (psutil.Error, OSError):
             continue

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import exit_codes
+from runcontract import exit_codes
 from tests.chaos.conftest import (
     CKPT_EVERY,
     HERE,

@@ -180,10 +180,10 @@ def test_fill_disk_refuses_to_fill_a_large_disk(tmp_path: Path, fake_runs: list[
 WRITER = """
 import sys
 from pathlib import Path
-from supervisor.chaos import EventAppender
-log = EventAppender(Path(sys.argv[1]), console=None)
+from runcontract.events import EventWriter
+log = EventWriter(Path(sys.argv[1]), source="chaos")
 for i in range(int(sys.argv[2])):
-    log.emit("fault_injected", i=i, pad="y" * (200 + (i * 37) % 3000))
+    log.write("fault_injected", i=i, pad="y" * (200 + (i * 37) % 3000))
 """
 
 

@@ -12,26 +12,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from runcontract.env import run_dir_of
+from runcontract.events import read_jsonl
+from runcontract.heartbeat import read_heartbeat
+
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch.py"
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
 # Fast settings for tests: quick backoff, short grace, no crash-loop guard unless asked.
 FAST = ["--backoff-initial", "0.05", "--backoff-max", "0.2", "--stop-grace", "1"]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path`` ([] while it does not exist; a torn last line, being
-    written as we read, is left out)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 class Launched:
@@ -128,12 +118,7 @@ class Launched:
 
 def belongs_to(pid: int, run_dir: Path) -> bool:
     """True when process ``pid`` runs with ``ROSE_RUN_DIR`` set to ``run_dir``."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
-        return False
-    return f"ROSE_RUN_DIR={run_dir}".encode() in env
+    return run_dir_of(pid) == str(run_dir)
 
 
 def heartbeat_pids(run_dir: Path) -> set[int]:
@@ -155,21 +140,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def heartbeat(run_dir: Path, rank: int) -> dict[str, Any] | None:
-    """Rank ``rank``'s newest heartbeat, or None."""
-    try:
-        return json.loads((run_dir / "heartbeats" / f"rank-{rank}.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def wait_heartbeat(
     run: Launched, rank: int, attempt: int, min_step: int, timeout: float
 ) -> dict[str, Any]:
     """Wait until ``rank`` of ``attempt`` reports at least ``min_step`` in the train phase."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        beat = heartbeat(run.run_dir, rank)
+        beat = read_heartbeat(run.run_dir, rank)
         if (
             beat is not None
             and beat["attempt"] == attempt

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from runcontract import env
+
 #: Test-only: ``ROSE_CKPT_PAUSE_AT=<phase>`` makes the writer stop itself (SIGSTOP) at that phase,
 #: so a test can SIGKILL it at a precise instant. Phases: ``payload-mid`` (half of the model file
 #: written), ``manifest-mid`` (half of manifest.json written), ``before-rename`` (everything
 #: durable in the temp directory), ``after-rename`` (renamed, parent directory not yet fsync'd).
-PAUSE_ENV = "ROSE_CKPT_PAUSE_AT"
+PAUSE_ENV = env.CKPT_PAUSE_AT
 PHASES = ("payload-mid", "manifest-mid", "before-rename", "after-rename")
 
 _CHUNK = 8 << 20

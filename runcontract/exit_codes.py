@@ -1,9 +1,29 @@
-"""The supervisor's exit codes (``launch.py``): one per way a run can end.
+"""Exit codes: the launcher's (``launch.py``, one per way a run can end) and a worker's
+(``TrainerExit``: what the built-in trainer, or any script that keeps the contract, tells the
+supervisor through its exit status).
 
-Each is distinct so that scripts and CI can tell them apart; docs/supervisor.md lists them.
+Each is distinct so that scripts and CI can tell them apart; the README lists them.
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class TrainerExit(enum.IntEnum):
+    """A worker's exit status."""
+
+    OK = 0
+    """Finished every step; the final checkpoint is durable."""
+    USAGE = 2
+    """A bad flag, bad data or an incompatible checkpoint: no restart can help."""
+    PREEMPTED = 75
+    """SIGTERM or SIGUSR1: it finished its step, wrote an emergency checkpoint and left."""
+    CKPT_FAILED = 76
+    """A checkpoint write failed under ``--ckpt-fail-fatal``."""
+    CKPT_LOCKED = 77
+    """Another process holds the run's checkpoint writer lock."""
+
 
 SUCCESS = 0
 """Every worker finished (torchrun exited 0)."""

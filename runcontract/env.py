@@ -1,0 +1,47 @@
+"""The environment variables that carry the contract between the supervisor and its workers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+PREFIX = "ROSE_"
+"""Every variable of the contract starts with it."""
+
+RUN_DIR = "ROSE_RUN_DIR"
+"""The run directory (its presence means: this worker is supervised)."""
+ATTEMPT = "ROSE_ATTEMPT"
+"""The attempt number, 1-based; heartbeats carry it so that old files are never mistaken."""
+RESUME_FROM = "ROSE_RESUME_FROM"
+"""The checkpoint every rank must load; empty for a fresh start."""
+HEARTBEAT_DIR = "ROSE_HEARTBEAT_DIR"
+"""Where ``rank-<R>.json`` heartbeats go."""
+SUPERVISOR_PID = "ROSE_SUPERVISOR_PID"
+"""The supervisor's pid: a worker exits when it is gone (``supervised.guard_parent``)."""
+DATA_CACHE = "ROSE_DATA_CACHE"
+"""Where the built-in trainer caches its tokenized corpus."""
+CKPT_PAUSE_AT = "ROSE_CKPT_PAUSE_AT"
+"""Test only: the checkpoint writer stops itself (SIGSTOP) at this phase of a write."""
+
+SUPERVISED = (RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID)
+"""The variables the supervisor sets for every worker."""
+
+
+def unsupervised(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without any ``ROSE_*`` variable: a process started with it is not
+    supervised, whatever started the caller."""
+    return {k: v for k, v in environ.items() if not k.startswith(PREFIX)}
+
+
+def run_dir_of(pid: int) -> str | None:
+    """The ``ROSE_RUN_DIR`` process ``pid`` runs with, as its environment says (Linux
+    ``/proc``); None when it has none, or cannot be read (gone, or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{RUN_DIR}=".encode()
+    for entry in entries:
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace") or None
+    return None
