@@ -228,7 +228,11 @@ def test_full_checkpoint_disk_training_goes_on(
     # Training went on to the end, but its final state could not be saved: no false success.
     assert rc == exit_codes.FINAL_STATE_UNSAVED and last_attempt(harness.run_dir) == 1
     (unsaved,) = [e for e in events if e["type"] == "final_state_unsaved"]
-    assert unsaved["step"] == STEPS and unsaved["durable_step"] == max(fault["committed"])
+    # A save already under way when the disk filled may still have landed.
+    assert unsaved["step"] == STEPS and unsaved["durable_step"] == max(
+        committed_steps(harness.run_dir)
+    )
+    assert unsaved["durable_step"] >= max(fault["committed"])
     assert final_sha(harness.run_dir) == reference.sha
     steps = [r["step"] for r in read_jsonl(harness.run_dir / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
