@@ -1,9 +1,9 @@
 """Goodput under failures: useful steps per wall-clock second with a worker SIGKILL every T s.
 
 The same supervised 2-rank job runs once without faults and once per T, with the chaos tool
-(``python -m supervisor.chaos --fault kill-worker --every T``) killing a random worker every T
+(``python -m tools.chaos --fault kill-worker --every T``) killing a random worker every T
 seconds (each kill waits until the new attempt is training). Goodput and the work lost per
-failure come from the run report (``supervisor.report``); the loss per failure is compared with
+failure come from the run report (``tools.report``); the loss per failure is compared with
 half the checkpoint interval, what a kill at a uniformly random moment costs on average.
 
     python bench/bench_goodput.py                      # T = 30, 15 s
@@ -32,7 +32,7 @@ from common import (
     wait_exit,
 )
 
-from supervisor.report import build_report
+from tools.report import build_report
 
 
 def one_run(run_dir: Path, every: float | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def one_run(run_dir: Path, every: float | None, args: argparse.Namespace) -> dic
             [
                 sys.executable,
                 "-m",
-                "supervisor.chaos",
+                "tools.chaos",
                 str(run_dir),
                 "--fault",
                 "kill-worker",
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"job: tiny preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
         f"{args.seq_len}, {args.steps} steps, async checkpoint every {args.ckpt_every} steps; "
-        "supervisor --backoff-initial 0.5; kills by `python -m supervisor.chaos --fault "
+        "supervisor --backoff-initial 0.5; kills by `python -m tools.chaos --fault "
         "kill-worker --every T --seed 1`"
     )
     rows: list[tuple[str, dict[str, Any]]] = []

@@ -4,7 +4,7 @@ Each trial is one real 2-rank run of the same job, and one SIGKILL of rank 1 onc
 passed a checkpoint. Side by side, over the same number of trials:
 
 - under the supervisor (``launch.py``): the recovery split into its phases from events.jsonl
-  (detect, stop, back off, launch, first step; see ``supervisor.report``), against the same
+  (detect, stop, back off, launch, first step; see ``tools.report``), against the same
   run's cold start (launch → first step);
 - under bare ``torchrun --max-restarts N`` on the same job (``--resume auto``): its latency
   (kill → first step after the resume, from metrics.jsonl) and how often it recovers at all.
@@ -40,7 +40,7 @@ from common import (
 
 from runcontract import layout
 from runcontract.events import EventType, EventWriter
-from supervisor.report import PHASES, build_report
+from tools.report import PHASES, build_report
 
 _RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
 

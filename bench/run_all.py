@@ -156,7 +156,7 @@ def render(sections: dict[str, str], kept: str) -> str:
         "python bench/run_all.py --quick    # a few trials each, to check that all of them run",
         "python bench/bench_recovery.py --trials 5     # any one of them alone prints its tables",
         "python launch.py report RUN_DIR    # the report of one run: summary + RUN_DIR/report.png",
-        "python -m supervisor.report RUN_DIR    # the same report without the launcher",
+        "python -m tools.report RUN_DIR    # the same report without the launcher",
         "```",
         "",
         "The run report prints the attempts, the failures by cause with the root-cause rank, each "

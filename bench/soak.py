@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     sup = _launch(soak_dir, args, env)
     steps = ",".join(str(args.spacing * (i + 1)) for i in range(args.faults))
     tool = subprocess.run(
-        [sys.executable, "-m", "supervisor.chaos", str(soak_dir), "--fault", "random",
+        [sys.executable, "-m", "tools.chaos", str(soak_dir), "--fault", "random",
          "--at-steps", steps, "--seed", str(args.seed)],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"job: tiny preset, 2 ranks (gloo), {args.steps} steps, checkpoint every "
         f"{args.ckpt_every} steps (keep 3); one fault every {args.spacing} steps by "
-        f"`python -m supervisor.chaos --fault random --at-steps ... --seed {args.seed}`; "
+        f"`python -m tools.chaos --fault random --at-steps ... --seed {args.seed}`; "
         f"supervisor exit {rc}, chaos tool exit {tool.returncode}, {seconds:.0f} s in all"
     )
     print()

@@ -307,7 +307,7 @@ def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     config = config_from_args(args)
     if args.chaos is not None:
-        from supervisor import chaos
+        from tools import chaos
 
         try:
             chaos.parse_spec(args.chaos, config.run_dir, config.node_tag or None)
@@ -340,7 +340,7 @@ def run(argv: Sequence[str]) -> int:
         injector = None
         try:
             if args.chaos is not None:
-                from supervisor import chaos
+                from tools import chaos
 
                 # Its own process, as a real fault arrives from outside the supervisor.
                 injector = chaos.spawn(config.run_dir, args.chaos, config.node_tag or None)
@@ -412,7 +412,7 @@ def _write_text_report(run_dir: Path, node: str | None = None) -> None:
     """Leave ``RUN_DIR/report.txt`` (a node's ``report-<tag>.txt`` on several nodes) behind and
     say where; the plot is rendered on request only, since matplotlib costs seconds that every
     run would pay."""
-    from supervisor import report
+    from tools import report
 
     path = run_dir / layout.per_node_name(layout.REPORT, node)
     try:
@@ -429,15 +429,15 @@ def _write_text_report(run_dir: Path, node: str | None = None) -> None:
 
 
 def report_command(argv: Sequence[str]) -> int:
-    """``launch.py report RUN_DIR [...]``: the run report (``supervisor.report``)."""
-    from supervisor import report
+    """``launch.py report RUN_DIR [...]``: the run report (``tools.report``)."""
+    from tools import report
 
     return report.main(list(argv), prog=f"{PROG} report")
 
 
 def chaos_command(argv: Sequence[str]) -> int:
-    """``launch.py chaos RUN_DIR [...]``: the chaos tool (``supervisor.chaos``)."""
-    from supervisor import chaos
+    """``launch.py chaos RUN_DIR [...]``: the chaos tool (``tools.chaos``)."""
+    from tools import chaos
 
     return chaos.main(list(argv), prog=f"{PROG} chaos")
 

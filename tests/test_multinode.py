@@ -20,8 +20,8 @@ import pytest
 from bench.common import free_port
 from runcontract import exit_codes
 from supervisor.cli import main as launch_main
-from supervisor.report import build_reports
 from tests.scripts.nodes import LAUNCH, ROOT, Node, read_jsonl
+from tools.report import build_reports
 
 pytestmark = [pytest.mark.distributed, pytest.mark.chaos, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""The run report (``supervisor.report``) on a real supervised run with two recoveries.
+"""The run report (``tools.report``) on a real supervised run with two recoveries.
 
 The supervisor runs the real trainer on 2 CPU ranks; the chaos tool SIGKILLs a worker twice. The
 report's numbers are checked against the same numbers computed here straight from the raw
@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from runcontract import exit_codes
-from supervisor.report import (
+from tests.scripts.harness import FAST, ROOT, Launched
+from tools.report import (
     PHASES,
     Report,
     ReportError,
@@ -28,7 +29,6 @@ from supervisor.report import (
     render_png,
     render_text,
 )
-from tests.scripts.harness import FAST, ROOT, Launched
 
 STEPS = 40
 CKPT_EVERY = 5
@@ -50,7 +50,7 @@ def recovered_run(tmp_path_factory: pytest.TempPathFactory, train_env: dict[str,
         [
             sys.executable,
             "-m",
-            "supervisor.chaos",
+            "tools.chaos",
             str(run_dir),
             "--fault",
             "kill-worker",
@@ -194,7 +194,7 @@ def test_command_prints_the_summary_and_writes_a_png_with_content(
     png = recovered_run / "report.png"
     png.unlink(missing_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "supervisor.report", str(recovered_run)],
+        [sys.executable, "-m", "tools.report", str(recovered_run)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -310,7 +310,7 @@ def test_without_matplotlib_the_text_report_works_and_the_plot_is_skipped(
     # A real interpreter in which importing matplotlib fails, as when it is not installed.
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from supervisor.report import main\n"
+        "from tools.report import main\n"
         f"sys.exit(main([{str(run_dir)!r}]))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))

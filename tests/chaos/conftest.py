@@ -1,5 +1,5 @@
 """Whole-system fault tests: the real supervisor (``launch.py``) runs the real trainer on 2 CPU
-ranks (one test: 3 and 4), the chaos tool (``python -m supervisor.chaos``) injects faults from
+ranks (one test: 3 and 4), the chaos tool (``python -m tools.chaos``) injects faults from
 outside, and each test checks what a user would: the exit code, the final step, the final
 parameters against an uninterrupted reference run, no process left, the story in events.jsonl,
 and no checkpoint lost.
@@ -145,11 +145,11 @@ class Harness:
         return sup
 
     def chaos(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start ``python -m supervisor.chaos RUN_DIR ARGS`` (output in chaos-N.log)."""
+        """Start ``python -m tools.chaos RUN_DIR ARGS`` (output in chaos-N.log)."""
         log = self.base / f"chaos-{len(self.tools) + 1}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.chaos", str(self.run_dir), *args],
+                [sys.executable, "-m", "tools.chaos", str(self.run_dir), *args],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdout=out,

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor import chaos
 from supervisor.events import EventLog
 from tests.chaos.conftest import HERE, REPO_ROOT, read_jsonl
+from tools import chaos
 
 pytestmark = pytest.mark.chaos
 
@@ -66,7 +66,7 @@ def fake_runs(tmp_path: Path) -> Iterator[list[FakeRun]]:
 
 def tool(run_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "supervisor.chaos", str(run_dir), *args],
+        [sys.executable, "-m", "tools.chaos", str(run_dir), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -237,7 +237,7 @@ def test_config_names_the_bad_value() -> None:
     assert chaos.ChaosConfig(Path("r"), at_steps=(3, 9)).planned == 2
     assert chaos.ChaosConfig(Path("r")).planned == 1
     res = subprocess.run(
-        [sys.executable, "-m", "supervisor.chaos", "runs/x", "--at-steps", "a,b"],
+        [sys.executable, "-m", "tools.chaos", "runs/x", "--at-steps", "a,b"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -1,6 +1,6 @@
 """The run report: what happened to a run, read back from its run directory.
 
-``python -m supervisor.report RUN_DIR`` prints a summary — attempts, failures by cause with the
+``python -m tools.report RUN_DIR`` prints a summary — attempts, failures by cause with the
 root-cause rank, each recovery's phases, steps lost, goodput, the newest valid checkpoint — and
 writes ``RUN_DIR/report.png`` (the loss curve with failures and resumes marked, and a timeline of
 attempts) when matplotlib is installed (``pip install 'rosetrainer[report]'``).
@@ -55,7 +55,7 @@ _ENDING = {
 # they are never taken for the cause of a later failure.
 _FAILING_FAULTS = frozenset({"kill-worker", "kill-writer", "hang", "kill-torchrun", "corrupt"})
 
-PROG = "python -m supervisor.report"
+PROG = "python -m tools.report"
 
 
 class ReportError(Exception):
@@ -729,7 +729,7 @@ def render_png(report: Report, path: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    """``python -m supervisor.report RUN_DIR [--node TAG]``: print the summary, write
+    """``python -m tools.report RUN_DIR [--node TAG]``: print the summary, write
     ``RUN_DIR/report.png`` (on a multi-node run directory: a section and a
     ``RUN_DIR/report-<tag>.png`` per node, or only node TAG's).
 

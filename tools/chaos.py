@@ -1,6 +1,6 @@
 """The chaos tool: inject real faults into a running supervised run, from outside.
 
-``python -m supervisor.chaos RUN_DIR [--node TAG] [--fault KIND[,KIND...]] [--every S |
+``python -m tools.chaos RUN_DIR [--node TAG] [--fault KIND[,KIND...]] [--every S |
 --at-steps N,M,...] [--count C] [--seed X]`` attaches to the run that owns RUN_DIR, as a real
 failure would arrive: it finds its targets through the run directory (``supervisor.json``,
 ``heartbeats/``, ``checkpoints/``) and psutil, sends real signals and damages real files. Every
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from runcontract.events import EventType, EventWriter
-from supervisor.chaos_run import RunView, Snapshot, TempDir, node_tags, valid_node_tag
+from tools.chaos_run import RunView, Snapshot, TempDir, node_tags, valid_node_tag
 
 FAULTS: dict[str, str] = {
     "kill-worker": "SIGKILL of a random worker",
@@ -63,7 +63,7 @@ EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_DONE = 3
 
-PROG = "python -m supervisor.chaos"
+PROG = "python -m tools.chaos"
 
 
 class ChaosError(Exception):
@@ -722,7 +722,7 @@ def _flag_names(message: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
-    """Entry point of ``python -m supervisor.chaos`` (``prog`` names the command in messages);
+    """Entry point of ``python -m tools.chaos`` (``prog`` names the command in messages);
     returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -804,7 +804,7 @@ def spawn(
     """
     parse_spec(spec, run_dir, node)
     node_argv = ["--node", node] if node else []
-    cmd = [sys.executable, "-m", "supervisor.chaos", str(run_dir), *node_argv, *spec_to_argv(spec)]
+    cmd = [sys.executable, "-m", "tools.chaos", str(run_dir), *node_argv, *spec_to_argv(spec)]
     env = dict(popen.pop("env", None) or os.environ)
     root = str(Path(__file__).resolve().parents[1])
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
