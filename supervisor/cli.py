@@ -14,11 +14,11 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import filelock
 
 from runcontract import exit_codes, layout
+from runcontract.cli import Parser, UsageError, flag_names
 from runcontract.events import EventType
 from supervisor import slurm
 from supervisor.config import BUILTIN_TRAINER, LaunchConfig
@@ -33,18 +33,9 @@ from supervisor.status import format_status, read_node_states, read_state
 PROG = "launch.py"
 
 
-class UsageError(Exception):
-    """Bad input from the command line; the message is the one line the user sees."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's flags (see docs/supervisor.md for each one's meaning)."""
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Run a torchrun script under a supervisor that restarts it from the newest "
         "valid checkpoint after crashes and hangs.",
@@ -234,7 +225,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
             hang=hang,
         )
     except ValueError as e:
-        raise UsageError(_flag_names(str(e))) from None
+        raise UsageError(flag_names(str(e))) from None
     return config
 
 
@@ -254,14 +245,6 @@ def _apply_slurm(args: argparse.Namespace) -> None:
         args.rdzv_id = alloc.job_id
     if args.run_dir is None:
         args.run_dir = f"runs/slurm-{alloc.job_id}"
-
-
-def _flag_names(message: str) -> str:
-    # Dataclass validation speaks in field names; the user typed flags.
-    head, sep, rest = message.partition("=")
-    if sep and head.isidentifier():
-        return f"--{head.replace('_', '-')} {rest}"
-    return message
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -381,7 +364,7 @@ def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], No
 
 def status(argv: Sequence[str]) -> int:
     """``launch.py status RUN_DIR [--json]``: print the run's state; exit 2 when there is none."""
-    p = _Parser(prog=f"{PROG} status", description="Show a supervised run's state.")
+    p = Parser(prog=f"{PROG} status", description="Show a supervised run's state.")
     p.add_argument("run_dir")
     p.add_argument(
         "--json",

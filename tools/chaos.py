@@ -29,8 +29,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from runcontract.cli import Parser, UsageError, flag_names
 from runcontract.events import EventType, EventWriter
 from tools.chaos_run import RunView, Snapshot, TempDir, node_tags, valid_node_tag
 
@@ -603,19 +604,10 @@ def _fill(path: Path, nbytes: int) -> int:
 # -- command line ------------------------------------------------------------------------------
 
 
-class UsageError(Exception):
-    """Bad input from the command line; the message is the one line the user sees."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The tool's flags."""
     kinds = "\n".join(f"  {k:16} {v}" for k, v in FAULTS.items())
-    p = _Parser(
+    p = Parser(
         prog=prog,
         description="Inject faults into a running supervised run, from outside.",
         epilog=f"fault kinds:\n{kinds}\n  {RANDOM:16} a seeded draw from {', '.join(RANDOM_POOL)}",
@@ -709,16 +701,7 @@ def config_from_args(args: argparse.Namespace) -> ChaosConfig:
             fill_limit=args.fill_limit,
         )
     except ValueError as e:
-        raise UsageError(_flag_names(str(e))) from None
-
-
-def _flag_names(message: str) -> str:
-    # Validation speaks in field names; the user typed flags.
-    head, sep, rest = message.partition("=")
-    if sep and head.isidentifier():
-        flag = "--at-steps" if head == "at_steps" else f"--{head.replace('_', '-')}"
-        return f"{flag} {rest}"
-    return message
+        raise UsageError(flag_names(str(e))) from None
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
