@@ -19,7 +19,6 @@ injected.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import signal
@@ -31,28 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runcontract.cli import Parser, UsageError, flag_names
+from runcontract.cli import UsageError
 from runcontract.events import EventType, EventWriter
-from tools.chaos_run import RunView, Snapshot, TempDir, node_tags, valid_node_tag
-
-FAULTS: dict[str, str] = {
-    "kill-worker": "SIGKILL of a random worker",
-    "kill-writer": "SIGKILL of rank 0 while it writes a checkpoint (waits for a .tmp- directory)",
-    "hang": "SIGSTOP of a random worker: a hang the supervisor must detect",
-    "kill-torchrun": "SIGKILL of the torchrun process: a lost node",
-    "corrupt": "rank 0 frozen, a byte of a payload file of the newest committed checkpoint "
-    "flipped (or the file truncated), then rank 0 SIGKILLed",
-    "preempt": "SIGTERM of the supervisor: a preemption (the run stops with exit 75)",
-    "kill-supervisor": "SIGKILL of the supervisor (its workers must not outlive it)",
-    "fill-disk": "fill the checkpoint directory's file system: checkpoint writes fail, "
-    "training must go on",
-}
-"""Every fault kind and what it does."""
-
-RANDOM = "random"
-RANDOM_POOL = ("kill-worker", "kill-writer", "hang", "kill-torchrun", "corrupt")
-"""The kinds ``random`` draws from: each one is recovered from by restarting, so a long run can
-take any number of them."""
+from tools.chaos_config import (
+    PROG,
+    RANDOM,
+    RANDOM_POOL,
+    ChaosConfig,
+    build_parser,
+    config_from_args,
+    node_argv,
+    parse_spec,
+    spec_to_argv,
+)
+from tools.chaos_run import RunView, Snapshot, TempDir, node_tags
 
 # Kinds after which the supervisor starts a new attempt; the next injection waits for it.
 _RESTARTING = frozenset(RANDOM_POOL)
@@ -64,98 +55,9 @@ EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_DONE = 3
 
-PROG = "python -m tools.chaos"
-
 
 class ChaosError(Exception):
     """A fault cannot be injected as asked; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class ChaosConfig:
-    """What to inject, when, and how often."""
-
-    run_dir: Path
-    """The supervised run's directory."""
-    node: str | None = None
-    """On a multi-node run directory: the tag of the node to attack (``node1``); None on one
-    node."""
-    faults: tuple[str, ...] = ("kill-worker",)
-    """Kinds used in turn (the i-th injection takes ``faults[i % len]``); ``random`` draws
-    each from ``RANDOM_POOL``."""
-    every: float | None = None
-    """Seconds between injections (each waits for the run to be up again first)."""
-    at_steps: tuple[int, ...] = ()
-    """Inject once the running attempt reaches each of these steps, in order."""
-    count: int | None = None
-    """Injections to make; default: one per ``at_steps`` entry, unlimited with ``every``, else 1."""
-    seed: int | None = None
-    """Seed of every random choice; None draws one (and prints it, for a replay)."""
-    wait_start: float = 120.0
-    """Seconds to wait for the supervisor to write ``supervisor.json``."""
-    timeout: float | None = None
-    """Give up (exit 3) after this many seconds; None waits as long as the run lives."""
-    writer_wait: float = 120.0
-    """``kill-writer``: seconds to wait for a checkpoint write before trying the next attempt."""
-    writer_delay: float = 0.05
-    """``kill-writer``: once the write has begun, kill at a seeded point within this many
-    seconds (at once when the writer stops itself at the store's test pause hook)."""
-    corrupt_mode: str = "any"
-    """``corrupt``: ``flip`` a byte, ``truncate`` the file to half, or ``any`` (seeded choice)."""
-    fill_leave: int = 64 * 1024
-    """``fill-disk``: bytes left free on the checkpoint directory's file system."""
-    fill_limit: int = 256 * 1024 * 1024
-    """``fill-disk``: refuse when filling would take more than this (a real, large disk)."""
-    poll_interval: float = 0.05
-    """Seconds between looks at the run."""
-
-    def __post_init__(self) -> None:
-        if self.node is not None and not valid_node_tag(self.node):
-            raise ValueError(
-                f"node={self.node!r}: not a node tag (e.g. node1, as in supervisor-node1.json)"
-            )
-        if not self.faults:
-            raise ValueError("fault: give at least one kind")
-        for kind in self.faults:
-            if kind != RANDOM and kind not in FAULTS:
-                raise ValueError(
-                    f"fault={kind!r}: unknown kind (choose from {', '.join([*FAULTS, RANDOM])})"
-                )
-        if self.every is not None and not self.every > 0:
-            raise ValueError(f"every={self.every!r}: must be > 0 seconds")
-        if self.every is not None and self.at_steps:
-            raise ValueError("every and at_steps: give one of them, not both")
-        if any(s < 0 for s in self.at_steps) or list(self.at_steps) != sorted(self.at_steps):
-            raise ValueError(f"at_steps={list(self.at_steps)}: must be ascending steps >= 0")
-        if self.count is not None and self.count < 1:
-            raise ValueError(f"count={self.count!r}: must be >= 1")
-        if self.count is not None and self.at_steps and self.count > len(self.at_steps):
-            raise ValueError(
-                f"count={self.count}: more than the {len(self.at_steps)} steps in at_steps"
-            )
-        for name in ("wait_start", "writer_wait", "poll_interval"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0 seconds")
-        if not self.writer_delay >= 0:
-            raise ValueError(f"writer_delay={self.writer_delay!r}: must be >= 0 seconds")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"timeout={self.timeout!r}: must be > 0 seconds")
-        if self.corrupt_mode not in ("any", "flip", "truncate"):
-            raise ValueError(f"corrupt_mode={self.corrupt_mode!r}: must be any, flip or truncate")
-        if self.fill_leave < 0 or self.fill_limit <= 0:
-            raise ValueError(
-                f"fill_leave={self.fill_leave}, fill_limit={self.fill_limit}: "
-                "must be >= 0 and > 0 bytes"
-            )
-
-    @property
-    def planned(self) -> int | None:
-        """How many injections to make (None: until the run ends)."""
-        if self.count is not None:
-            return self.count
-        if self.at_steps:
-            return len(self.at_steps)
-        return None if self.every is not None else 1
 
 
 @dataclass
@@ -604,106 +506,6 @@ def _fill(path: Path, nbytes: int) -> int:
 # -- command line ------------------------------------------------------------------------------
 
 
-def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The tool's flags."""
-    kinds = "\n".join(f"  {k:16} {v}" for k, v in FAULTS.items())
-    p = Parser(
-        prog=prog,
-        description="Inject faults into a running supervised run, from outside.",
-        epilog=f"fault kinds:\n{kinds}\n  {RANDOM:16} a seeded draw from {', '.join(RANDOM_POOL)}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run_dir", help="the run directory of a running supervisor")
-    p.add_argument(
-        "--node",
-        default=None,
-        metavar="TAG",
-        help="on a multi-node run directory: the node to attack (node1 for "
-        "supervisor-node1.json); required there, refused on one node",
-    )
-    p.add_argument(
-        "--fault",
-        default="kill-worker",
-        help="kind, or comma-separated kinds used in turn (default kill-worker)",
-    )
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--every", type=float, default=None, help="seconds between injections")
-    when.add_argument(
-        "--at-steps", default=None, help="comma-separated steps at which to inject, ascending"
-    )
-    p.add_argument("--count", type=int, default=None, help="injections to make (default: see docs)")
-    p.add_argument("--seed", type=int, default=None, help="seed of every random choice")
-    p.add_argument("--timeout", type=float, default=None, help="give up after S seconds (exit 3)")
-    p.add_argument(
-        "--wait-start",
-        type=float,
-        default=120.0,
-        help="seconds to wait for the supervisor's supervisor.json (default 120)",
-    )
-    p.add_argument(
-        "--writer-wait",
-        type=float,
-        default=120.0,
-        help="kill-writer: seconds to wait for a checkpoint write (default 120)",
-    )
-    p.add_argument(
-        "--writer-delay",
-        type=float,
-        default=0.05,
-        help="kill-writer: kill at a seeded point up to S seconds into the write (default 0.05)",
-    )
-    p.add_argument(
-        "--corrupt-mode",
-        choices=("any", "flip", "truncate"),
-        default="any",
-        help="corrupt: flip a byte, truncate the file, or either (seeded; default)",
-    )
-    p.add_argument(
-        "--fill-leave",
-        type=int,
-        default=64 * 1024,
-        help="fill-disk: bytes to leave free (default 65536)",
-    )
-    p.add_argument(
-        "--fill-limit",
-        type=int,
-        default=256 * 1024 * 1024,
-        help="fill-disk: refuse to write more than this many bytes (default 256 MiB)",
-    )
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> ChaosConfig:
-    """Validated configuration from parsed flags. Raises UsageError with one line."""
-    at_steps: tuple[int, ...] = ()
-    if args.at_steps:
-        try:
-            at_steps = tuple(int(s) for s in args.at_steps.split(",") if s.strip())
-        except ValueError:
-            raise UsageError(
-                f"--at-steps {args.at_steps!r}: give comma-separated integers"
-            ) from None
-    try:
-        return ChaosConfig(
-            run_dir=Path(args.run_dir),
-            node=args.node,
-            faults=tuple(k.strip() for k in args.fault.split(",") if k.strip()),
-            every=args.every,
-            at_steps=at_steps,
-            count=args.count,
-            seed=args.seed,
-            timeout=args.timeout,
-            wait_start=args.wait_start,
-            writer_wait=args.writer_wait,
-            writer_delay=args.writer_delay,
-            corrupt_mode=args.corrupt_mode,
-            fill_leave=args.fill_leave,
-            fill_limit=args.fill_limit,
-        )
-    except ValueError as e:
-        raise UsageError(flag_names(str(e))) from None
-
-
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Entry point of ``python -m tools.chaos`` (``prog`` names the command in messages);
     returns the process exit code."""
@@ -727,52 +529,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
 
 # -- alongside a job (``launch.py --chaos SPEC``) ------------------------------------------------
 
-_SPEC_KEYS = {
-    "every": "--every",
-    "at-steps": "--at-steps",
-    "count": "--count",
-    "seed": "--seed",
-    "timeout": "--timeout",
-    "corrupt-mode": "--corrupt-mode",
-    "writer-wait": "--writer-wait",
-    "writer-delay": "--writer-delay",
-}
-
-
-def spec_to_argv(spec: str) -> list[str]:
-    """Turn a SPEC (``KIND[,KIND...][:key=value]...``) into the tool's flags (no run dir).
-
-    Keys: every, at-steps, count, seed, timeout, corrupt-mode, writer-wait, writer-delay.
-    Examples:
-    ``kill-worker:every=30:count=3:seed=7``, ``hang,corrupt:at-steps=100,250``.
-    Raises ValueError naming the bad part.
-    """
-    head, *options = spec.split(":")
-    if not head.strip():
-        raise ValueError(f"chaos spec {spec!r}: starts with no fault kind (e.g. kill-worker)")
-    argv = ["--fault", head.strip()]
-    for option in options:
-        key, sep, value = option.partition("=")
-        key = key.strip()
-        if not sep or key not in _SPEC_KEYS or not value.strip():
-            raise ValueError(
-                f"chaos spec {spec!r}: bad option {option!r} "
-                f"(use key=value with key one of {', '.join(_SPEC_KEYS)})"
-            )
-        argv += [_SPEC_KEYS[key], value.strip()]
-    return argv
-
-
-def parse_spec(spec: str, run_dir: Path, node: str | None = None) -> ChaosConfig:
-    """The validated configuration a SPEC describes for ``run_dir`` (and its node ``node`` on a
-    multi-node run). Raises ValueError."""
-    try:
-        node_argv = ["--node", node] if node else []
-        args = build_parser().parse_args([str(run_dir), *node_argv, *spec_to_argv(spec)])
-        return config_from_args(args)
-    except UsageError as e:
-        raise ValueError(f"chaos spec {spec!r}: {e}") from None
-
 
 def spawn(
     run_dir: Path, spec: str, node: str | None = None, **popen: Any
@@ -786,8 +542,7 @@ def spawn(
     Raises ValueError for a bad SPEC (before anything starts), OSError if it cannot start.
     """
     parse_spec(spec, run_dir, node)
-    node_argv = ["--node", node] if node else []
-    cmd = [sys.executable, "-m", "tools.chaos", str(run_dir), *node_argv, *spec_to_argv(spec)]
+    cmd = [sys.executable, "-m", "tools.chaos", str(run_dir), *node_argv(node), *spec_to_argv(spec)]
     env = dict(popen.pop("env", None) or os.environ)
     root = str(Path(__file__).resolve().parents[1])
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
