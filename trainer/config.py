@@ -10,11 +10,12 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from runcontract import env
+from runcontract.cli import flag, option
 
 
 class ConfigError(ValueError):
@@ -91,67 +92,59 @@ def default_data_cache() -> str:
     return os.path.join(xdg, "rosetrainer")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs; each field is one flag (`micro_batch`: `--micro-batch`)."""
 
-    model: str = _opt("small", "model preset", choices=tuple(PRESETS))
-    steps: int = _opt(120, "optimizer steps in the whole run")
-    micro_batch: int = _opt(16, "sequences per rank per micro-step")
-    seq_len: int = _opt(64, "tokens per training sequence (at most the preset's context)")
-    grad_accum: int = _opt(1, "micro-steps per optimizer step (gradient accumulation)")
-    lr: float = _opt(3e-3, "peak learning rate")
-    min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _opt(20, "steps of linear warm-up from 0 to --lr")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not biases, norms)")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
-    dropout: float = _opt(0.0, "dropout probability")
-    seed: int = _opt(1337, "seed for initialisation, data order and dropout")
-    amp: str = _opt("off", "mixed precision", choices=("off", "bf16", "fp16"))
-    device: str = _opt(
+    model: str = option("small", "model preset", choices=tuple(PRESETS))
+    steps: int = option(120, "optimizer steps in the whole run")
+    micro_batch: int = option(16, "sequences per rank per micro-step")
+    seq_len: int = option(64, "tokens per training sequence (at most the preset's context)")
+    grad_accum: int = option(1, "micro-steps per optimizer step (gradient accumulation)")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr: float = option(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(20, "steps of linear warm-up from 0 to --lr")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not biases, norms)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    dropout: float = option(0.0, "dropout probability")
+    seed: int = option(1337, "seed for initialisation, data order and dropout")
+    amp: str = option("off", "mixed precision", choices=("off", "bf16", "fp16"))
+    device: str = option(
         "auto", "where to train (auto: cuda if present)", choices=("auto", "cpu", "cuda")
     )
-    threads: int = _opt(0, "CPU threads per rank (0: $OMP_NUM_THREADS if set, else all cores)")
-    data: str = _opt(
+    threads: int = option(0, "CPU threads per rank (0: $OMP_NUM_THREADS if set, else all cores)")
+    data: str = option(
         "stdlib",
         "training text: 'stdlib' (the Python standard library's .py files), a text file or "
         "directory, a uint16 token file ending in .bin, or 'random'",
     )
-    vocab_size: int = _opt(0, "vocabulary of a .bin or random corpus (0: 256)")
-    data_cache: str = _opt(
+    vocab_size: int = option(0, "vocabulary of a .bin or random corpus (0: 256)")
+    data_cache: str = option(
         "",
         "cache directory for the embedded corpus (empty: $ROSE_DATA_CACHE, else "
         "$XDG_CACHE_HOME/rosetrainer, else ~/.cache/rosetrainer)",
     )
-    val_fraction: float = _opt(0.01, "fraction of the tokens held out for eval loss")
-    eval_every: int = _opt(40, "steps between eval-loss measurements (0 disables)")
-    eval_batches: int = _opt(4, "micro-batches per rank in one eval")
-    log_every: int = _opt(20, "steps between console lines from rank 0 (0 disables)")
-    run_dir: str = _opt("runs/default", "run directory (the supervisor's ROSE_RUN_DIR wins)")
-    resume_from: str = _opt("", "checkpoint directory to resume from (ROSE_RESUME_FROM wins)")
-    resume: str = _opt(
+    val_fraction: float = option(0.01, "fraction of the tokens held out for eval loss")
+    eval_every: int = option(40, "steps between eval-loss measurements (0 disables)")
+    eval_batches: int = option(4, "micro-batches per rank in one eval")
+    log_every: int = option(20, "steps between console lines from rank 0 (0 disables)")
+    run_dir: str = option("runs/default", "run directory (the supervisor's ROSE_RUN_DIR wins)")
+    resume_from: str = option("", "checkpoint directory to resume from (ROSE_RESUME_FROM wins)")
+    resume: str = option(
         "none",
         "'auto': resume from the newest valid checkpoint in the run directory",
         choices=("none", "auto"),
     )
-    ckpt_every: int = _opt(40, "steps between checkpoints (0: only preemption checkpoints)")
-    ckpt_sync: bool = _opt(False, "write checkpoints synchronously (off: in the background)")
-    keep_last: int = _opt(3, "how many of the newest checkpoints to keep")
-    keep_every: int = _opt(
+    ckpt_every: int = option(40, "steps between checkpoints (0: only preemption checkpoints)")
+    ckpt_sync: bool = option(False, "write checkpoints synchronously (off: in the background)")
+    keep_last: int = option(3, "how many of the newest checkpoints to keep")
+    keep_every: int = option(
         0, "also keep every checkpoint whose step is a multiple of this (0: none)"
     )
-    ckpt_fail_fatal: bool = _opt(
+    ckpt_fail_fatal: bool = option(
         False, "exit 76 when a checkpoint write fails (off: report it and go on)"
     )
-    sample_log: str = _opt("", "debug: directory where each rank logs the sample ids it consumed")
+    sample_log: str = option("", "debug: directory where each rank logs the sample ids it consumed")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,7 +153,7 @@ class TrainConfig:
         """Check every value; raise ConfigError naming the first bad flag and its value."""
 
         def bad(name: str, rule: str) -> NoReturn:
-            raise ConfigError(f"{_flag(name)} {rule}, got {getattr(self, name)!r}")
+            raise ConfigError(f"{flag(name)} {rule}, got {getattr(self, name)!r}")
 
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -239,7 +232,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             kwargs["metavar"] = f.name.upper()
-        parser.add_argument(_flag(f.name), **kwargs)
+        parser.add_argument(flag(f.name), **kwargs)
     return parser
 
 
