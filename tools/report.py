@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,10 @@ PNG_FILE = layout.per_node_name(layout.REPORT_PNG, None)
 PHASES = ("detect", "stop", "backoff", "launch", "first_step")
 """The phases of one recovery, in order (see the module docstring)."""
 
-# Events that end one attempt, and the outcome each gives it.
-_FAILURE_TYPES = (EventType.WORKER_FAILED, EventType.HANG_DETECTED)
+# Events that end the run, and the end state each gives it.
 _ENDING = {
-    "done": "succeeded",
-    "interrupted": "interrupted",
+    EventType.DONE: "succeeded",
+    EventType.INTERRUPTED: "interrupted",
 }
 # Chaos fault kinds that end in a failed attempt; others (a preemption, a full disk) do not, so
 # they are never taken for the cause of a later failure.
@@ -330,119 +330,165 @@ def png_path(report: Report, base: str | Path | None = None, several: bool = Fal
     return base
 
 
+class _Walk:
+    """What reading the event log in file order carries from one event to the next; one method
+    per event type that matters (``_HANDLERS``), every other type is passed over."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.by_local: dict[int, Attempt] = {}  # the current supervisor's attempts, its numbering
+        self.pending_fault: dict[str, Any] | None = None
+        self.last_failure: FailureRecord | None = None
+        self.current: Attempt | None = None
+        self.selected_step = 0
+
+    def attempt(self, ev: dict[str, Any], or_current: bool = True) -> Attempt | None:
+        """The attempt an event names by the supervisor's numbering; else, with ``or_current``,
+        the newest one launched."""
+        att = self.by_local.get(int(ev.get("attempt") or 0))
+        return att if att is not None or not or_current else self.current
+
+    def supervisor_started(self, ev: dict[str, Any], t: float) -> None:
+        if self.report.started_at is None:
+            self.report.started_at = t
+        if self.current is not None and self.current.ended_at is None:
+            self.current.outcome = "unknown"  # the previous supervisor vanished mid-attempt
+        self.by_local = {}
+        self.current = None
+        self.report.end_state = "running or lost"
+
+    def checkpoint_selected(self, ev: dict[str, Any], t: float) -> None:
+        self.selected_step = int(ev.get("step") or 0)
+
+    def launch(self, ev: dict[str, Any], t: float) -> None:
+        report = self.report
+        resume = ev.get("resume_step")
+        resume_step = int(resume) if resume is not None else self.selected_step
+        self.current = Attempt(
+            number=len(report.attempts) + 1,
+            supervisor_attempt=int(ev.get("attempt") or 0),
+            launched_at=t,
+            resume_step=resume_step,
+            last_step=resume_step,
+        )
+        if not report.attempts:
+            report.start_step = resume_step
+        report.attempts.append(self.current)
+        self.by_local[self.current.supervisor_attempt] = self.current
+        if self.last_failure is not None and self.last_failure.resumed_from is None:
+            self.last_failure.resumed_from = resume_step
+        self.pending_fault = None
+
+    def workers_started(self, ev: dict[str, Any], t: float) -> None:
+        att = self.attempt(ev, or_current=False)
+        if att is not None and att.workers_started_at is None:
+            att.workers_started_at = t
+
+    def first_step(self, ev: dict[str, Any], t: float) -> None:
+        att = self.attempt(ev, or_current=False)
+        if att is not None:
+            if att.first_step_at is None:
+                att.first_step_at = t
+            _raise_step(att, ev.get("step"))
+
+    def fault_injected(self, ev: dict[str, Any], t: float) -> None:
+        self.report.faults_injected += 1
+        if ev.get("kind") in _FAILING_FAULTS:
+            self.pending_fault = ev
+        att = self.attempt(ev)
+        if att is not None:
+            _raise_step(att, ev.get("step"))
+
+    def failure(self, ev: dict[str, Any], t: float) -> None:
+        att = self.attempt(ev)
+        if att is None:
+            return
+        att.outcome = "hung" if ev["type"] == EventType.HANG_DETECTED else "failed"
+        _raise_step(att, ev.get("step"))
+        # A fault counts as this failure's cause only if it hit this attempt.
+        fault = self.pending_fault
+        if fault is not None and int(fault.get("attempt") or 0) not in (0, att.supervisor_attempt):
+            fault = None
+        self.last_failure = FailureRecord(
+            attempt=att.number,
+            cause=_cause(ev),
+            rank=ev.get("rank"),
+            pid=ev.get("pid"),
+            exit_code=ev.get("exit_code"),
+            signal=ev.get("signal"),
+            detected_at=t,
+            injected=fault.get("kind") if fault else None,
+            injected_at=float(fault["time"]) if fault else None,
+            step=att.last_step,
+        )
+        self.report.failures.append(self.last_failure)
+        self.pending_fault = None
+
+    def stopped(self, ev: dict[str, Any], t: float) -> None:
+        att = self.attempt(ev)
+        if att is None or att.ended_at is not None:
+            return
+        att.ended_at = t
+        root = ev.get("root_cause") or {}
+        # The exit code may be learnt only once the tree is down (torchrun's log).
+        failures = self.report.failures
+        failure = failures[-1] if failures else None
+        if failure is not None and failure.attempt == att.number and root:
+            if failure.exit_code is None and root.get("exit_code") is not None:
+                failure.exit_code = root.get("exit_code")
+                failure.signal = root.get("signal")
+                failure.cause = _cause({"type": EventType.WORKER_FAILED, **root})
+
+    def run_ended(self, ev: dict[str, Any], t: float) -> None:
+        self.report.end_state = _ENDING[ev["type"]]
+        self.report.ended_at = t
+        current = self.current
+        if current is not None:
+            if ev["type"] == EventType.DONE:
+                current.outcome = "succeeded"
+            elif current.outcome == "unknown":
+                current.outcome = "interrupted"
+            _raise_step(current, ev.get("step"))
+            if current.ended_at is None:
+                current.ended_at = t
+
+    def gave_up(self, ev: dict[str, Any], t: float) -> None:
+        what = str(ev["type"]).replace("_", " ")
+        self.report.end_state = f"gave up: {what} ({ev.get('reason') or what})"
+        self.report.ended_at = t
+
+
+_HANDLERS: dict[EventType, Callable[[_Walk, dict[str, Any], float], None]] = {
+    EventType.SUPERVISOR_STARTED: _Walk.supervisor_started,
+    EventType.CHECKPOINT_SELECTED: _Walk.checkpoint_selected,
+    EventType.LAUNCH: _Walk.launch,
+    EventType.WORKERS_STARTED: _Walk.workers_started,
+    EventType.FIRST_STEP: _Walk.first_step,
+    EventType.FAULT_INJECTED: _Walk.fault_injected,
+    EventType.WORKER_FAILED: _Walk.failure,
+    EventType.HANG_DETECTED: _Walk.failure,
+    EventType.STOPPED: _Walk.stopped,
+    EventType.DONE: _Walk.run_ended,
+    EventType.INTERRUPTED: _Walk.run_ended,
+    EventType.FATAL: _Walk.gave_up,
+    EventType.CRASH_LOOP: _Walk.gave_up,
+    EventType.BUDGET_EXHAUSTED: _Walk.gave_up,
+}
+"""What each event type does to the report; an event's ``type`` (a plain string) finds its
+handler here, as EventType is a ``str`` enum."""
+
+
 def _walk_events(report: Report, events: list[dict[str, Any]]) -> None:
     """Attempts, failures and the run's end from the event log, in file order."""
-    by_local: dict[int, Attempt] = {}  # the current supervisor's attempts by its own numbering
-    pending_fault: dict[str, Any] | None = None
-    last_failure: FailureRecord | None = None
-    current: Attempt | None = None
-    selected_step = 0
+    walk = _Walk(report)
     for ev in events:
-        type_, t = ev["type"], float(ev["time"])
-        if type_ == EventType.SUPERVISOR_STARTED:
-            if report.started_at is None:
-                report.started_at = t
-            if current is not None and current.ended_at is None:
-                current.outcome = "unknown"  # the previous supervisor vanished mid-attempt
-            by_local = {}
-            current = None
-            report.end_state = "running or lost"
-        elif type_ == EventType.CHECKPOINT_SELECTED:
-            selected_step = int(ev.get("step") or 0)
-        elif type_ == EventType.LAUNCH:
-            resume = ev.get("resume_step")
-            resume_step = int(resume) if resume is not None else selected_step
-            current = Attempt(
-                number=len(report.attempts) + 1,
-                supervisor_attempt=int(ev.get("attempt") or 0),
-                launched_at=t,
-                resume_step=resume_step,
-                last_step=resume_step,
-            )
-            if not report.attempts:
-                report.start_step = resume_step
-            report.attempts.append(current)
-            by_local[current.supervisor_attempt] = current
-            if last_failure is not None and last_failure.resumed_from is None:
-                last_failure.resumed_from = resume_step
-            pending_fault = None
-        elif type_ == EventType.WORKERS_STARTED:
-            att = by_local.get(int(ev.get("attempt") or 0))
-            if att is not None and att.workers_started_at is None:
-                att.workers_started_at = t
-        elif type_ == EventType.FIRST_STEP:
-            att = by_local.get(int(ev.get("attempt") or 0))
-            if att is not None:
-                if att.first_step_at is None:
-                    att.first_step_at = t
-                _raise_step(att, ev.get("step"))
-        elif type_ == EventType.FAULT_INJECTED:
-            report.faults_injected += 1
-            if ev.get("kind") in _FAILING_FAULTS:
-                pending_fault = ev
-            att = by_local.get(int(ev.get("attempt") or 0)) or current
-            if att is not None:
-                _raise_step(att, ev.get("step"))
-        elif type_ in _FAILURE_TYPES:
-            att = by_local.get(int(ev.get("attempt") or 0)) or current
-            if att is None:
-                continue
-            att.outcome = "hung" if type_ == EventType.HANG_DETECTED else "failed"
-            _raise_step(att, ev.get("step"))
-            # A fault counts as this failure's cause only if it hit this attempt.
-            fault = pending_fault
-            if fault is not None and int(fault.get("attempt") or 0) not in (
-                0,
-                att.supervisor_attempt,
-            ):
-                fault = None
-            last_failure = FailureRecord(
-                attempt=att.number,
-                cause=_cause(ev),
-                rank=ev.get("rank"),
-                pid=ev.get("pid"),
-                exit_code=ev.get("exit_code"),
-                signal=ev.get("signal"),
-                detected_at=t,
-                injected=fault.get("kind") if fault else None,
-                injected_at=float(fault["time"]) if fault else None,
-                step=att.last_step,
-            )
-            report.failures.append(last_failure)
-            pending_fault = None
-        elif type_ == EventType.STOPPED:
-            att = by_local.get(int(ev.get("attempt") or 0)) or current
-            if att is not None and att.ended_at is None:
-                att.ended_at = t
-                root = ev.get("root_cause") or {}
-                # The exit code may be learnt only once the tree is down (torchrun's log).
-                failure = report.failures[-1] if report.failures else None
-                if failure is not None and failure.attempt == att.number and root:
-                    if failure.exit_code is None and root.get("exit_code") is not None:
-                        failure.exit_code = root.get("exit_code")
-                        failure.signal = root.get("signal")
-                        failure.cause = _cause({"type": EventType.WORKER_FAILED, **root})
-        elif type_ in _ENDING:
-            report.end_state = _ENDING[type_]
-            report.ended_at = t
-            if current is not None:
-                if type_ == EventType.DONE:
-                    current.outcome = "succeeded"
-                    _raise_step(current, ev.get("step"))
-                elif current.outcome == "unknown":
-                    current.outcome = "interrupted"
-                _raise_step(current, ev.get("step"))
-                if current.ended_at is None:
-                    current.ended_at = t
-        elif type_ in (EventType.FATAL, EventType.CRASH_LOOP, EventType.BUDGET_EXHAUSTED):
-            reason = ev.get("reason") or type_.replace("_", " ")
-            report.end_state = f"gave up: {type_.replace('_', ' ')} ({reason})"
-            report.ended_at = t
+        handler = _HANDLERS.get(ev["type"])
+        if handler is not None:
+            handler(walk, ev, float(ev["time"]))
     _settle_failures(report)
     if report.attempts and report.ended_at is None:
         report.ended_at = float(events[-1]["time"])
-    steps = [a.last_step for a in report.attempts if a.last_step is not None]
-    report.final_step = max(steps) if steps else None
+    _settle_final_step(report)
 
 
 def _settle_failures(report: Report) -> None:
@@ -454,6 +500,11 @@ def _settle_failures(report: Report) -> None:
         if failure.resumed_from is not None:
             step = failure.resumed_from if step is None else max(step, failure.resumed_from)
         failure.step = step
+
+
+def _settle_final_step(report: Report) -> None:
+    steps = [a.last_step for a in report.attempts if a.last_step is not None]
+    report.final_step = max(steps) if steps else None
 
 
 def _raise_step(att: Attempt, step: Any) -> None:
@@ -478,6 +529,19 @@ def _use_metrics(report: Report, metrics: list[dict[str, Any]]) -> None:
         and isinstance(m.get("time"), (int, float))
         and "loss" in m
     }
+    sources = _time_first_steps(report, step_time)
+    _settle_failures(report)
+    _settle_final_step(report)
+    if report.attempts:
+        first = report.attempts[0]
+        if first.first_step_at is not None:
+            report.cold_start = first.first_step_at - first.launched_at
+    _add_recoveries(report, sources)
+
+
+def _time_first_steps(report: Report, step_time: dict[int, float]) -> dict[int, str]:
+    """Each attempt's first step from the metrics' step times where they hold it, and how far
+    each attempt got; returns where each attempt's first-step time came from, by attempt."""
     sources: dict[int, str] = {}
     for i, att in enumerate(report.attempts):
         # metrics.jsonl keeps each step once: the record of step resume+1 belongs to this attempt
@@ -496,14 +560,11 @@ def _use_metrics(report: Report, metrics: list[dict[str, Any]]) -> None:
         kept = [s for s, ts in step_time.items() if att.launched_at < ts <= window_end]
         if kept:
             _raise_step(att, max(kept))
-    _settle_failures(report)
-    steps = [a.last_step for a in report.attempts if a.last_step is not None]
-    report.final_step = max(steps) if steps else None
+    return sources
 
-    if report.attempts:
-        first = report.attempts[0]
-        if first.first_step_at is not None:
-            report.cold_start = first.first_step_at - first.launched_at
+
+def _add_recoveries(report: Report, sources: dict[int, str]) -> None:
+    """One Recovery per failure that was followed by another attempt."""
     for failure in report.failures:
         if failure.attempt >= len(report.attempts):
             continue
@@ -546,31 +607,34 @@ def _n(value: Any) -> str:
 def render_text(report: Report) -> str:
     """The human summary (plain text, fixed-width tables). Never raises for missing data:
     unknown values print as ``-``."""
+    lines = _summary_lines(report)
+    lines += ["", "attempts:", *_attempt_lines(report)]
+    lines += ["", "failures by cause (root-cause rank):", *_failure_lines(report)]
+    lines += ["", "recoveries (seconds):", *_recovery_lines(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_lines(report: Report) -> list[str]:
     title = f"run report: {report.run_dir}"
-    lines = [f"{title} (node {report.node})" if report.node else title]
-    lines.append(
+    ckpt = report.newest_checkpoint
+    return [
+        f"{title} (node {report.node})" if report.node else title,
         f"  outcome:     {report.end_state}; {len(report.attempts)} attempt(s), "
         f"{len(report.failures)} failure(s)"
-        + (f", {report.faults_injected} fault(s) injected" if report.faults_injected else "")
-    )
-    wall = report.wall_seconds
-    lines.append(
+        + (f", {report.faults_injected} fault(s) injected" if report.faults_injected else ""),
         f"  steps:       {_n(report.start_step)} -> {_n(report.final_step)} "
-        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)"
-    )
-    lines.append(
-        f"  goodput:     {_s(report.goodput)} useful steps/s over {_s(wall, 1)} s wall clock"
-    )
-    lines.append(f"  cold start:  {_s(report.cold_start)} s (launch -> first step)")
-    ckpt = report.newest_checkpoint
-    lines.append(
+        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)",
+        f"  goodput:     {_s(report.goodput)} useful steps/s over "
+        f"{_s(report.wall_seconds, 1)} s wall clock",
+        f"  cold start:  {_s(report.cold_start)} s (launch -> first step)",
         f"  checkpoint:  newest valid step {ckpt.step} ({ckpt.path})"
         if ckpt
-        else "  checkpoint:  no valid checkpoint"
-    )
+        else "  checkpoint:  no valid checkpoint",
+    ]
 
-    lines += ["", "attempts:"]
-    lines.append(f"  {'#':>3} {'start s':>8} {'resume':>6} {'last step':>9} {'ran s':>7}  outcome")
+
+def _attempt_lines(report: Report) -> list[str]:
+    lines = [f"  {'#':>3} {'start s':>8} {'resume':>6} {'last step':>9} {'ran s':>7}  outcome"]
     t0 = report.started_at or 0.0
     for a in report.attempts:
         ran = _gap(a.launched_at, a.ended_at)
@@ -578,44 +642,45 @@ def render_text(report: Report) -> str:
             f"  {a.number:>3} {a.launched_at - t0:>8.2f} {a.resume_step:>6} "
             f"{_n(a.last_step):>9} {_s(ran):>7}  {a.outcome}"
         )
+    return lines
 
-    lines += ["", "failures by cause (root-cause rank):"]
+
+def _failure_lines(report: Report) -> list[str]:
     if not report.failures:
-        lines.append("  none")
+        return ["  none"]
+    lines = []
     for cause, count, ranks in report.causes():
         rank_text = ", ".join(_n(r) for r in ranks)
         lines.append(f"  {count} x {cause}: rank {rank_text}")
-    if report.failures:
-        lines.append("")
+    lines.append("")
+    lines.append(
+        f"  {'attempt':>7} {'rank':>4} {'pid':>7} {'fault':>11} {'step':>5} "
+        f"{'resumed':>7} {'lost':>5}  cause"
+    )
+    for f in report.failures:
         lines.append(
-            f"  {'attempt':>7} {'rank':>4} {'pid':>7} {'fault':>11} {'step':>5} "
-            f"{'resumed':>7} {'lost':>5}  cause"
+            f"  {f.attempt:>7} {_n(f.rank):>4} {_n(f.pid):>7} {_n(f.injected):>11} "
+            f"{_n(f.step):>5} {_n(f.resumed_from):>7} {_n(f.steps_lost):>5}  {f.cause}"
         )
-        for f in report.failures:
-            lines.append(
-                f"  {f.attempt:>7} {_n(f.rank):>4} {_n(f.pid):>7} {_n(f.injected):>11} "
-                f"{_n(f.step):>5} {_n(f.resumed_from):>7} {_n(f.steps_lost):>5}  {f.cause}"
-            )
+    return lines
 
-    lines += ["", "recoveries (seconds):"]
+
+def _recovery_lines(report: Report) -> list[str]:
     if not report.recoveries:
-        lines.append("  none")
-    else:
-        head = "".join(f"{p:>11}" for p in PHASES)
-        lines.append(f"  {'attempts':>9}{head}{'total':>9}  first step from")
-        for r in report.recoveries:
-            cells = "".join(f"{_s(r.phases[p], 3):>11}" for p in PHASES)
-            lines.append(
-                f"  {f'{r.failed_attempt}->{r.next_attempt}':>9}{cells}"
-                f"{_s(r.total, 3):>9}  {r.first_step_source}"
-            )
+        return ["  none"]
+    head = "".join(f"{p:>11}" for p in PHASES)
+    lines = [f"  {'attempts':>9}{head}{'total':>9}  first step from"]
+    for r in report.recoveries:
+        cells = "".join(f"{_s(r.phases[p], 3):>11}" for p in PHASES)
         lines.append(
-            "  detect: fault -> detected (only when the fault was logged); stop: -> tree down;"
+            f"  {f'{r.failed_attempt}->{r.next_attempt}':>9}{cells}"
+            f"{_s(r.total, 3):>9}  {r.first_step_source}"
         )
-        lines.append(
-            "  backoff: -> relaunch; launch: -> workers up; first_step: -> first step completed"
-        )
-    return "\n".join(lines) + "\n"
+    return [
+        *lines,
+        "  detect: fault -> detected (only when the fault was logged); stop: -> tree down;",
+        "  backoff: -> relaunch; launch: -> workers up; first_step: -> first step completed",
+    ]
 
 
 # -- plot ----------------------------------------------------------------------------------------
@@ -647,16 +712,43 @@ def render_png(report: Report, path: str | Path) -> bool:
     # Fixed margins: an automatic layout gives up on labels placed near the axes' edges.
     ax_loss, ax_time = fig.subplots(2, 1, height_ratios=[3, 2])
     fig.subplots_adjust(left=0.08, right=0.98, top=0.95, bottom=0.08, hspace=0.3)
+    _plot_loss(ax_loss, report)
+    _plot_timeline(ax_time, report)
+    fig.savefig(str(path))
+    return True
 
+
+def _plot_loss(ax: Any, report: Report) -> None:
+    """The train and eval loss by step, each failure and resume marked."""
     if report.loss:
         steps, losses = zip(*report.loss, strict=True)
-        ax_loss.plot(steps, losses, color="#1565c0", linewidth=1.2, label="train loss")
+        ax.plot(steps, losses, color="#1565c0", linewidth=1.2, label="train loss")
     if report.eval_loss:
         steps, losses = zip(*report.eval_loss, strict=True)
-        ax_loss.plot(steps, losses, "o-", color="#00838f", markersize=3, label="eval loss")
-    for i, f in enumerate(report.failures):
+        ax.plot(steps, losses, "o-", color="#00838f", markersize=3, label="eval loss")
+    _mark_failures(ax, report.failures)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    name = f"{report.run_dir.name} {report.node}" if report.node else report.run_dir.name
+    ax.set_title(
+        f"{name}: {report.end_state}, {len(report.failures)} failure(s), "
+        f"{report.steps_lost} step(s) lost"
+    )
+    if not report.loss:
+        ax.text(
+            0.5, 0.5, "no loss: metrics.jsonl is missing or empty", ha="center",
+            va="center", transform=ax.transAxes,
+        )  # fmt: skip
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _mark_failures(ax: Any, failures: list[FailureRecord]) -> None:
+    """A line at each failure's last step and at its resume step, the steps lost between shaded."""
+    for i, f in enumerate(failures):
         if f.step is not None:
-            ax_loss.axvline(
+            ax.axvline(
                 f.step,
                 color="#c62828",
                 linestyle="-",
@@ -664,7 +756,7 @@ def render_png(report: Report, path: str | Path) -> bool:
                 label="failure (last step reached)" if i == 0 else None,
             )
         if f.resumed_from is not None:
-            ax_loss.axvline(
+            ax.axvline(
                 f.resumed_from,
                 color="#2e7d32",
                 linestyle="--",
@@ -672,30 +764,19 @@ def render_png(report: Report, path: str | Path) -> bool:
                 label="resume (checkpoint step)" if i == 0 else None,
             )
             if f.step is not None and f.step > f.resumed_from:
-                ax_loss.axvspan(f.resumed_from, f.step, color="#c62828", alpha=0.08)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    name = f"{report.run_dir.name} {report.node}" if report.node else report.run_dir.name
-    ax_loss.set_title(
-        f"{name}: {report.end_state}, {len(report.failures)} failure(s), "
-        f"{report.steps_lost} step(s) lost"
-    )
-    if not report.loss:
-        ax_loss.text(
-            0.5, 0.5, "no loss: metrics.jsonl is missing or empty", ha="center",
-            va="center", transform=ax_loss.transAxes,
-        )  # fmt: skip
-    if ax_loss.get_legend_handles_labels()[0]:
-        ax_loss.legend(loc="upper right", fontsize=8)
-    ax_loss.grid(alpha=0.3)
+                ax.axvspan(f.resumed_from, f.step, color="#c62828", alpha=0.08)
 
+
+def _plot_timeline(ax: Any, report: Report) -> None:
+    """One bar per attempt over wall-clock time, coloured by its outcome; workers up, first
+    step and injected faults marked."""
     t0 = report.started_at or (report.attempts[0].launched_at if report.attempts else 0.0)
     end = report.ended_at or t0
     for a in report.attempts:
         y = a.number
         start = a.launched_at - t0
         stop = (a.ended_at if a.ended_at is not None else end) - t0
-        ax_time.barh(
+        ax.barh(
             y,
             max(stop - start, 0.0),
             left=start,
@@ -704,25 +785,23 @@ def render_png(report: Report, path: str | Path) -> bool:
             alpha=0.8,
         )
         if a.workers_started_at is not None:
-            ax_time.plot(a.workers_started_at - t0, y, "|", color="black", markersize=12)
+            ax.plot(a.workers_started_at - t0, y, "|", color="black", markersize=12)
         if a.first_step_at is not None:
-            ax_time.plot(a.first_step_at - t0, y, "v", color="black", markersize=6)
-        ax_time.text(
+            ax.plot(a.first_step_at - t0, y, "v", color="black", markersize=6)
+        ax.text(
             start, y + 0.32, f"from step {a.resume_step}: {a.outcome}", fontsize=7,
             va="bottom", clip_on=True,
         )  # fmt: skip
     for f in report.failures:
         if f.injected_at is not None:
-            ax_time.plot(f.injected_at - t0, f.attempt, "x", color="black", markersize=8)
-    ax_time.set_xlabel("seconds since the supervisor started (| workers up, v first step, x fault)")
-    ax_time.set_ylabel("attempt")
+            ax.plot(f.injected_at - t0, f.attempt, "x", color="black", markersize=8)
+    ax.set_xlabel("seconds since the supervisor started (| workers up, v first step, x fault)")
+    ax.set_ylabel("attempt")
     if report.attempts:
-        ax_time.set_yticks([a.number for a in report.attempts])
-        ax_time.set_ylim(0.4, len(report.attempts) + 0.9)
-    ax_time.invert_yaxis()
-    ax_time.grid(axis="x", alpha=0.3)
-    fig.savefig(str(path))
-    return True
+        ax.set_yticks([a.number for a in report.attempts])
+        ax.set_ylim(0.4, len(report.attempts) + 0.9)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
 
 
 # -- command line --------------------------------------------------------------------------------
