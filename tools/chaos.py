@@ -36,6 +36,7 @@ from tools.chaos_config import (
     PROG,
     RANDOM,
     RANDOM_POOL,
+    RESTARTING_FAULTS,
     ChaosConfig,
     build_parser,
     config_from_args,
@@ -45,8 +46,6 @@ from tools.chaos_config import (
 )
 from tools.chaos_run import RunView, Snapshot, TempDir, node_tags
 
-# Kinds after which the supervisor starts a new attempt; the next injection waits for it.
-_RESTARTING = frozenset(RANDOM_POOL)
 # Kinds that end the run: nothing can follow them.
 _ENDING = frozenset({"preempt", "kill-supervisor"})
 
@@ -171,7 +170,8 @@ class Injector:
                 if injection is not None:
                     self.injected.append(injection)
                     next_time = time.monotonic() + (cfg.every or 0.0)
-                    if kind in _RESTARTING:
+                    # The next injection waits for the attempt that replaces this one.
+                    if kind in RESTARTING_FAULTS:
                         waiting_for_new_attempt = snap.attempt
                     if kind in _ENDING:
                         break

@@ -39,6 +39,10 @@ RANDOM_POOL = ("kill-worker", "kill-writer", "hang", "kill-torchrun", "corrupt")
 """The kinds ``random`` draws from: each one is recovered from by restarting, so a long run can
 take any number of them."""
 
+RESTARTING_FAULTS = frozenset(RANDOM_POOL)
+"""Kinds that end in a failed attempt, which the supervisor replaces with a new one; the others
+(a preemption, a lost supervisor, a full disk) do not."""
+
 CORRUPT_MODES = ("any", "flip", "truncate")
 
 

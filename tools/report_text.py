@@ -1,0 +1,95 @@
+"""The run report as plain text: a summary, then fixed-width tables of the attempts, the
+failures by cause and each recovery's phases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tools.report_model import PHASES, Report, gap
+
+
+def _s(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _n(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def render_text(report: Report) -> str:
+    """The human summary (plain text, fixed-width tables). Never raises for missing data:
+    unknown values print as ``-``."""
+    lines = _summary_lines(report)
+    lines += ["", "attempts:", *_attempt_lines(report)]
+    lines += ["", "failures by cause (root-cause rank):", *_failure_lines(report)]
+    lines += ["", "recoveries (seconds):", *_recovery_lines(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_lines(report: Report) -> list[str]:
+    title = f"run report: {report.run_dir}"
+    ckpt = report.newest_checkpoint
+    return [
+        f"{title} (node {report.node})" if report.node else title,
+        f"  outcome:     {report.end_state}; {len(report.attempts)} attempt(s), "
+        f"{len(report.failures)} failure(s)"
+        + (f", {report.faults_injected} fault(s) injected" if report.faults_injected else ""),
+        f"  steps:       {_n(report.start_step)} -> {_n(report.final_step)} "
+        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)",
+        f"  goodput:     {_s(report.goodput)} useful steps/s over "
+        f"{_s(report.wall_seconds, 1)} s wall clock",
+        f"  cold start:  {_s(report.cold_start)} s (launch -> first step)",
+        f"  checkpoint:  newest valid step {ckpt.step} ({ckpt.path})"
+        if ckpt
+        else "  checkpoint:  no valid checkpoint",
+    ]
+
+
+def _attempt_lines(report: Report) -> list[str]:
+    lines = [f"  {'#':>3} {'start s':>8} {'resume':>6} {'last step':>9} {'ran s':>7}  outcome"]
+    t0 = report.started_at or 0.0
+    for a in report.attempts:
+        ran = gap(a.launched_at, a.ended_at)
+        lines.append(
+            f"  {a.number:>3} {a.launched_at - t0:>8.2f} {a.resume_step:>6} "
+            f"{_n(a.last_step):>9} {_s(ran):>7}  {a.outcome}"
+        )
+    return lines
+
+
+def _failure_lines(report: Report) -> list[str]:
+    if not report.failures:
+        return ["  none"]
+    lines = []
+    for cause, count, ranks in report.causes():
+        rank_text = ", ".join(_n(r) for r in ranks)
+        lines.append(f"  {count} x {cause}: rank {rank_text}")
+    lines.append("")
+    lines.append(
+        f"  {'attempt':>7} {'rank':>4} {'pid':>7} {'fault':>11} {'step':>5} "
+        f"{'resumed':>7} {'lost':>5}  cause"
+    )
+    for f in report.failures:
+        lines.append(
+            f"  {f.attempt:>7} {_n(f.rank):>4} {_n(f.pid):>7} {_n(f.injected):>11} "
+            f"{_n(f.step):>5} {_n(f.resumed_from):>7} {_n(f.steps_lost):>5}  {f.cause}"
+        )
+    return lines
+
+
+def _recovery_lines(report: Report) -> list[str]:
+    if not report.recoveries:
+        return ["  none"]
+    head = "".join(f"{p:>11}" for p in PHASES)
+    lines = [f"  {'attempts':>9}{head}{'total':>9}  first step from"]
+    for r in report.recoveries:
+        cells = "".join(f"{_s(r.phases[p], 3):>11}" for p in PHASES)
+        lines.append(
+            f"  {f'{r.failed_attempt}->{r.next_attempt}':>9}{cells}"
+            f"{_s(r.total, 3):>9}  {r.first_step_source}"
+        )
+    return [
+        *lines,
+        "  detect: fault -> detected (only when the fault was logged); stop: -> tree down;",
+        "  backoff: -> relaunch; launch: -> workers up; first_step: -> first step completed",
+    ]
