@@ -121,14 +121,17 @@ class RunView:
                 continue
         return out
 
+    def _checkpoint_entries(self) -> list[os.DirEntry[str]]:
+        """What ``checkpoints/`` holds now (nothing while it is absent or unreadable)."""
+        try:
+            return list(os.scandir(self.ckpt_dir))
+        except OSError:
+            return []
+
     def committed(self) -> list[int]:
         """Steps of the committed-looking ``step-XXXXXXXX`` directories, oldest first."""
         steps = []
-        try:
-            entries = list(os.scandir(self.ckpt_dir))
-        except OSError:
-            return []
-        for entry in entries:
+        for entry in self._checkpoint_entries():
             step = layout.parse_step(entry.name)
             if step is not None and entry.is_dir(follow_symlinks=False):
                 steps.append(step)
@@ -137,11 +140,7 @@ class RunView:
     def temp_dirs(self) -> list[TempDir]:
         """Checkpoints being written right now (``.tmp-`` directories)."""
         out = []
-        try:
-            entries = list(os.scandir(self.ckpt_dir))
-        except OSError:
-            return []
-        for entry in entries:
+        for entry in self._checkpoint_entries():
             work = layout.parse_work_name(entry.name)
             if work is not None and work.prefix == layout.TMP_PREFIX:
                 out.append(TempDir(Path(entry.path), work.step, work.pid))

@@ -67,27 +67,28 @@ def _plot_loss(ax: Any, report: Report) -> None:
     ax.grid(alpha=0.3)
 
 
+# Each failure's marks on the loss curve: (FailureRecord field, colour, line style, label).
+_FAILURE_MARKS = (
+    ("step", "#c62828", "-", "failure (last step reached)"),
+    ("resumed_from", "#2e7d32", "--", "resume (checkpoint step)"),
+)
+
+
 def _mark_failures(ax: Any, failures: list[FailureRecord]) -> None:
     """A line at each failure's last step and at its resume step, the steps lost between shaded."""
     for i, f in enumerate(failures):
-        if f.step is not None:
-            ax.axvline(
-                f.step,
-                color="#c62828",
-                linestyle="-",
-                linewidth=1.0,
-                label="failure (last step reached)" if i == 0 else None,
-            )
-        if f.resumed_from is not None:
-            ax.axvline(
-                f.resumed_from,
-                color="#2e7d32",
-                linestyle="--",
-                linewidth=1.0,
-                label="resume (checkpoint step)" if i == 0 else None,
-            )
-            if f.step is not None and f.step > f.resumed_from:
-                ax.axvspan(f.resumed_from, f.step, color="#c62828", alpha=0.08)
+        for name, colour, style, label in _FAILURE_MARKS:
+            step = getattr(f, name)
+            if step is not None:
+                ax.axvline(
+                    step,
+                    color=colour,
+                    linestyle=style,
+                    linewidth=1.0,
+                    label=label if i == 0 else None,  # one legend entry for all failures
+                )
+        if f.step is not None and f.resumed_from is not None and f.step > f.resumed_from:
+            ax.axvspan(f.resumed_from, f.step, color="#c62828", alpha=0.08)
 
 
 def _plot_timeline(ax: Any, report: Report) -> None:
