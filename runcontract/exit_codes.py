@@ -55,6 +55,16 @@ FINAL_STATE_UNSAVED = 8
 """Every worker finished, but no valid checkpoint holds the final step (a save failed, the disk
 is full, ``checkpoints/`` vanished): the final state is lost. The newest durable step is named."""
 
+CHECKPOINTS_LOCKED = 9
+"""Another process holds the run's checkpoint writer lock (a second training job on the same run
+directory, or a worker of an earlier run still alive); found before a launch, or reported by a
+worker's exit 77. No restart is spent: stop that process, or use another run directory."""
+
+RUN_DIR_UNWRITABLE = 10
+"""The supervisor could no longer write its event log (a full disk, an immutable or replaced
+file): it stopped the workers and said why on stderr. Free the space or repair the file, then
+relaunch to resume."""
+
 INTERRUPTED = 75
 """SIGINT/SIGTERM: the workers wrote an emergency checkpoint of the step they had reached (or
 none was running) and stopped. Relaunching on the same run directory resumes without loss. Same
@@ -76,6 +86,8 @@ DESCRIPTIONS: dict[int, str] = {
     WORKER_BAD_INPUT: "worker reported bad input",
     INTERRUPTED_UNSAVED: "interrupted; the emergency checkpoint was not written",
     FINAL_STATE_UNSAVED: "finished, but the final state is not in a valid checkpoint",
+    CHECKPOINTS_LOCKED: "checkpoints locked by another process",
+    RUN_DIR_UNWRITABLE: "the run directory became unwritable",
     INTERRUPTED: "interrupted",
     REQUEUE: "preempted by SLURM: requeue to resume",
 }

@@ -34,8 +34,14 @@ METRICS = "metrics.jsonl"
 EVENTS = ("events", ".jsonl")
 STATE = ("supervisor", ".json")
 LOCK = ("supervisor", ".lock")
+LOCK_OWNER = ("supervisor", ".owner")
 REPORT = ("report", ".txt")
 REPORT_PNG = ("report", ".png")
+
+WRITER_LOCK = ".writer.lock"
+"""``checkpoints/.writer.lock``: held (flock) by the one process that writes checkpoints."""
+WRITER_OWNER = ".writer.owner"
+"""``checkpoints/.writer.owner``: JSON ``{pid, host, since}`` of the lock's holder."""
 
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"

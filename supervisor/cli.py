@@ -8,7 +8,13 @@ Bad input gives one line and exit code 2 before anything is launched.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
+import math
+import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -22,15 +28,27 @@ from runcontract.cli import Parser, UsageError, flag_names
 from runcontract.events import EventType
 from supervisor import slurm
 from supervisor.config import BUILTIN_TRAINER, LaunchConfig
-from supervisor.events import EventLog
+from supervisor.events import EventLog, RunDirUnwritable, read_events
 from supervisor.heartbeat import HangConfig
 from supervisor.loop import Supervisor
 from supervisor.policy import PolicyConfig
 from supervisor.proctree import set_child_subreaper
 from supervisor.runner import TorchrunRunner
 from supervisor.status import format_status, read_node_states, read_state
+from trainer.supervised import pid_alive
 
 PROG = "launch.py"
+
+
+def finite_float(text: str) -> float:
+    """A float flag's value: a finite number (``nan`` would silently disable a timeout)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+finite_float.__name__ = "finite number"  # what argparse names in "invalid ... value"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes on this node (default 1)",
     )
     g.add_argument(
+        "--force-nproc",
+        action="store_true",
+        help="launch --nproc workers even beyond this node's GPUs (or 4 x its CPU cores "
+        "without GPUs)",
+    )
+    g.add_argument(
         "--run-dir", default=None, help="run directory (default runs/run-YYYYmmdd-HHMMSS)"
     )
     g = p.add_argument_group("restarts")
@@ -63,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--restart-window",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="count restarts only within the last S seconds (default 0: forever)",
     )
@@ -76,42 +100,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--backoff-initial",
-        type=float,
+        type=finite_float,
         default=0.5,
         help="first backoff of a failure streak, seconds; doubles (default 0.5)",
     )
     g.add_argument(
-        "--backoff-max", type=float, default=30.0, help="cap on one backoff, seconds (default 30)"
+        "--backoff-max",
+        type=finite_float,
+        default=30.0,
+        help="cap on one backoff, seconds (default 30)",
     )
     g.add_argument(
         "--healthy-after",
-        type=float,
+        type=finite_float,
         default=60.0,
         help="an attempt healthy this long resets the backoff (default 60)",
     )
     g = p.add_argument_group("detection and stopping")
     g.add_argument(
         "--hang-timeout",
-        type=float,
+        type=finite_float,
         default=None,
         help="seconds without a new step before a hang (default: derived, "
         "10 x the slowest recent step, at least --hang-floor)",
     )
     g.add_argument(
         "--hang-floor",
-        type=float,
+        type=finite_float,
         default=30.0,
         help="least derived hang timeout, seconds (default 30)",
     )
     g.add_argument(
         "--startup-timeout",
-        type=float,
+        type=finite_float,
         default=180.0,
         help="seconds from launch to the first step (default 180)",
     )
     g.add_argument(
         "--checkpoint-timeout",
-        type=float,
+        type=finite_float,
         default=300.0,
         help="seconds a rank may spend in a checkpoint or eval phase (default 300)",
     )
@@ -124,13 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--stop-grace",
-        type=float,
+        type=finite_float,
         default=2.0,
         help="after a failure, seconds between SIGTERM and SIGKILL (default 2)",
     )
     g.add_argument(
         "--term-timeout",
-        type=float,
+        type=finite_float,
         default=30.0,
         help="on SIGINT/SIGTERM, seconds the workers get to write an emergency "
         "checkpoint before SIGKILL (default 30)",
@@ -150,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rdzv-id", default=None, help="rendezvous id (default: run dir name)")
     g.add_argument(
         "--rdzv-timeout",
-        type=float,
+        type=finite_float,
         default=600.0,
         help="seconds to wait for the other nodes to join before an attempt fails (default 600)",
     )
@@ -179,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         args.script = None
     if args.script is None:
         script = BUILTIN_TRAINER
+        check_trainer_flags(script_args)
     else:
         script = Path(args.script)
         if not script.is_file():
@@ -190,6 +218,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     require_heartbeats = script == BUILTIN_TRAINER if require == "auto" else require == "yes"
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts {args.max_restarts}: must be >= 0")
+    if not args.force_nproc:
+        check_nproc(args.nproc)
     try:
         policy = PolicyConfig(
             max_restarts=args.max_restarts,
@@ -229,6 +259,55 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     return config
 
 
+class HelpShown(Exception):
+    """The built-in trainer's --help was asked for and printed: nothing is to be launched."""
+
+
+def check_trainer_flags(script_args: Sequence[str]) -> None:
+    """Parse the built-in trainer's flags here, before anything is launched: a typo gets one
+    line and exit 2 at once, not a torchrun start and a worker's exit. ``--help`` prints the
+    trainer's help (raises HelpShown). The trainer's parser imports no torch."""
+    from trainer.config import ConfigError, parse_args
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            parse_args(list(script_args), prog=f"{PROG} --")
+    except ConfigError as e:
+        raise UsageError(f"trainer flag {e}") from None
+    except SystemExit as e:  # argparse: --help printed (0), or a bad flag (2)
+        if e.code in (0, None):
+            raise HelpShown() from None
+        message = said.getvalue().strip().removeprefix(f"{PROG} --: error: ")
+        raise UsageError(f"trainer flags: {message}") from None
+
+
+def visible_gpus() -> int:
+    """GPUs this node shows to its workers, found without importing torch: the NVIDIA driver's
+    list, narrowed by CUDA_VISIBLE_DEVICES when that is set."""
+    try:
+        count = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        count = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and count:
+        count = min(count, len([d for d in visible.split(",") if d.strip() not in ("", "-1")]))
+    return count
+
+
+def check_nproc(nproc: int) -> None:
+    """Refuse more workers than this node can run: one per GPU, or 4 per CPU core without
+    GPUs (``--force-nproc`` skips the check)."""
+    gpus = visible_gpus()
+    cores = os.cpu_count() or 1
+    limit, what = (gpus, f"{gpus} visible GPU(s)") if gpus else (4 * cores, f"{cores} CPU cores")
+    if nproc > limit:
+        raise UsageError(
+            f"--nproc {nproc}: this node has {what}, room for at most {limit} worker(s); "
+            "use --force-nproc to launch them anyway"
+        )
+
+
 def _apply_slurm(args: argparse.Namespace) -> None:
     """Fill the multi-node flags the user left out from SLURM's environment."""
     try:
@@ -247,22 +326,47 @@ def _apply_slurm(args: argparse.Namespace) -> None:
         args.run_dir = f"runs/slurm-{alloc.job_id}"
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run directory and prove it writable. Raises UsageError when it is not."""
+def prepare_run_dir(config: LaunchConfig) -> None:
+    """Create the run directory, prove it writable, and check that what the run will write
+    there can be written: a directory where a file must go (or the reverse) is found now, with
+    one line and exit 2, not as a traceback mid-run. Raises UsageError."""
+    run_dir = config.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe-"):
             pass
     except OSError as e:
         raise UsageError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+    files = (config.events_file, config.state_file, config.lock_file, config.lock_owner_file)
+    dirs = (
+        config.heartbeat_dir,
+        config.log_root,
+        run_dir / layout.CHECKPOINTS,
+        run_dir / layout.CHECKPOINTS / layout.QUARANTINE,
+    )
+    for path in files:
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; the supervisor writes a file there")
+    for path in dirs:
+        if os.path.lexists(path) and not path.is_dir():
+            raise UsageError(f"{path} is not a directory; move it away")
 
 
 def _lock_holder(config: LaunchConfig) -> str:
+    """ " (pid N)" of the supervisor that holds this node's lock, from the owner file it wrote
+    when it took the lock; "" when that is unknown or names a process that is gone."""
     try:
-        pid = read_state(config.run_dir, config.state_file).get("supervisor_pid")
-        return f" (pid {pid})" if pid else ""
-    except (OSError, ValueError):
+        pid = int(json.loads(config.lock_owner_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         return ""
+    return f" (pid {pid})" if pid_alive(pid) else ""
+
+
+def _write_lock_owner(config: LaunchConfig) -> None:
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    tmp = config.lock_owner_file.with_name(f".{config.lock_owner_file.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(owner))
+    os.replace(tmp, config.lock_owner_file)
 
 
 def _previous_attempt(config: LaunchConfig) -> int:
@@ -278,11 +382,40 @@ def _previous_attempt(config: LaunchConfig) -> int:
 
 def _previous_restarts(config: LaunchConfig) -> int:
     """Restarts an earlier supervisor of this node spent (0 when none): the budget is the
-    run's, not one process's, so a relaunch or a SLURM requeue does not refill it."""
+    run's, not one process's, so a relaunch or a SLURM requeue does not refill it. A corrupt
+    ``supervisor.json`` does not refill it either: the count is rebuilt from the events."""
     try:
         return max(0, int(read_state(config.run_dir, config.state_file).get("restarts_used") or 0))
-    except (OSError, ValueError, TypeError):
+    except FileNotFoundError:
         return 0
+    except (OSError, ValueError, TypeError) as e:
+        used = restarts_from_events(config.events_file)
+        print(
+            f"{PROG}: warning: {config.state_file.name} is unreadable ({e}); "
+            f"{used} restart(s) already used, counted from {config.events_file.name}",
+            file=sys.stderr,
+        )
+        return used
+
+
+def restarts_from_events(path: Path) -> int:
+    """The restarts used so far, as the events record them: the newest count any event gives
+    (``supervisor_started`` carries the count it started with, ``backoff`` and the final
+    events the count after each failure). Raises UsageError when the events cannot be read
+    either: the budget is then unknown, and refilling it is not the answer."""
+    try:
+        events = read_events(path)
+    except OSError as e:
+        raise UsageError(
+            f"the restart count is lost: neither the state file nor {path} can be read ({e}); "
+            "repair one of them, or start a new --run-dir"
+        ) from None
+    used = 0
+    for event in events:
+        value = event.get("restarts_used", event.get("restarts_carried"))
+        if isinstance(value, int) and value >= 0:
+            used = value
+    return used
 
 
 def run(argv: Sequence[str]) -> int:
@@ -296,7 +429,7 @@ def run(argv: Sequence[str]) -> int:
             chaos.parse_spec(args.chaos, config.run_dir, config.node_tag or None)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    prepare_run_dir(config.run_dir)
+    prepare_run_dir(config)
     lock = filelock.FileLock(str(config.lock_file))
     try:
         lock.acquire(timeout=0)
@@ -309,8 +442,12 @@ def run(argv: Sequence[str]) -> int:
         )
         return exit_codes.RUN_DIR_LOCKED
     try:
+        _write_lock_owner(config)
         set_child_subreaper()
-        events = EventLog(config.events_file)
+        try:
+            events = EventLog(config.events_file)
+        except OSError as e:
+            raise UsageError(f"cannot write {config.events_file}: {e.strerror or e}") from None
         runner = TorchrunRunner(config)
         supervisor = Supervisor(
             config,
@@ -328,10 +465,16 @@ def run(argv: Sequence[str]) -> int:
                 # Its own process, as a real fault arrives from outside the supervisor.
                 injector = chaos.spawn(config.run_dir, args.chaos, config.node_tag or None)
             code = supervisor.run()
+        except RunDirUnwritable as e:  # the workers must not outlive the supervisor's story
+            if runner.tree is not None:
+                runner.stop(config.stop_grace)
+            print(f"{PROG}: error: {e}; the workers were stopped", file=sys.stderr)
+            return exit_codes.RUN_DIR_UNWRITABLE
         except Exception as e:  # a bug in the supervisor must not leave the workers running
-            events.emit(EventType.INTERNAL_ERROR, error=repr(e), attempt=supervisor.attempt)
             if runner.tree is not None:
                 runner.stop(0.0)
+            with contextlib.suppress(OSError, ValueError):
+                events.emit(EventType.INTERNAL_ERROR, error=repr(e), attempt=supervisor.attempt)
             raise
         finally:
             if injector is not None:
@@ -351,8 +494,9 @@ def run(argv: Sequence[str]) -> int:
 
 def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], None]:
     previous = {}
-    # SIGUSR1: SLURM's pre-timeout signal (sbatch --signal=USR1@T); handled like SIGTERM.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    # SIGUSR1: SLURM's pre-timeout signal (sbatch --signal=USR1@T); SIGHUP: the terminal went
+    # away. Both are handled like SIGTERM.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
         previous[sig] = signal.signal(sig, lambda signum, _frame: callback(signum))
 
     def restore() -> None:
@@ -440,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]](argv[1:])
         return run(argv)
+    except HelpShown:
+        return exit_codes.SUCCESS
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT

@@ -113,6 +113,11 @@ class LaunchConfig:
         return self._per_node(layout.LOCK)
 
     @property
+    def lock_owner_file(self) -> Path:
+        """Who holds ``lock_file``: ``{pid, host, since}``, for the refusal message only."""
+        return self._per_node(layout.LOCK_OWNER)
+
+    @property
     def state_file(self) -> Path:
         """This node's state for ``launch.py status`` (``supervisor.json`` on one node)."""
         return self._per_node(layout.STATE)

@@ -16,10 +16,15 @@ from typing import Any, TextIO
 
 from runcontract.events import EventType, EventWriter, read_events
 
-__all__ = ["EventLog", "read_events"]
+__all__ = ["EventLog", "RunDirUnwritable", "read_events"]
 
 # Field order for the console line; the rest follow alphabetically.
 _CONSOLE_FIRST = ("attempt", "rank", "pid", "exit_code", "signal", "step", "reason")
+
+
+class RunDirUnwritable(Exception):
+    """The supervisor cannot write its own record (``events.jsonl``) any more: a full disk, an
+    immutable file, a directory in its place. The run stops, its workers with it."""
 
 
 class EventLog:
@@ -35,10 +40,13 @@ class EventLog:
 
     def emit(self, type_: EventType | str, **fields: Any) -> dict[str, Any]:
         """Write one event (one whole line, fsync'd, so a killed supervisor leaves its story)
-        and print it. Raises OSError when the line cannot be written; it is printed anyway."""
+        and print it. Raises RunDirUnwritable when the line cannot be written; it is printed
+        anyway."""
         with self._lock:
             try:
                 record = self._writer.write(type_, **fields)
+            except (OSError, ValueError) as e:
+                raise RunDirUnwritable(f"cannot write {self.path}: {e}") from e
             finally:
                 if self._console is not None:
                     shown = {"time": time.time(), "type": type_, **fields}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runcontract.heartbeat import Phase
+from supervisor.attempt import Hang
 
 
 @dataclass(frozen=True)
@@ -63,20 +64,6 @@ class RankState:
     """The worker's own timestamp (epoch seconds)."""
     changed_at: float
     """Supervisor monotonic time when step or phase last changed."""
-
-
-@dataclass(frozen=True)
-class Hang:
-    """A rank that stopped making progress."""
-
-    rank: int | None
-    """Global rank, or None when the stuck worker never wrote a heartbeat."""
-    pid: int | None
-    step: int | None
-    phase: str
-    stalled_for: float
-    timeout: float
-    reason: str
 
 
 @dataclass

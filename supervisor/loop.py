@@ -12,36 +12,37 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from runcontract import exit_codes
 from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
 from runcontract.states import State
+from supervisor.attempt import AttemptResult, Failure, Observation, Outcome, Runner, StopReport
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog
 from supervisor.policy import RestartPolicy
-from supervisor.proctree import StopReport
-from supervisor.resume import checkpoint_step, select_checkpoint
-from supervisor.runner import Failure, Observation
-from supervisor.states import Outcome
+from supervisor.resume import checkpoint_step, select_checkpoint, writer_lock_holder
 from supervisor.status import write_state
 
 # Worker exit codes that no restart can fix (see the trainer's exit codes).
-FATAL_WORKER_CODES: dict[int, int] = {TrainerExit.USAGE: exit_codes.WORKER_BAD_INPUT}
+FATAL_WORKER_CODES: dict[int, int] = {
+    TrainerExit.USAGE: exit_codes.WORKER_BAD_INPUT,
+    TrainerExit.CKPT_LOCKED: exit_codes.CHECKPOINTS_LOCKED,
+}
 
 
-class Runner(Protocol):
-    """The mechanics the loop drives (``supervisor.runner.TorchrunRunner``, or a fake in tests)."""
-
-    def start(self, attempt: int, resume_from: Path | None) -> int: ...
-    def poll(self) -> Observation: ...
-    def forward_sigterm(self) -> int: ...
-    def stop(self, grace: float, already_signalled: bool = False) -> StopReport: ...
-    def complete(self, failure: Failure) -> Failure: ...
-    def worker_pids(self) -> dict[str, int]: ...
-    def attempt_alive(self) -> bool: ...
-    def all_done(self) -> bool: ...
+# Allowed state changes (runcontract.states draws them).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.INIT: frozenset({State.STARTING, State.INTERRUPTED, State.FAILED}),
+    State.STARTING: frozenset({State.RUNNING}),
+    State.RUNNING: frozenset({State.STOPPING, State.SUCCEEDED, State.FAILED}),
+    State.STOPPING: frozenset({State.BACKOFF, State.FAILED, State.INTERRUPTED, State.SUCCEEDED}),
+    State.BACKOFF: frozenset({State.STARTING, State.INTERRUPTED, State.FAILED}),
+    State.SUCCEEDED: frozenset(),
+    State.FAILED: frozenset(),
+    State.INTERRUPTED: frozenset(),
+}
 
 
 class Supervisor:
@@ -123,14 +124,17 @@ class Supervisor:
         except OSError as e:
             self.events.emit(EventType.WARNING, reason=f"cannot write supervisor.json: {e}")
 
-    def _enter(self, state: State) -> None:
+    def _transition(self, state: State, **extra: Any) -> None:
+        """The one way the state changes: checks that the move is allowed and records it in
+        ``supervisor.json``. An illegal move is a bug, reported as an internal error."""
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"illegal state change {self.state.value} -> {state.value}")
         self.state = state
-        self._write_state()
+        self._write_state(**extra)
 
     def _finish(self, state: State, code: int, detail: str = "") -> int:
-        self.state = state
         self.exit_reason = exit_codes.describe(code) + (f": {detail}" if detail else "")
-        self._write_state(exit_code=code, exit_reason=self.exit_reason)
+        self._transition(state, exit_code=code, exit_reason=self.exit_reason)
         return code
 
     # -- the loop ----------------------------------------------------------------------------
@@ -157,15 +161,19 @@ class Supervisor:
         while True:
             if self.interrupted:
                 return self._interrupted_idle()
+            locked = self._writer_lock_holder()
+            if locked is not None:
+                return self._checkpoints_locked(locked)
             self.attempt += 1
-            outcome, info = self._run_attempt()
+            result = self._run_attempt()
+            outcome = result.outcome
             if outcome == Outcome.INTERRUPTED and self.runner.all_done():
                 outcome = Outcome.SUCCEEDED  # every rank had finished: the signal came late
             if outcome == Outcome.SUCCEEDED:
                 return self._finish_success()
             if outcome == Outcome.INTERRUPTED:
                 return self._finish_interrupted()
-            code = self._after_failure(info)
+            code = self._after_failure(result)
             if code is not None:
                 return code
 
@@ -242,9 +250,39 @@ class Supervisor:
 
         return self._select(self.config.run_dir, on_event=on_event)
 
-    def _run_attempt(self) -> tuple[Outcome, dict[str, Any]]:
-        """Launch and watch one attempt. Returns (SUCCEEDED | FAILED | HUNG | INTERRUPTED,
-        details); INTERRUPTED means a signal arrived and the attempt has been stopped."""
+    def _run_attempt(self) -> AttemptResult:
+        """Launch and watch one attempt, and stop it unless it succeeded."""
+        launched_at = self._launch()
+        resume_step = self.step or 0
+        first_step_seen = False
+        while True:
+            if self.interrupted:
+                self._stop_interrupted()
+                return AttemptResult(Outcome.INTERRUPTED)
+            obs = self.runner.poll()
+            for type_, fields in obs.notes:
+                self.events.emit(type_, **fields)
+                if type_ == EventType.WORKERS_STARTED:
+                    self._write_state()
+            if obs.step is not None and obs.step != self.step:
+                self.step = obs.step
+                self._write_state(force=False)
+            if not first_step_seen and obs.step is not None and obs.step > resume_step:
+                first_step_seen = True
+                self.events.emit(
+                    EventType.FIRST_STEP,
+                    attempt=self.attempt,
+                    step=obs.step,
+                    since_launch=round(self._clock() - launched_at, 3),
+                )
+            if obs.outcome == Outcome.SUCCEEDED:
+                return AttemptResult(Outcome.SUCCEEDED)
+            if obs.outcome in (Outcome.FAILED, Outcome.HUNG):
+                return self._stop_failed(obs, launched_at)
+            self._sleep(self.config.poll_interval)
+
+    def _launch(self) -> float:
+        """Start the attempt from ``resume_from``; returns the launch time (monotonic)."""
         resume_step = checkpoint_step(self.resume_from)
         self.events.emit(
             EventType.CHECKPOINT_SELECTED,
@@ -252,7 +290,7 @@ class Supervisor:
             path=str(self.resume_from) if self.resume_from else None,
             step=resume_step,
         )
-        self._enter(State.STARTING)
+        self._transition(State.STARTING)
         launched_at = self._clock()
         self.torchrun_pid = self.runner.start(self.attempt, self.resume_from)
         self.events.emit(
@@ -275,35 +313,10 @@ class Supervisor:
             )
         # The step this attempt starts from; None for a fresh start until a rank reports one.
         self.step = resume_step if self.resume_from else None
-        self._enter(State.RUNNING)
-        first_step_seen = False
-        while True:
-            if self.interrupted:
-                self._stop_interrupted()
-                return Outcome.INTERRUPTED, {}
-            obs = self.runner.poll()
-            for type_, fields in obs.notes:
-                self.events.emit(type_, **fields)
-                if type_ == EventType.WORKERS_STARTED:
-                    self._write_state()
-            if obs.step is not None and obs.step != self.step:
-                self.step = obs.step
-                self._write_state(force=False)
-            if not first_step_seen and obs.step is not None and obs.step > resume_step:
-                first_step_seen = True
-                self.events.emit(
-                    EventType.FIRST_STEP,
-                    attempt=self.attempt,
-                    step=obs.step,
-                    since_launch=round(self._clock() - launched_at, 3),
-                )
-            if obs.outcome == Outcome.SUCCEEDED:
-                return Outcome.SUCCEEDED, {}
-            if obs.outcome in (Outcome.FAILED, Outcome.HUNG):
-                return obs.outcome, self._stop_failed(obs, launched_at)
-            self._sleep(self.config.poll_interval)
+        self._transition(State.RUNNING)
+        return launched_at
 
-    def _stop_failed(self, obs: Observation, launched_at: float) -> dict[str, Any]:
+    def _stop_failed(self, obs: Observation, launched_at: float) -> AttemptResult:
         detected_at = self._clock()
         runtime = detected_at - launched_at
         if obs.failure is not None:
@@ -329,7 +342,7 @@ class Supervisor:
                 reason=hang.reason,
             )
             reason = "hang"
-        self._enter(State.STOPPING)
+        self._transition(State.STOPPING)
         grace = self.config.stop_grace
         self.events.emit(EventType.STOPPING, attempt=self.attempt, reason=reason, grace=grace)
         report = self.runner.stop(grace)
@@ -339,42 +352,25 @@ class Supervisor:
             root = failure.fields()
         root_cause = {k: v for k, v in root.items() if k != "log_tail"} or None
         self._emit_stopped(report, root_cause=root_cause)
-        return {"runtime": runtime, "failure": obs.failure}
+        return AttemptResult(obs.outcome, runtime, obs.failure)
 
-    def _after_failure(self, info: dict[str, Any]) -> int | None:
+    def _after_failure(self, result: AttemptResult) -> int | None:
         """Decide after a failed attempt: None to go on (after the backoff), or an exit code."""
-        failure: Failure | None = info.get("failure")
+        failure = result.failure
         if failure is not None and failure.exit_code in FATAL_WORKER_CODES:
-            code = FATAL_WORKER_CODES[failure.exit_code]
-            self.events.emit(
-                EventType.FATAL,
-                attempt=self.attempt,
-                rank=failure.rank,
-                exit_code=failure.exit_code,
-                reason=(
-                    f"rank {failure.rank} exited {failure.exit_code} (bad input)"
-                    if failure.source == "worker"
-                    else f"torchrun exited {failure.exit_code} (bad usage)"
-                )
-                + ": a restart cannot fix it; see the log tail above",
-            )
-            return self._finish(State.FAILED, code)
+            return self._fatal(failure)
         previous = self.resume_from
         newest = self._choose_checkpoint()
         progressed = newest is not None and (
             previous is None or checkpoint_step(newest) > checkpoint_step(previous)
         )
         self.resume_from = newest
-        decision = self.policy.on_failure(attempt_runtime=info["runtime"], progressed=progressed)
+        decision = self.policy.on_failure(attempt_runtime=result.runtime, progressed=progressed)
         if not decision.restart:
             assert decision.exit_code is not None
-            type_ = (
-                EventType.CRASH_LOOP
-                if decision.exit_code == exit_codes.CRASH_LOOP
-                else EventType.BUDGET_EXHAUSTED
-            )
+            crash_loop = decision.exit_code == exit_codes.CRASH_LOOP
             self.events.emit(
-                type_,
+                EventType.CRASH_LOOP if crash_loop else EventType.BUDGET_EXHAUSTED,
                 attempt=self.attempt,
                 attempts=self.attempt,
                 restarts_used=decision.restarts_used,
@@ -390,7 +386,7 @@ class Supervisor:
             restarts_left=decision.restarts_left,
             progressed=progressed,
         )
-        self._enter(State.BACKOFF)
+        self._transition(State.BACKOFF)
         deadline = self._clock() + decision.delay
         while self._clock() < deadline:
             if self.interrupted:
@@ -398,11 +394,47 @@ class Supervisor:
             self._sleep(min(self.config.poll_interval, max(0.0, deadline - self._clock())))
         return None
 
+    def _fatal(self, failure: Failure) -> int:
+        """A worker exit that no restart can fix: stop the run at once, spending no restart."""
+        code = FATAL_WORKER_CODES[failure.exit_code]  # type: ignore[index]
+        if failure.source != "worker":
+            why = f"torchrun exited {failure.exit_code} (bad usage)"
+        elif failure.exit_code == TrainerExit.CKPT_LOCKED:
+            why = f"rank {failure.rank} exited {failure.exit_code}: another process holds the "
+            why += "checkpoint writer lock"
+        else:
+            why = f"rank {failure.rank} exited {failure.exit_code} (bad input)"
+        self.events.emit(
+            EventType.FATAL,
+            attempt=self.attempt,
+            rank=failure.rank,
+            exit_code=failure.exit_code,
+            reason=why + ": a restart cannot fix it; see the log tail above",
+        )
+        return self._finish(State.FAILED, code)
+
+    def _writer_lock_holder(self) -> str | None:
+        """Who holds the run's checkpoint writer lock, when another process does (one node
+        only: on several nodes the writer may be a peer node's rank 0 still being stopped)."""
+        if not self.config.single_node:
+            return None
+        return writer_lock_holder(self.config.run_dir)
+
+    def _checkpoints_locked(self, holder: str) -> int:
+        self.events.emit(
+            EventType.FATAL,
+            attempt=self.attempt,
+            exit_code=exit_codes.CHECKPOINTS_LOCKED,
+            reason=f"another process ({holder}) holds the checkpoint writer lock of "
+            f"{self.config.run_dir}: nothing was launched",
+        )
+        return self._finish(State.FAILED, exit_codes.CHECKPOINTS_LOCKED, f"held by {holder}")
+
     def _stop_interrupted(self) -> None:
         signum = self._signals[0]
         name = _signal_name(signum)
         self.events.emit(EventType.INTERRUPTED, attempt=self.attempt, signal=name, step=self.step)
-        self._enter(State.STOPPING)
+        self._transition(State.STOPPING)
         forwarded = self.runner.forward_sigterm()
         timeout = self.config.term_timeout
         self.events.emit(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from supervisor.attempt import StopReport
 from trainer.supervised import PR_SET_PDEATHSIG, prctl
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -85,16 +86,6 @@ def status_to_exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def signal_name(code: int | None) -> str | None:
-    """``SIGKILL`` for an exit code of -9 (Popen's convention), else None."""
-    if code is None or code >= 0:
-        return None
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -116,19 +107,6 @@ class Worker:
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-
-@dataclass
-class StopReport:
-    """What stopping an attempt took."""
-
-    terminated: int
-    """Workers that exited after SIGTERM."""
-    killed: int
-    """Workers that needed SIGKILL (after the grace period)."""
-    leftovers: int
-    """Processes the final walk still found and killed."""
-    seconds: float
 
 
 @dataclass

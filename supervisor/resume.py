@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from runcontract import layout
 
@@ -34,3 +37,26 @@ def checkpoint_step(path: Path | None) -> int:
     from trainer.checkpoint import verify
 
     return int(verify(path)["step"])
+
+
+def writer_lock_holder(run_dir: Path) -> str | None:
+    """Who holds ``checkpoints/.writer.lock`` of ``run_dir`` when another process does ("pid N
+    on HOST", or "an unknown process"); None when it is free. Takes and drops the lock at once."""
+    ckpt_dir = run_dir / layout.CHECKPOINTS
+    if not ckpt_dir.is_dir():
+        return None
+    lock = filelock.FileLock(
+        str(ckpt_dir / layout.WRITER_LOCK), timeout=0, thread_local=False, preserve_lock_file=True
+    )
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            owner = json.loads((ckpt_dir / layout.WRITER_OWNER).read_text())
+            return f"pid {owner['pid']} on {owner['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unknown process"
+    except OSError:
+        return None  # an unreadable directory is the checkpoint choice's to report
+    lock.release()
+    return None

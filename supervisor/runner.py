@@ -14,17 +14,16 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runcontract import env as env_names
 from runcontract.events import EventType
 from runcontract.heartbeat import Phase
+from supervisor.attempt import Failure, Hang, Observation, Outcome, StopReport
 from supervisor.config import PROJECT_ROOT, LaunchConfig
-from supervisor.heartbeat import Hang, HeartbeatMonitor
-from supervisor.proctree import AttemptTree, StopReport, Worker, signal_name, start_in_new_session
-from supervisor.states import Outcome
+from supervisor.heartbeat import HeartbeatMonitor
+from supervisor.proctree import AttemptTree, Worker, start_in_new_session
 
 # torchrun reaps its workers on this interval. The supervisor polls faster, so it usually sees
 # a dead worker as a zombie and reads its exit status before torchrun reaps it.
@@ -34,49 +33,6 @@ TREE_WALK_INTERVAL = 1.0
 
 _EXITCODE_PID = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 _FAILED_LINE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
-
-
-@dataclass
-class Failure:
-    """Why an attempt failed: the earliest failing rank, or torchrun itself."""
-
-    source: str
-    """``worker`` or ``torchrun``."""
-    rank: int | None = None
-    local_rank: int | None = None
-    pid: int | None = None
-    exit_code: int | None = None
-    """Popen convention: the code, or -N for signal N; None when not (yet) known."""
-    log_tail: str = ""
-
-    @property
-    def signal(self) -> str | None:
-        return signal_name(self.exit_code)
-
-    def fields(self) -> dict[str, Any]:
-        """The event fields describing this failure."""
-        return {
-            "source": self.source,
-            "rank": self.rank,
-            "local_rank": self.local_rank,
-            "pid": self.pid,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "log_tail": self.log_tail,
-        }
-
-
-@dataclass
-class Observation:
-    """One look at the running attempt."""
-
-    outcome: Outcome
-    failure: Failure | None = None
-    hang: Hang | None = None
-    step: int | None = None
-    """Highest step any rank reported (None before the first heartbeat)."""
-    notes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    """Events the loop should log (``workers_started``, ``hang_timeout``, …)."""
 
 
 class TorchrunRunner:
@@ -89,6 +45,8 @@ class TorchrunRunner:
         self.monitor: HeartbeatMonitor | None = None
         self.attempt = 0
         self._failure: Failure | None = None
+        self._early_leaver: Worker | None = None
+        """A rank gone without "done" while the attempt still ran (see ``_judge_exit``)."""
         self._next_heartbeat_read = 0.0
         self._next_tree_walk = 0.0
         self._announced_workers = False
@@ -163,6 +121,7 @@ class TorchrunRunner:
         """Launch attempt ``attempt``; returns torchrun's pid. Raises OSError if it cannot start."""
         self.attempt = attempt
         self._failure = None
+        self._early_leaver = None
         self._announced_workers = False
         self._announced_silent = False
         log_dir = self.config.attempt_log_dir(attempt)
@@ -200,9 +159,27 @@ class TorchrunRunner:
     def poll(self) -> Observation:
         """Look once. Never blocks longer than a few file reads."""
         assert self.tree is not None and self.monitor is not None, "start() first"
-        tree, monitor = self.tree, self.monitor
-        notes: list[tuple[str, dict[str, Any]]] = []
         now = self.clock()
+        notes: list[tuple[str, dict[str, Any]]] = []
+        exited = self._discover(now, notes)
+        read_heartbeats = self._read_heartbeats(now, bool(exited), notes)
+        step = self.monitor.max_step()
+        failure = self._detect_failure(exited)
+        if failure is None and self.tree.root.poll() == 0:
+            self.tree.refresh()
+            return Observation(Outcome.SUCCEEDED, step=step, notes=notes)
+        if failure is not None:
+            return Observation(Outcome.FAILED, failure=failure, step=step, notes=notes)
+        hang = self._detect_hang(notes) if read_heartbeats else None
+        if hang is not None:
+            return Observation(Outcome.HUNG, hang=hang, step=step, notes=notes)
+        return Observation(Outcome.RUNNING, step=step, notes=notes)
+
+    def _discover(self, now: float, notes: list[tuple[str, dict[str, Any]]]) -> list[Worker]:
+        """Find new workers and those that exited since the last look; announce the workers
+        once they are all there."""
+        tree, monitor = self.tree, self.monitor
+        assert tree is not None and monitor is not None
         # Finding new processes reads every /proc/<pid>/stat (psutil's parent map), the bulk
         # of the supervisor's own CPU: every look until each worker is found, then once a
         # second (only the workers' own children appear later, and a stop walks anyway).
@@ -227,31 +204,42 @@ class TorchrunRunner:
                 fields["rendezvous_seconds"] = round(now - monitor.started_at, 3)
                 monitor.started_at = now
             notes.append((EventType.WORKERS_STARTED, fields))
+        return exited
+
+    def _read_heartbeats(
+        self, now: float, exited: bool, notes: list[tuple[str, dict[str, Any]]]
+    ) -> bool:
+        """Read the heartbeat files when due; True when they were read."""
+        tree, monitor = self.tree, self.monitor
+        assert tree is not None and monitor is not None
         # Until a rank reports training, read on every poll: the first step after a launch is
         # a recovery's last phase, worth timing to 0.1 s rather than 0.5 s.
         training = any(r.phase != Phase.STARTUP for r in monitor.ranks.values())
-        read_heartbeats = now >= self._next_heartbeat_read or bool(exited) or not training
-        if read_heartbeats:
-            self._next_heartbeat_read = now + self.config.heartbeat_interval
-            monitor.poll(tree.workers.keys())
-            new_timeout = monitor.timeout_to_log() if monitor.ranks else None
-            if new_timeout is not None:
-                notes.append(
-                    (
-                        EventType.HANG_TIMEOUT,
-                        {
-                            "attempt": self.attempt,
-                            "timeout": round(new_timeout, 3),
-                            "derived": self.config.hang.hang_timeout is None,
-                            "startup_timeout": self.config.hang.startup_timeout,
-                            "checkpoint_timeout": self.config.hang.checkpoint_timeout,
-                        },
-                    )
-                )
-        step = monitor.max_step()
+        if now < self._next_heartbeat_read and not exited and training:
+            return False
+        self._next_heartbeat_read = now + self.config.heartbeat_interval
+        monitor.poll(tree.workers.keys())
+        new_timeout = monitor.timeout_to_log() if monitor.ranks else None
+        if new_timeout is not None:
+            fields = {
+                "attempt": self.attempt,
+                "timeout": round(new_timeout, 3),
+                "derived": self.config.hang.hang_timeout is None,
+                "startup_timeout": self.config.hang.startup_timeout,
+                "checkpoint_timeout": self.config.hang.checkpoint_timeout,
+            }
+            notes.append((EventType.HANG_TIMEOUT, fields))
+        return True
 
+    def _detect_failure(self, exited: list[Worker]) -> Failure | None:
+        """The attempt's root cause once something died: torchrun killed, a worker that exited
+        badly (the likeliest cause first), or torchrun's own non-zero exit."""
+        tree = self.tree
+        assert tree is not None
+        if self._failure is not None:
+            return self._failure
         rc = tree.root.poll()
-        if self._failure is None and rc is not None and rc < 0:
+        if rc is not None and rc < 0:
             # torchrun killed (a lost node): its workers die after it; it is the root cause.
             self._failure = Failure(
                 source="torchrun",
@@ -259,66 +247,69 @@ class TorchrunRunner:
                 exit_code=rc,
                 log_tail=self.torchrun_log_tail(),
             )
-        if self._failure is None:
-            for worker in sorted(exited, key=_likely_cause_first):
-                self._judge_exit(worker)
-                if self._failure is not None:
-                    break
-        if self._failure is not None:
-            return Observation(Outcome.FAILED, failure=self._failure, step=step, notes=notes)
-
-        if rc is not None:
+            return self._failure
+        for worker in sorted(exited, key=_likely_cause_first):
+            self._judge_exit(worker)
+            if self._failure is not None:
+                return self._failure
+        if rc is not None and rc != 0:
             tree.refresh()
-            if rc == 0:
-                return Observation(Outcome.SUCCEEDED, step=step, notes=notes)
             self._failure = self._blame_after_torchrun_exit(rc)
-            return Observation(Outcome.FAILED, failure=self._failure, step=step, notes=notes)
+        return self._failure
 
-        if read_heartbeats:
-            live = [w.pid for w in tree.live_workers()]
-            hang = monitor.check(live)
-            if hang is not None:
-                return Observation(Outcome.HUNG, hang=hang, step=step, notes=notes)
-            if monitor.silent() and not self._announced_silent:
-                self._announced_silent = True
-                notes.append(
-                    (
-                        EventType.HEARTBEATS_ABSENT,
-                        {
-                            "attempt": self.attempt,
-                            "reason": "no heartbeat within the start-up timeout: hang "
-                            "detection is off for this attempt (crashes are still detected)",
-                        },
-                    )
-                )
-        return Observation(Outcome.RUNNING, step=step, notes=notes)
+    def _detect_hang(self, notes: list[tuple[str, dict[str, Any]]]) -> Hang | None:
+        """A rank stuck past its phase's allowance; notes once that hang detection is off for
+        a script that never beats."""
+        tree, monitor = self.tree, self.monitor
+        assert tree is not None and monitor is not None
+        hang = monitor.check([w.pid for w in tree.live_workers()])
+        if hang is None and monitor.silent() and not self._announced_silent:
+            self._announced_silent = True
+            fields = {
+                "attempt": self.attempt,
+                "reason": "no heartbeat within the start-up timeout: hang detection is off "
+                "for this attempt (crashes are still detected)",
+            }
+            notes.append((EventType.HEARTBEATS_ABSENT, fields))
+        return hang
 
     def _judge_exit(self, worker: Worker) -> None:
         code = worker.exit_code
-        if code == 0:
-            return
-        if code is None:
-            # torchrun reaped it first. For a script known to keep the heartbeat contract (it
-            # reports "done" before exiting 0), a rank that vanished without "done" died.
-            # Otherwise torchrun's own exit status decides.
-            ranks = self.monitor.ranks if self.monitor is not None else {}
-            state = ranks.get(worker.rank) if worker.rank is not None else None
-            if (
-                not self.config.hang.require_heartbeats
-                or state is None
-                or state.phase == Phase.DONE
-            ):
+        # For a script that keeps the heartbeat contract (it reports "done" before exiting 0),
+        # a rank that torchrun reaped first (code unknown) without "done" died; one that
+        # exited 0 without "done" is remembered: if the attempt fails, it left first and is
+        # the root cause, not the peers whose collectives broke after it. Otherwise torchrun's
+        # own exit status decides.
+        if code in (0, None):
+            if not self._left_without_done(worker):
                 return
-        self._failure = Failure(
+            if code == 0:
+                self._early_leaver = self._early_leaver or worker
+                return
+        self._failure = self._worker_failure(self._early_leaver or worker)
+
+    def _worker_failure(self, worker: Worker) -> Failure:
+        return Failure(
             source="worker",
             rank=worker.rank,
             local_rank=worker.local_rank,
             pid=worker.pid,
-            exit_code=code,
+            exit_code=worker.exit_code,
             log_tail=self.rank_log_tail(worker.local_rank),
         )
 
+    def _left_without_done(self, worker: Worker) -> bool:
+        """Whether a rank of a script known to keep the heartbeat contract (it reports "done"
+        before exiting 0) is gone without having reported it."""
+        if not self.config.hang.require_heartbeats or self.monitor is None or self.tree is None:
+            return False
+        self.monitor.poll(self.tree.workers.keys())  # its last beat may be newer than our look
+        state = self.monitor.ranks.get(worker.rank) if worker.rank is not None else None
+        return state is not None and state.phase != Phase.DONE
+
     def _blame_after_torchrun_exit(self, rc: int) -> Failure:
+        if self._early_leaver is not None:
+            return self._worker_failure(self._early_leaver)
         codes = self.exit_codes_from_log()
         for worker in sorted(
             (w for w in self.tree.workers.values() if w.gone_at is not None),  # type: ignore[union-attr]
@@ -430,9 +421,13 @@ def _likely_cause_first(worker: Worker) -> int:
 
     A rank killed by a signal (other than torchrun's SIGTERM) takes its peers down with it:
     they fail in their next collective and exit 1 within milliseconds, often before the next
-    look. A rank torchrun already reaped died before those still waiting to be reaped.
+    look. A rank torchrun already reaped died before those still waiting to be reaped. Ranks
+    that exited 0 come first of all: one that left without "done" is remembered as the likely
+    cause before its peers' failures are judged (``_judge_exit``).
     """
     code = worker.exit_code
+    if code == 0:
+        return -1
     if code is not None and code < 0 and code != -signal.SIGTERM:
         return 0
     if code is None:

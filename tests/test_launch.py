@@ -36,6 +36,12 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--nnodes", "2", str(WORKER)], "--rdzv-endpoint"),
         (["--nnodes", "2", "--rdzv-endpoint", "nohostport", str(WORKER)], "HOST:PORT"),
         (["--chaos", "no-such-fault", str(WORKER), "finish"], "no-such-fault"),
+        (["--hang-timeout", "nan", str(WORKER)], "--hang-timeout: invalid finite number"),
+        (["--term-timeout", "nan", str(WORKER)], "--term-timeout: invalid finite number"),
+        (["--stop-grace", "inf", str(WORKER)], "--stop-grace: invalid finite number"),
+        (["--nproc", "100000", str(WORKER), "finish"], "--force-nproc"),
+        (["--", "--stpes", "3"], "trainer flags: unrecognized arguments: --stpes"),
+        (["--", "--steps", "-3"], "trainer flag --steps must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_launches_nothing(
@@ -127,3 +133,43 @@ def test_status_flags_a_dead_supervisor(tmp_path: Path, capsys) -> None:
 def test_status_of_a_non_run_dir_is_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["status", str(tmp_path)]) == exit_codes.BAD_INPUT
     assert "no supervisor.json" in _error_line(capsys)
+
+
+def test_the_built_in_trainers_help_is_shown_and_nothing_launched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["--run-dir", str(run_dir), "--", "--help"]) == exit_codes.SUCCESS
+    out = capsys.readouterr().out
+    assert "--ckpt-every" in out and "--steps" in out
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "expect"),
+    [
+        (lambda run: (run / "events.jsonl").mkdir(), "events.jsonl is a directory"),
+        (lambda run: (run / "supervisor.json").mkdir(), "supervisor.json is a directory"),
+        (lambda run: (run / "heartbeats").write_text("x"), "heartbeats is not a directory"),
+        (
+            lambda run: (
+                (run / "checkpoints").mkdir() or (run / "checkpoints" / "quarantine").touch()
+            ),
+            "quarantine is not a directory",
+        ),
+    ],
+)
+def test_a_bad_path_in_the_run_dir_is_bad_input_before_launch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make, expect: str
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    make(run_dir)
+    assert main(["--run-dir", str(run_dir), str(WORKER), "finish"]) == exit_codes.BAD_INPUT
+    assert expect in _error_line(capsys)
+    assert not (run_dir / "logs").exists()  # nothing was launched
+
+
+def test_nproc_beyond_the_node_is_allowed_when_forced() -> None:
+    args = build_parser().parse_args(["--nproc", "100000", "--force-nproc", str(WORKER)])
+    assert config_from_args(args).nproc == 100000

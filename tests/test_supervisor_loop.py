@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from supervisor.states import Outcome
 
 from runcontract import exit_codes
 from supervisor.config import LaunchConfig
@@ -17,7 +18,6 @@ from supervisor.loop import Supervisor
 from supervisor.policy import PolicyConfig
 from supervisor.proctree import StopReport
 from supervisor.runner import Failure, Observation
-from supervisor.states import Outcome
 from supervisor.status import read_state
 
 

@@ -81,6 +81,22 @@ def test_the_rank_killed_first_is_blamed_not_the_peers_failing_after_it(tmp_path
         run.kill_all()
 
 
+def test_a_rank_that_exits_0_without_done_is_blamed_not_its_failing_peers(tmp_path: Path) -> None:
+    # Rank 0 leaves with exit 0 but never reports "done"; rank 1 fails (exit 1) a few
+    # milliseconds later, as a peer does when its collective loses a partner.
+    run = _run(
+        tmp_path, "--require-heartbeats", "yes", str(WORKER), "exit", "--code", "0",
+        "--rank", "0", "--peers-exit", "1", "--until-attempt", "2",
+    )  # fmt: skip
+    try:
+        assert run.wait(2 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        failed = next(e for e in run.events() if e["type"] == "worker_failed")
+        assert (failed["rank"], failed["exit_code"]) == (0, 0), failed
+        assert run.leftovers(timeout=5.0) == []
+    finally:
+        run.kill_all()
+
+
 def test_budget_exhausted_after_exactly_n_plus_one_attempts(tmp_path: Path) -> None:
     run = _run(
         tmp_path, "--max-restarts", "1", "--crash-loop", "0", str(WORKER), "exit", "--code", "1"

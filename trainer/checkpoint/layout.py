@@ -22,6 +22,8 @@ from runcontract.layout import (
     DEL_PREFIX,
     QUARANTINE,
     TMP_PREFIX,
+    WRITER_LOCK,
+    WRITER_OWNER,
     WorkDir,
     parse_step,
     parse_work_name,
@@ -33,8 +35,8 @@ from runcontract.layout import (
 #: The on-disk format this code writes; it reads this version and every older one.
 FORMAT_VERSION = 1
 
-LOCK_FILE = ".writer.lock"
-OWNER_FILE = ".writer.owner"
+LOCK_FILE = WRITER_LOCK
+OWNER_FILE = WRITER_OWNER
 MANIFEST = "manifest.json"
 REASON_FILE = "REASON.txt"
 

@@ -1,0 +1,166 @@
+"""The supervisor against hostile and unlucky conditions around it: another writer holding the
+checkpoint lock, a worker's exit 77, SIGHUP, a corrupt state file, a dead predecessor named in
+it, and an event log that becomes unwritable mid-run. Real launch.py, torchrun and workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+
+from runcontract import exit_codes
+from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched
+
+pytestmark = pytest.mark.distributed
+
+ATTEMPT_TIMEOUT = 60.0
+
+
+def _run(run_dir: Path, *args: str) -> Launched:
+    return Launched(run_dir, ["--nproc", "2", *FAST, *args])
+
+
+def test_a_held_checkpoint_writer_lock_stops_the_run_before_any_launch(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".writer.owner").write_text(json.dumps({"pid": 4242, "host": "elsewhere"}))
+    lock = filelock.FileLock(str(ckpts / ".writer.lock"), timeout=0, thread_local=False)
+    holder = subprocess.Popen(  # another process, as a second training job would be
+        [sys.executable, "-c", HOLD_LOCK, str(ckpts / ".writer.lock")], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+        run = _run(run_dir, str(WORKER), "finish")
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.CHECKPOINTS_LOCKED, run.stderr[-2000:]
+        assert "launch" not in run.types()
+        assert "pid 4242 on elsewhere" in run.stderr
+        state = json.loads((run_dir / "supervisor.json").read_text())
+        assert state["restarts_used"] == 0 and state["exit_code"] == exit_codes.CHECKPOINTS_LOCKED
+    finally:
+        holder.kill()
+        holder.wait()
+    lock.acquire()  # released by the holder's death
+    lock.release()
+
+
+HOLD_LOCK = """
+import sys, time, filelock
+lock = filelock.FileLock(sys.argv[1], timeout=0, thread_local=False)
+lock.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_workers_exit_77_stops_the_run_at_once_and_spends_no_restart(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", "--max-restarts", "5", str(WORKER), "exit", "--code", "77")
+    try:
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.CHECKPOINTS_LOCKED, run.stderr[-2000:]
+        types = run.types()
+        assert types.count("launch") == 1 and "backoff" not in types
+        fatal = next(e for e in run.events() if e["type"] == "fatal")
+        assert fatal["exit_code"] == 77 and "writer lock" in fatal["reason"]
+        state = json.loads((run.run_dir / "supervisor.json").read_text())
+        assert (state["restarts_used"], state["restarts_left"]) == (0, 5)
+        assert run.leftovers(timeout=5.0) == []
+    finally:
+        run.kill_all()
+
+
+def test_sighup_is_handled_like_sigterm(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", str(WORKER), "forever")
+    try:
+        run.wait_event("workers_started", ATTEMPT_TIMEOUT)
+        run.proc.send_signal(signal.SIGHUP)
+        # worker.py exits 75 on SIGTERM and keeps no checkpoint store: taken at its word.
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.INTERRUPTED, run.stderr[-2000:]
+        interrupted = next(e for e in run.events() if e["type"] == "interrupted")
+        assert interrupted["signal"] == "SIGHUP"
+        assert (run.run_dir / "report.txt").is_file()
+        assert run.leftovers(timeout=5.0) == []
+    finally:
+        run.kill_all()
+
+
+def test_a_corrupt_state_file_does_not_refill_the_restart_budget(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = _run(run_dir, "--max-restarts", "3", str(WORKER), "exit,finish", "--code", "3")
+    try:
+        assert first.wait(2 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, first.stderr[-2000:]
+    finally:
+        first.kill_all()
+    (run_dir / "supervisor.json").write_text('{"restarts_used": ')  # torn
+    again = _run(run_dir, "--max-restarts", "3", str(WORKER), "finish")
+    try:
+        assert again.wait(ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, again.stderr[-2000:]
+        starts = [e for e in again.events() if e["type"] == "supervisor_started"]
+        assert starts[-1]["restarts_carried"] == 1
+        assert "1 restart(s) already used, counted from events.jsonl" in again.stderr
+    finally:
+        again.kill_all()
+
+
+def test_the_refusal_names_the_live_lock_holder_not_a_dead_predecessor(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / "supervisor.json").write_text(json.dumps({"supervisor_pid": dead.pid}))
+    owner = _run(run_dir, str(WORKER), "forever")
+    try:
+        owner.wait_event("workers_started", ATTEMPT_TIMEOUT)
+        refused = subprocess.run(
+            [sys.executable, str(LAUNCH), "--run-dir", str(run_dir), str(WORKER), "finish"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == exit_codes.RUN_DIR_LOCKED
+        assert f"pid {owner.proc.pid}" in refused.stderr
+        assert f"pid {dead.pid}" not in refused.stderr
+    finally:
+        owner.kill_all()
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    return res.returncode == 0
+
+
+def test_an_event_log_that_fills_the_disk_stops_the_workers_with_its_own_code(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    if not _tmpfs(run_dir, "4m"):
+        pytest.skip("mounting a tmpfs is not permitted here: no real full disk to test with")
+    run = None
+    try:
+        run = _run(run_dir, str(WORKER), "forever")
+        started = run.wait_event("workers_started", ATTEMPT_TIMEOUT)
+        with open(run_dir / "ballast", "wb") as f:  # fill it: the next event cannot be written
+            while True:
+                try:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+                except OSError:
+                    break
+        os.kill(int(started["workers"]["1"]), signal.SIGKILL)  # something to report
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.RUN_DIR_UNWRITABLE, run.stderr[-2000:]
+        assert "cannot write" in run.stderr and "the workers were stopped" in run.stderr
+        assert "Traceback" not in run.stderr
+        assert run.leftovers(timeout=5.0) == []
+    finally:
+        if run is not None:
+            run.kill_all()
+        deadline = time.monotonic() + 10
+        while subprocess.run(["umount", str(run_dir)]).returncode and time.monotonic() < deadline:
+            time.sleep(0.2)
