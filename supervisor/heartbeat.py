@@ -153,13 +153,18 @@ class HeartbeatMonitor:
         """The rank stalled longest past its allowance, or None.
 
         ``worker_pids`` are the attempt's live workers; one of them without a heartbeat counts
-        as stuck in ``startup``. When no worker has written a heartbeat by the end of the
-        start-up allowance, the script is taken not to beat and no hang is reported.
+        as stuck in ``startup``. While any rank is in ``checkpoint`` or ``eval``, every rank in
+        ``train`` gets that phase's allowance. When no worker has written a heartbeat by the end
+        of the start-up allowance, the script is taken not to beat and no hang is reported.
         """
         now = self.clock()
         worst: Hang | None = None
+        # While one rank checkpoints or evaluates, its peers wait for it in their next
+        # collective: they are judged by the same, longer allowance, not called hung.
+        waiting = any(r.phase in (Phase.CHECKPOINT, Phase.EVAL) for r in self.ranks.values())
         for state in self.ranks.values():
-            allowed = self.allowance(state.phase)
+            phase = Phase.CHECKPOINT if waiting and state.phase == Phase.TRAIN else state.phase
+            allowed = self.allowance(phase)
             if state.phase == Phase.STARTUP:
                 stalled = now - self.started_at
             else:

@@ -4,6 +4,7 @@ it, and an event log that becomes unwritable mid-run. Real launch.py, torchrun a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import filelock
+import psutil
 import pytest
 
 from runcontract import exit_codes
@@ -164,3 +166,45 @@ def test_an_event_log_that_fills_the_disk_stops_the_workers_with_its_own_code(
         deadline = time.monotonic() + 10
         while subprocess.run(["umount", str(run_dir)]).returncode and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+PAUSED_TRAINER = Path(__file__).parent / "chaos" / "paused_trainer.py"
+SLOW_SAVE_ARGS = [
+    "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "12",
+    "--warmup-steps", "2", "--eval-every", "0", "--log-every", "0", "--threads", "1",
+    "--ckpt-every", "4", "--ckpt-sync",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ranks_waiting_for_a_slow_checkpoint_are_not_called_hung(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    # Rank 0's first checkpoint write stalls (the writer stops itself halfway through the model
+    # file: a disk that has gone slow); rank 1 waits for it in its next collective. Both are
+    # judged by the checkpoint allowance, not by the 3 s hang timeout.
+    env = {**train_env, "CHAOS_PAUSE_PLAN": "1:payload-mid"}
+    run = Launched(
+        tmp_path / "run",
+        ["--nproc", "2", *FAST, "--hang-timeout", "3", "--checkpoint-timeout", "120",
+         str(PAUSED_TRAINER), *SLOW_SAVE_ARGS],
+        env=env,
+    )  # fmt: skip
+    try:
+        started = run.wait_event("workers_started", 240)
+        writer = psutil.Process(int(started["workers"]["0"]))
+        deadline = time.monotonic() + 240
+        while writer.status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline and run.proc.poll() is None, run.stderr[-2000:]
+            time.sleep(0.1)
+        time.sleep(8.0)  # well past the hang timeout: nothing may be declared hung meanwhile
+        assert "hang_detected" not in run.types(), run.stderr[-2000:]
+        while run.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(psutil.NoSuchProcess):  # it pauses at every save
+                if writer.status() == psutil.STATUS_STOPPED:
+                    writer.send_signal(signal.SIGCONT)
+            time.sleep(0.1)
+        assert run.wait(240) == exit_codes.SUCCESS, run.stderr[-2000:]
+        assert "hang_detected" not in run.types()
+    finally:
+        run.kill_all()

@@ -151,3 +151,28 @@ def test_no_heartbeats_at_all_disables_detection_unless_required(tmp_path: Path)
 def test_config_validation_names_the_field(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         HangConfig(**{field: 0.0})
+
+
+def test_peers_waiting_for_a_checkpointing_rank_get_the_checkpoint_allowance(
+    tmp_path: Path,
+) -> None:
+    # Rank 0 writes a long checkpoint; rank 1 reported its step and now waits in the next
+    # collective. Neither is hung until the checkpoint allowance runs out.
+    monitor, clock, beats = _setup(tmp_path, hang_timeout=5.0, checkpoint_timeout=60.0)
+    beats[0](4, phase="checkpoint")
+    beats[1](4)
+    monitor.poll()
+    clock.now += 30.0
+    monitor.poll()
+    assert monitor.check([]) is None
+    clock.now += 40.0  # past the checkpoint allowance: the writer is the one stuck
+    monitor.poll()
+    hang = monitor.check([])
+    assert hang is not None and hang.timeout == 60.0
+    # Once the checkpoint is done, a peer that stalls is judged by the train allowance again.
+    beats[0](4)
+    monitor.poll()
+    clock.now += 6.0
+    monitor.poll()
+    hang = monitor.check([])
+    assert hang is not None and hang.rank == 1 and hang.timeout == 5.0
