@@ -8,16 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from supervisor.states import Outcome
 
 from runcontract import exit_codes
+from supervisor.attempt import Failure, Hang, Observation, Outcome, StopReport
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog, read_events
-from supervisor.heartbeat import Hang
 from supervisor.loop import Supervisor
 from supervisor.policy import PolicyConfig
-from supervisor.proctree import StopReport
-from supervisor.runner import Failure, Observation
 from supervisor.status import read_state
 
 
