@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import signal
 import socket
@@ -20,13 +19,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import filelock
 
 from runcontract import exit_codes, layout
-from runcontract.cli import Parser, UsageError, flag_names
+from runcontract.cli import Parser, UsageError, add_flag, flag_fields, flag_names
 from runcontract.events import EventType
-from supervisor import slurm
+from supervisor import flag_groups, slurm
 from supervisor.config import BUILTIN_TRAINER, LaunchConfig
 from supervisor.events import EventLog, RunDirUnwritable, read_events
 from supervisor.heartbeat import HangConfig
@@ -40,19 +40,9 @@ from trainer.supervised import pid_alive
 PROG = "launch.py"
 
 
-def finite_float(text: str) -> float:
-    """A float flag's value: a finite number (``nan`` would silently disable a timeout)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
-
-
-finite_float.__name__ = "finite number"  # what argparse names in "invalid ... value"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The launcher's flags (see docs/supervisor.md for each one's meaning)."""
+    """The launcher's flags: one per configuration field made with ``option`` (its default and
+    help text are the field's), plus the few that fill no field one to one."""
     p = Parser(
         prog=PROG,
         description="Run a torchrun script under a supervisor that restarts it from the newest "
@@ -60,132 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
         usage=f"{PROG} [flags] [SCRIPT [SCRIPT ARGS...] | -- TRAINER ARGS...]  |  "
         f"{PROG} status RUN_DIR  |  {PROG} chaos RUN_DIR [...]  |  {PROG} report RUN_DIR",
     )
-    g = p.add_argument_group("workers")
-    g.add_argument(
-        "--nproc",
-        "--nproc-per-node",
-        dest="nproc",
-        type=int,
-        default=1,
-        help="worker processes on this node (default 1)",
-    )
-    g.add_argument(
+    groups = {name: p.add_argument_group(name) for name in flag_groups.ORDER}
+    for cls in (LaunchConfig, PolicyConfig, HangConfig):
+        for f, hint in flag_fields(cls):
+            add_flag(groups[f.metadata["group"]], f, hint)
+    workers, detection = groups[flag_groups.WORKERS], groups[flag_groups.DETECTION]
+    workers.add_argument(
         "--force-nproc",
         action="store_true",
         help="launch --nproc workers even beyond this node's GPUs (or 4 x its CPU cores "
         "without GPUs)",
     )
-    g.add_argument(
+    workers.add_argument(
         "--run-dir", default=None, help="run directory (default runs/run-YYYYmmdd-HHMMSS)"
     )
-    g = p.add_argument_group("restarts")
-    g.add_argument(
-        "--max-restarts",
-        type=int,
-        default=3,
-        help="restarts allowed in total, or within --restart-window (default 3)",
-    )
-    g.add_argument(
-        "--restart-window",
-        type=finite_float,
-        default=0.0,
-        help="count restarts only within the last S seconds (default 0: forever)",
-    )
-    g.add_argument(
-        "--crash-loop",
-        type=int,
-        default=3,
-        help="give up after K consecutive failed attempts without a new valid "
-        "checkpoint (default 3; 0 turns the guard off)",
-    )
-    g.add_argument(
-        "--backoff-initial",
-        type=finite_float,
-        default=0.5,
-        help="first backoff of a failure streak, seconds; doubles (default 0.5)",
-    )
-    g.add_argument(
-        "--backoff-max",
-        type=finite_float,
-        default=30.0,
-        help="cap on one backoff, seconds (default 30)",
-    )
-    g.add_argument(
-        "--healthy-after",
-        type=finite_float,
-        default=60.0,
-        help="an attempt healthy this long resets the backoff (default 60)",
-    )
-    g = p.add_argument_group("detection and stopping")
-    g.add_argument(
-        "--hang-timeout",
-        type=finite_float,
-        default=None,
-        help="seconds without a new step before a hang (default: derived, "
-        "10 x the slowest recent step, at least --hang-floor)",
-    )
-    g.add_argument(
-        "--hang-floor",
-        type=finite_float,
-        default=30.0,
-        help="least derived hang timeout, seconds (default 30)",
-    )
-    g.add_argument(
-        "--startup-timeout",
-        type=finite_float,
-        default=180.0,
-        help="seconds from launch to the first step (default 180)",
-    )
-    g.add_argument(
-        "--checkpoint-timeout",
-        type=finite_float,
-        default=300.0,
-        help="seconds a rank may spend in a checkpoint or eval phase (default 300)",
-    )
-    g.add_argument(
+    detection.add_argument(
         "--require-heartbeats",
         choices=("auto", "yes", "no"),
         default="auto",
         help="treat a worker with no heartbeat after --startup-timeout as hung "
         "(auto: yes for the built-in trainer, no for other scripts)",
     )
-    g.add_argument(
-        "--stop-grace",
-        type=finite_float,
-        default=2.0,
-        help="after a failure, seconds between SIGTERM and SIGKILL (default 2)",
-    )
-    g.add_argument(
-        "--term-timeout",
-        type=finite_float,
-        default=30.0,
-        help="on SIGINT/SIGTERM, seconds the workers get to write an emergency "
-        "checkpoint before SIGKILL (default 30)",
-    )
-    g.add_argument(
+    detection.add_argument(
         "--chaos",
         metavar="SPEC",
         default=None,
         help="run the chaos tool alongside the job, e.g. kill-worker:every=30:count=3 "
         "(see docs/chaos.md)",
-    )
-    g = p.add_argument_group("multi-node (passed to torchrun)")
-    g.add_argument("--nnodes", default="1", help="nodes, N or MIN:MAX (default 1)")
-    g.add_argument("--node-rank", type=int, default=None, help="this node's rank")
-    g.add_argument("--rdzv-endpoint", default=None, help="rendezvous HOST:PORT")
-    g.add_argument("--rdzv-backend", default="c10d", help="rendezvous backend (default c10d)")
-    g.add_argument("--rdzv-id", default=None, help="rendezvous id (default: run dir name)")
-    g.add_argument(
-        "--rdzv-timeout",
-        type=finite_float,
-        default=600.0,
-        help="seconds to wait for the other nodes to join before an attempt fails (default 600)",
-    )
-    g.add_argument(
-        "--slurm",
-        action="store_true",
-        help="take --nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and the run dir from "
-        "SLURM's environment; SIGUSR1/SIGTERM exit with the requeue code 79",
     )
     p.add_argument(
         "script",
@@ -195,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
+
+
+def _fields_of(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The values the flags gave for ``cls``'s flag fields."""
+    return {f.name: getattr(args, f.name) for f, _ in flag_fields(cls)}
 
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
@@ -221,38 +117,16 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     if not args.force_nproc:
         check_nproc(args.nproc)
     try:
-        policy = PolicyConfig(
-            max_restarts=args.max_restarts,
-            restart_window=args.restart_window,
-            crash_loop=args.crash_loop,
-            backoff_initial=args.backoff_initial,
-            backoff_max=args.backoff_max,
-            backoff_jitter=args.backoff_initial,
-            healthy_after=args.healthy_after,
-        )
-        hang = HangConfig(
-            hang_timeout=args.hang_timeout,
-            hang_floor=args.hang_floor,
-            startup_timeout=args.startup_timeout,
-            checkpoint_timeout=args.checkpoint_timeout,
-            require_heartbeats=require_heartbeats,
-        )
+        # Backoff jitter: up to one initial backoff, so restarts of several nodes spread out.
+        policy = PolicyConfig(**_fields_of(PolicyConfig, args), backoff_jitter=args.backoff_initial)
+        hang = HangConfig(**_fields_of(HangConfig, args), require_heartbeats=require_heartbeats)
         config = LaunchConfig(
             script=script.absolute(),
             run_dir=run_dir,
             script_args=tuple(script_args),
-            nproc=args.nproc,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
-            rdzv_endpoint=args.rdzv_endpoint,
-            rdzv_backend=args.rdzv_backend,
-            rdzv_id=args.rdzv_id,
-            rdzv_timeout=args.rdzv_timeout,
-            slurm=args.slurm,
-            stop_grace=args.stop_grace,
-            term_timeout=args.term_timeout,
             policy=policy,
             hang=hang,
+            **_fields_of(LaunchConfig, args),
         )
     except ValueError as e:
         raise UsageError(flag_names(str(e))) from None
@@ -419,7 +293,7 @@ def restarts_from_events(path: Path) -> int:
 
 
 def run(argv: Sequence[str]) -> int:
-    """Supervise a script; returns the exit code (see ``supervisor.exit_codes``)."""
+    """Supervise a script; returns the exit code (see ``runcontract.exit_codes``)."""
     args = build_parser().parse_args(list(argv))
     config = config_from_args(args)
     if args.chaos is not None:
@@ -448,48 +322,60 @@ def run(argv: Sequence[str]) -> int:
             events = EventLog(config.events_file)
         except OSError as e:
             raise UsageError(f"cannot write {config.events_file}: {e.strerror or e}") from None
-        runner = TorchrunRunner(config)
-        supervisor = Supervisor(
-            config,
-            runner,
-            events,
-            first_attempt=_previous_attempt(config) + 1,
-            restarts_carried=_previous_restarts(config),
-        )
-        restore = _install_signal_handlers(supervisor.request_stop)
-        injector = None
         try:
-            if args.chaos is not None:
-                from tools import chaos
-
-                # Its own process, as a real fault arrives from outside the supervisor.
-                injector = chaos.spawn(config.run_dir, args.chaos, config.node_tag or None)
-            code = supervisor.run()
-        except RunDirUnwritable as e:  # the workers must not outlive the supervisor's story
-            if runner.tree is not None:
-                runner.stop(config.stop_grace)
-            print(f"{PROG}: error: {e}; the workers were stopped", file=sys.stderr)
-            return exit_codes.RUN_DIR_UNWRITABLE
-        except Exception as e:  # a bug in the supervisor must not leave the workers running
-            if runner.tree is not None:
-                runner.stop(0.0)
-            with contextlib.suppress(OSError, ValueError):
-                events.emit(EventType.INTERNAL_ERROR, error=repr(e), attempt=supervisor.attempt)
-            raise
+            code = _supervise(config, events, args.chaos)
         finally:
-            if injector is not None:
-                chaos.stop_spawned(injector)
-            restore()
             events.close()
-        print(
-            f"{PROG}: {supervisor.exit_reason or exit_codes.describe(code)} (exit {code}); "
-            f"run dir {config.run_dir}",
-            file=sys.stderr,
-        )
-        _write_text_report(config.run_dir, config.node_tag or None)
+        if code != exit_codes.RUN_DIR_UNWRITABLE:
+            _write_text_report(config.run_dir, config.node_tag or None)
         return code
     finally:
         lock.release()
+
+
+def _supervise(config: LaunchConfig, events: EventLog, chaos_spec: str | None) -> int:
+    """Run the supervisor (and the chaos tool beside it, when asked) until the run ends; the
+    workers never outlive it, whatever goes wrong. Returns the exit code."""
+    runner = TorchrunRunner(config)
+    supervisor = Supervisor(
+        config,
+        runner,
+        events,
+        first_attempt=_previous_attempt(config) + 1,
+        restarts_carried=_previous_restarts(config),
+    )
+    restore = _install_signal_handlers(supervisor.request_stop)
+    injector = None
+    try:
+        if chaos_spec is not None:
+            from tools import chaos
+
+            # Its own process, as a real fault arrives from outside the supervisor.
+            injector = chaos.spawn(config.run_dir, chaos_spec, config.node_tag or None)
+        code = supervisor.run()
+    except RunDirUnwritable as e:  # the workers must not outlive the supervisor's story
+        if runner.tree is not None:
+            runner.stop(config.stop_grace)
+        print(f"{PROG}: error: {e}; the workers were stopped", file=sys.stderr)
+        return exit_codes.RUN_DIR_UNWRITABLE
+    except Exception as e:  # a bug in the supervisor must not leave the workers running
+        if runner.tree is not None:
+            runner.stop(0.0)
+        with contextlib.suppress(OSError, ValueError, RunDirUnwritable):
+            events.emit(EventType.INTERNAL_ERROR, error=repr(e), attempt=supervisor.attempt)
+        raise
+    finally:
+        if injector is not None:
+            from tools import chaos
+
+            chaos.stop_spawned(injector)
+        restore()
+    print(
+        f"{PROG}: {supervisor.exit_reason or exit_codes.describe(code)} (exit {code}); "
+        f"run dir {config.run_dir}",
+        file=sys.stderr,
+    )
+    return code
 
 
 def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], None]:

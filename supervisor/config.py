@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runcontract import layout
+from runcontract.cli import option
+from supervisor.flag_groups import DETECTION, MULTI_NODE, WORKERS
 from supervisor.heartbeat import HangConfig
 from supervisor.policy import PolicyConfig
 
@@ -29,30 +31,50 @@ class LaunchConfig:
     """The run directory (absolute)."""
     script_args: tuple[str, ...] = ()
     """Arguments after the script."""
-    nproc: int = 1
+    nproc: int = option(
+        1, "worker processes on this node", flags=("--nproc", "--nproc-per-node"), group=WORKERS
+    )
     """Worker processes on this node (torchrun's ``--nproc-per-node``)."""
-    nnodes: str = "1"
+    nnodes: str = option("1", "nodes, N or MIN:MAX", group=MULTI_NODE)
     """Nodes, ``N`` or ``MIN:MAX``; more than one needs ``rdzv_endpoint``."""
-    node_rank: int | None = None
+    node_rank: int | None = option(None, "this node's rank", group=MULTI_NODE)
     """This node's rank among the nodes (None: assigned by the rendezvous)."""
-    rdzv_endpoint: str | None = None
+    rdzv_endpoint: str | None = option(None, "rendezvous HOST:PORT", group=MULTI_NODE)
     """``HOST:PORT`` of the rendezvous; None on one node (a fresh local port each attempt)."""
-    rdzv_backend: str = "c10d"
+    rdzv_backend: str = option("c10d", "rendezvous backend", group=MULTI_NODE)
     """torchrun's rendezvous backend for multi-node runs."""
-    rdzv_id: str | None = None
+    rdzv_id: str | None = option(
+        None, "rendezvous id (default: the run dir's name)", group=MULTI_NODE
+    )
     """Rendezvous id shared by all nodes (default: the run directory's name)."""
-    rdzv_timeout: float = 600.0
+    rdzv_timeout: float = option(
+        600.0,
+        "seconds to wait for the other nodes to join before an attempt fails",
+        group=MULTI_NODE,
+    )
     """Multi-node: seconds torchrun waits for the other nodes to join a rendezvous before the
     attempt fails (torchrun's ``join_timeout``); the bound on waiting for a lost node."""
-    slurm: bool = False
+    slurm: bool = option(
+        False,
+        "take --nnodes, --node-rank, --rdzv-endpoint, --rdzv-id and the run dir from SLURM's "
+        "environment; SIGUSR1/SIGTERM exit with the requeue code 79",
+        group=MULTI_NODE,
+    )
     """Launched by SLURM: SIGUSR1 and SIGTERM end the run with the requeue exit code."""
     poll_interval: float = 0.1
     """Seconds between cheap process checks."""
     heartbeat_interval: float = 0.5
     """Seconds between reads of the heartbeat files."""
-    stop_grace: float = 2.0
+    stop_grace: float = option(
+        2.0, "after a failure, seconds between SIGTERM and SIGKILL", group=DETECTION
+    )
     """After a failure: seconds between SIGTERM and SIGKILL for the surviving workers."""
-    term_timeout: float = 30.0
+    term_timeout: float = option(
+        30.0,
+        "on SIGINT/SIGTERM, seconds the workers get to write an emergency checkpoint before "
+        "SIGKILL",
+        group=DETECTION,
+    )
     """On SIGINT/SIGTERM: seconds the workers get to write an emergency checkpoint."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     hang: HangConfig = field(default_factory=HangConfig)

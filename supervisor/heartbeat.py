@@ -21,23 +21,34 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runcontract.cli import option
 from runcontract.heartbeat import Phase
 from supervisor.attempt import Hang
+from supervisor.flag_groups import DETECTION
 
 
 @dataclass(frozen=True)
 class HangConfig:
     """How long each phase may go without progress before the attempt counts as hung."""
 
-    hang_timeout: float | None = None
+    hang_timeout: float | None = option(
+        None,
+        "seconds without a new step before a hang (default: derived, 10 x the slowest recent "
+        "step, at least --hang-floor)",
+        group=DETECTION,
+    )
     """Seconds without a new step in ``train``; None derives it from observed step times."""
-    hang_floor: float = 30.0
+    hang_floor: float = option(30.0, "least derived hang timeout, seconds", group=DETECTION)
     """Least derived hang timeout, seconds."""
     hang_factor: float = 10.0
     """Derived timeout = this × the slowest recent step time (at least ``hang_floor``)."""
-    startup_timeout: float = 180.0
+    startup_timeout: float = option(180.0, "seconds from launch to the first step", group=DETECTION)
     """Seconds from launch until a rank must leave ``startup`` (import, rendezvous, loading)."""
-    checkpoint_timeout: float = 300.0
+    checkpoint_timeout: float = option(
+        300.0,
+        "seconds a rank may spend in a checkpoint or eval phase",
+        group=DETECTION,
+    )
     """Seconds a rank may stay in ``checkpoint`` or ``eval``."""
     require_heartbeats: bool = False
     """True: a worker with no heartbeat after ``startup_timeout`` hangs, even when no rank beats

@@ -15,25 +15,40 @@ from dataclasses import dataclass
 import tenacity
 
 from runcontract import exit_codes
+from runcontract.cli import option
+from supervisor.flag_groups import RESTARTS
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     """How many restarts, how fast, and when to give up."""
 
-    max_restarts: int = 3
+    max_restarts: int = option(
+        3, "restarts allowed in total, or within --restart-window", group=RESTARTS
+    )
     """Restarts allowed in total (or within ``restart_window``): at most N+1 attempts."""
-    restart_window: float = 0.0
+    restart_window: float = option(
+        0.0, "count restarts only within the last S seconds; 0: no window", group=RESTARTS
+    )
     """When > 0: at most ``max_restarts`` restarts within this many seconds (sliding window)."""
-    crash_loop: int = 3
+    crash_loop: int = option(
+        3,
+        "give up after K consecutive failed attempts without a new valid checkpoint (0 turns "
+        "the guard off)",
+        group=RESTARTS,
+    )
     """Give up after this many failed attempts in a row without a new valid checkpoint (0: off)."""
-    backoff_initial: float = 0.5
+    backoff_initial: float = option(
+        0.5, "first backoff of a failure streak, seconds; doubles", group=RESTARTS
+    )
     """Seconds before the first restart of a failure streak (then doubled each time)."""
-    backoff_max: float = 30.0
+    backoff_max: float = option(30.0, "cap on one backoff, seconds", group=RESTARTS)
     """Cap on one backoff, seconds."""
     backoff_jitter: float = 0.5
     """Up to this many random seconds added to each backoff."""
-    healthy_after: float = 60.0
+    healthy_after: float = option(
+        60.0, "an attempt healthy this long resets the backoff", group=RESTARTS
+    )
     """An attempt that ran this long before failing resets the backoff streak."""
 
     def __post_init__(self) -> None:

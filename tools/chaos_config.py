@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runcontract.cli import Parser, UsageError, flag, flag_names, option
+from runcontract.cli import (
+    Parser,
+    UsageError,
+    add_flag,
+    flag,
+    flag_fields,
+    flag_names,
+    is_list,
+    option,
+    scalar,
+)
 from runcontract.layout import valid_node_tag
 
 PROG = "python -m tools.chaos"
@@ -63,7 +72,7 @@ class ChaosConfig:
     faults: tuple[str, ...] = option(
         ("kill-worker",),
         "kind, or comma-separated kinds used in turn",
-        flag="--fault",
+        flags=("--fault",),
         metavar="FAULT",
     )
     every: float | None = option(
@@ -165,52 +174,6 @@ class ChaosConfig:
 # -- command line ------------------------------------------------------------------------------
 
 
-def _flag_fields() -> list[tuple[dataclasses.Field[Any], Any]]:
-    """(field, resolved type) of every ChaosConfig field that is a flag or an argument."""
-    hints = typing.get_type_hints(ChaosConfig)
-    return [(f, hints[f.name]) for f in dataclasses.fields(ChaosConfig) if "help" in f.metadata]
-
-
-def _is_list(hint: Any) -> bool:
-    return typing.get_origin(hint) is tuple
-
-
-def _scalar(hint: Any) -> Any:
-    """``float`` for ``float | None``; the item type of ``tuple[int, ...]``; else ``hint``."""
-    args = [a for a in typing.get_args(hint) if a is not type(None) and a is not Ellipsis]
-    return args[0] if args else hint
-
-
-def _help(f: dataclasses.Field[Any]) -> str:
-    """The field's help text, with its default unless that is None or empty."""
-    shown = f.metadata.get("shown", f.default)
-    if shown is None or shown == ():
-        return str(f.metadata["help"])
-    if isinstance(shown, tuple):
-        shown = ",".join(map(str, shown))
-    elif isinstance(shown, float):
-        shown = f"{shown:g}"
-    return f"{f.metadata['help']} (default {shown})"
-
-
-def _add(target: Any, f: dataclasses.Field[Any], hint: Any) -> None:
-    settings = {k: f.metadata[k] for k in ("metavar", "choices") if k in f.metadata}
-    if f.default is dataclasses.MISSING:
-        target.add_argument(f.name, type=_scalar(hint), help=f.metadata["help"], **settings)
-        return
-    kind, default = _scalar(hint), f.default
-    if _is_list(hint):  # comma-separated text, split by config_from_args
-        kind, default = str, ",".join(map(str, default)) or None
-    target.add_argument(
-        f.metadata.get("flag", flag(f.name)),
-        dest=f.name,
-        type=kind,
-        default=default,
-        help=_help(f),
-        **settings,
-    )
-
-
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The tool's flags: one per ChaosConfig field with a help text."""
     kinds = "\n".join(f"  {k:16} {v}" for k, v in FAULTS.items())
@@ -221,26 +184,26 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     exclusive = p.add_mutually_exclusive_group()
-    for f, hint in _flag_fields():
-        _add(exclusive if f.metadata.get("exclusive") else p, f, hint)
+    for f, hint in flag_fields(ChaosConfig):
+        add_flag(exclusive if f.metadata.get("exclusive") else p, f, hint)
     return p
 
 
 def _split(f: dataclasses.Field[Any], hint: Any, text: str | None) -> tuple[Any, ...]:
     """A comma-separated flag value as the field's tuple. Raises UsageError."""
-    item = _scalar(hint)
+    item = scalar(hint)
     try:
         return tuple(item(part.strip()) for part in (text or "").split(",") if part.strip())
     except ValueError:  # only numbers can fail to parse
-        name = f.metadata.get("flag", flag(f.name))
+        name = f.metadata.get("flags", (flag(f.name),))[0]
         raise UsageError(f"{name} {text!r}: give comma-separated integers") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ChaosConfig:
     """Validated configuration from parsed flags. Raises UsageError with one line."""
     values: dict[str, Any] = {
-        f.name: _split(f, hint, getattr(args, f.name)) if _is_list(hint) else getattr(args, f.name)
-        for f, hint in _flag_fields()
+        f.name: _split(f, hint, getattr(args, f.name)) if is_list(hint) else getattr(args, f.name)
+        for f, hint in flag_fields(ChaosConfig)
     }
     try:
         return ChaosConfig(**values)

@@ -1,0 +1,8 @@
+"""The launcher's flag groups, in the order ``launch.py --help`` shows them. Each configuration
+field that is a flag names its group (``option(..., group=RESTARTS)``)."""
+
+WORKERS = "workers"
+RESTARTS = "restarts"
+DETECTION = "detection and stopping"
+MULTI_NODE = "multi-node (passed to torchrun)"
+ORDER = (WORKERS, RESTARTS, DETECTION, MULTI_NODE)
