@@ -108,6 +108,18 @@ class Worker:
     def pid(self) -> int:
         return self.proc.pid
 
+    def read_rank(self) -> None:
+        """Read RANK and LOCAL_RANK from the process's environment. Seen between torchrun's
+        fork and its exec, a worker still has torchrun's environment, without them: the caller
+        reads again at its next look until they are there."""
+        try:
+            environ = self.proc.environ()
+            if "RANK" in environ:
+                self.rank = int(environ["RANK"])
+                self.local_rank = int(environ.get("LOCAL_RANK", "0"))
+        except (psutil.Error, ValueError):
+            pass
+
 
 @dataclass
 class AttemptTree:
@@ -145,6 +157,8 @@ class AttemptTree:
         for worker in self.workers.values():
             if worker.gone_at is not None:
                 continue
+            if worker.rank is None:
+                worker.read_rank()
             if not _alive(worker.proc):
                 status = zombie_exit_status(worker.pid)
                 if status is not None:
@@ -164,14 +178,9 @@ class AttemptTree:
         if parent != self.root.pid:
             self.others[pid] = proc
             return
-        rank = local_rank = None
-        try:
-            environ = proc.environ()
-            rank = int(environ["RANK"]) if "RANK" in environ else None
-            local_rank = int(environ["LOCAL_RANK"]) if "LOCAL_RANK" in environ else None
-        except (psutil.Error, ValueError):
-            pass
-        self.workers[pid] = Worker(proc, rank, local_rank)
+        worker = Worker(proc, None, None)
+        worker.read_rank()
+        self.workers[pid] = worker
 
     def live_workers(self) -> list[Worker]:
         """Workers seen and not yet exited."""

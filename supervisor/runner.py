@@ -187,7 +187,8 @@ class TorchrunRunner:
         if find_new:
             self._next_tree_walk = now + TREE_WALK_INTERVAL
         exited = tree.refresh(find_new=find_new)
-        if not self._announced_workers and len(tree.workers) >= self.config.nproc:
+        ranks_known = all(w.rank is not None for w in tree.workers.values())
+        if not self._announced_workers and len(tree.workers) >= self.config.nproc and ranks_known:
             self._announced_workers = True
             fields: dict[str, Any] = {
                 "attempt": self.attempt,
@@ -248,6 +249,8 @@ class TorchrunRunner:
                 log_tail=self.torchrun_log_tail(),
             )
             return self._failure
+        if len(exited) > 1 and all(w.exit_code is None for w in exited):
+            self._codes_from_torchrun(exited)
         for worker in sorted(exited, key=_likely_cause_first):
             self._judge_exit(worker)
             if self._failure is not None:
@@ -256,6 +259,20 @@ class TorchrunRunner:
             tree.refresh()
             self._failure = self._blame_after_torchrun_exit(rc)
         return self._failure
+
+    def _codes_from_torchrun(self, workers: list[Worker], wait: float = 1.0) -> None:
+        """Several workers torchrun reaped before this look, none with a known code: which one
+        died first cannot be told from the process table. torchrun logs each one's code as it
+        stops the group; wait that long (at most ``wait`` seconds) so that the rank killed by a
+        signal, not the peers torchrun terminated after it, is named."""
+        deadline = self.clock() + wait
+        while True:
+            codes = self.exit_codes_from_log()
+            for w in workers:
+                w.exit_code = codes.get(w.pid, w.exit_code)
+            if all(w.exit_code is not None for w in workers) or self.clock() >= deadline:
+                return
+            time.sleep(0.05)
 
     def _detect_hang(self, notes: list[tuple[str, dict[str, Any]]]) -> Hang | None:
         """A rank stuck past its phase's allowance; notes once that hang detection is off for
