@@ -34,6 +34,7 @@ class EventType(str, enum.Enum):
     WORKERS_STARTED = "workers_started"
     HANG_TIMEOUT = "hang_timeout"
     HEARTBEATS_ABSENT = "heartbeats_absent"
+    LOG_TRUNCATED = "log_truncated"
     FIRST_STEP = "first_step"
     # A failure and its recovery
     WORKER_FAILED = "worker_failed"

@@ -61,6 +61,12 @@ class LaunchConfig:
         group=MULTI_NODE,
     )
     """Launched by SLURM: SIGUSR1 and SIGTERM end the run with the requeue exit code."""
+    log_max_mb: float = option(
+        100.0,
+        "cap on each worker log file (stdout, stderr), MB of disk; past it the newest 1 MB is "
+        "kept as <file>.prev and the file starts again (0: no cap)",
+        group=WORKERS,
+    )
     poll_interval: float = 0.1
     """Seconds between cheap process checks."""
     heartbeat_interval: float = 0.5
@@ -97,6 +103,8 @@ class LaunchConfig:
             raise ValueError(f"--rdzv-timeout {self.rdzv_timeout}: must be > 0 seconds")
         if self.stop_grace < 0:
             raise ValueError(f"--stop-grace {self.stop_grace}: must be >= 0")
+        if self.log_max_mb < 0:
+            raise ValueError(f"--log-max-mb {self.log_max_mb}: must be >= 0 (0: no cap)")
         if self.term_timeout < 0:
             raise ValueError(f"--term-timeout {self.term_timeout}: must be >= 0")
 

@@ -23,6 +23,7 @@ from runcontract.heartbeat import Phase
 from supervisor.attempt import Failure, Hang, Observation, Outcome, StopReport
 from supervisor.config import PROJECT_ROOT, LaunchConfig
 from supervisor.heartbeat import HeartbeatMonitor
+from supervisor.logcap import LogCap
 from supervisor.proctree import AttemptTree, Worker, start_in_new_session
 
 # torchrun reaps its workers on this interval. The supervisor polls faster, so it usually sees
@@ -30,6 +31,8 @@ from supervisor.proctree import AttemptTree, Worker, start_in_new_session
 TORCHRUN_MONITOR_INTERVAL = "1"
 # Seconds between looks for new processes under torchrun once every worker is known.
 TREE_WALK_INTERVAL = 1.0
+# Seconds between looks at the size of the workers' log files.
+LOG_CHECK_INTERVAL = 1.0
 
 _EXITCODE_PID = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 _FAILED_LINE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
@@ -49,6 +52,8 @@ class TorchrunRunner:
         """A rank gone without "done" while the attempt still ran (see ``_judge_exit``)."""
         self._next_heartbeat_read = 0.0
         self._next_tree_walk = 0.0
+        self._next_log_check = 0.0
+        self.logcap: LogCap | None = None
         self._announced_workers = False
         self._announced_silent = False
 
@@ -85,7 +90,9 @@ class TorchrunRunner:
             "0",
             "--monitor-interval",
             TORCHRUN_MONITOR_INTERVAL,
-            "--tee",
+            # Each rank's output straight into its own files: torchrun reads none of it back
+            # (its --tee would hold a line without a newline in memory, however long).
+            "--redirects",
             "3",
             "--log-dir",
             str(self.config.attempt_log_dir(self.attempt) / "ranks"),
@@ -142,6 +149,8 @@ class TorchrunRunner:
         )
         self._next_heartbeat_read = started
         self._next_tree_walk = started
+        self._next_log_check = started + LOG_CHECK_INTERVAL
+        self.logcap = LogCap(log_dir / "ranks", int(self.config.log_max_mb * 1e6))
         return proc.pid
 
     # -- watch -------------------------------------------------------------------------------
@@ -162,6 +171,10 @@ class TorchrunRunner:
         now = self.clock()
         notes: list[tuple[str, dict[str, Any]]] = []
         exited = self._discover(now, notes)
+        if self.logcap is not None and now >= self._next_log_check:
+            self._next_log_check = now + LOG_CHECK_INTERVAL
+            for fields in self.logcap.check():
+                notes.append((EventType.LOG_TRUNCATED, {"attempt": self.attempt, **fields}))
         read_heartbeats = self._read_heartbeats(now, bool(exited), notes)
         step = self.monitor.max_step()
         failure = self._detect_failure(exited)

@@ -90,7 +90,8 @@ def test_kill_freeze_and_preempt_then_relaunch_ends_bitwise_equal(
         assert stopped["killed"] == 0  # the workers exited by themselves
         assert events[-1]["type"] == "emergency_checkpoint" and events[-1]["durable"]
         assert run.leftovers(timeout=5.0) == []
-        log = (run_dir / "logs" / "attempt-3" / "torchrun.log").read_text()
+        (rank0,) = (run_dir / "logs" / "attempt-3" / "ranks").glob("*/attempt_*/0/stdout.log")
+        log = rank0.read_text()
         preempted = [line for line in log.splitlines() if "preempted: checkpoint at step" in line]
         assert preempted, log[-3000:]
         emergency = int(preempted[0].split("at step")[1].split()[0])
@@ -106,7 +107,7 @@ def test_kill_freeze_and_preempt_then_relaunch_ends_bitwise_equal(
         selected = [e for e in events if e["type"] == "checkpoint_selected"]
         assert selected[-1]["step"] == emergency  # no step lost
         assert selected[-1]["attempt"] == 4  # numbering goes on; earlier logs are kept
-        assert (run_dir / "logs" / "attempt-3" / "torchrun.log").read_text() == log
+        assert rank0.read_text() == log
         assert events[-1]["type"] == "done" and events[-1]["step"] == STEPS
         assert _final_params(run_dir) == reference
         assert again.leftovers(timeout=5.0) == []

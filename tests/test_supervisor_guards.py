@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from runcontract import exit_codes
+from runcontract.heartbeat import read_heartbeat
 from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched
 
 pytestmark = pytest.mark.distributed
@@ -206,5 +207,33 @@ def test_ranks_waiting_for_a_slow_checkpoint_are_not_called_hung(
             time.sleep(0.1)
         assert run.wait(240) == exit_codes.SUCCESS, run.stderr[-2000:]
         assert "hang_detected" not in run.types()
+    finally:
+        run.kill_all()
+
+
+FLOODER = Path(__file__).parent / "scripts" / "flooder.py"
+
+
+def test_a_worker_flooding_its_output_cannot_fill_the_disk_or_the_memory(tmp_path: Path) -> None:
+    run = Launched(
+        tmp_path / "run", ["--nproc", "1", *FAST, "--log-max-mb", "4", str(FLOODER), "60"]
+    )
+    try:
+        run.wait_event("log_truncated", ATTEMPT_TIMEOUT)
+        deadline = time.monotonic() + ATTEMPT_TIMEOUT
+        state = None
+        while time.monotonic() < deadline and (state is None or state["phase"] != "done"):
+            state = read_heartbeat(run.run_dir, 0)
+            time.sleep(0.1)
+        assert state is not None and state["phase"] == "done", run.stderr[-2000:]
+        (log,) = (run.run_dir / "logs" / "attempt-1" / "ranks").glob("*/attempt_*/0/stdout.log")
+        # 60 MB written; at most the cap plus what one second between looks lets through stays.
+        on_disk = log.stat().st_blocks * 512 + log.with_name("stdout.log.prev").stat().st_size
+        assert on_disk < 40 * 1e6, on_disk
+        torchrun = psutil.Process(int(run.wait_event("launch", 5)["torchrun_pid"]))
+        assert torchrun.memory_info().rss < 600 * 1e6  # it reads none of the output
+        run.proc.send_signal(signal.SIGTERM)  # it reported done: a finished run, not a stop
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-2000:]
+        assert run.leftovers(timeout=5.0) == []
     finally:
         run.kill_all()
