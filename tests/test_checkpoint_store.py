@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from tests.scripts.ckpt_model import assert_same_state, fresh, train, trained
+from tests.scripts.ckpt_model import TinyLM, assert_same_state, fresh, train, trained
 from trainer.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -20,7 +20,8 @@ from trainer.checkpoint import (
     params_sha256,
     verify,
 )
-from trainer.checkpoint.layout import MODEL_FILE
+from trainer.checkpoint.layout import MODEL_FILE, STATE_FILE
+from trainer.checkpoint.loader import _load_optimizer
 
 META = {"tokens_seen": 96, "config": {"model": {"dim": 16}, "train": {"lr": 0.01}}, "world_size": 1}
 
@@ -93,6 +94,28 @@ def test_grad_scaler_state_round_trips(tmp_path):
     scaler2 = torch.amp.GradScaler("cpu", init_scale=2.0)
     load(find_latest_valid(tmp_path), fresh()[0], None, scaler2)
     assert scaler2.state_dict() == scaler.state_dict()
+
+
+def test_optimizer_state_is_read_to_the_host_and_placed_by_the_optimizer(tmp_path):
+    model, opt = trained(2)
+    with CheckpointStore(tmp_path, is_writer=True, async_save=False) as store:
+        store.save(2, model, opt, None, {}, {})
+    path = find_latest_valid(tmp_path)
+    # Parameters on a device other than the host. The meta device holds no data, so only the
+    # optimizer half of the loader can run there; on CUDA this is a resumed run's whole load.
+    with torch.device("meta"):
+        meta_model = TinyLM()
+    meta_opt = torch.optim.AdamW(meta_model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    saved_state = json.loads((path / STATE_FILE).read_text())
+    _load_optimizer(path, verify(path), saved_state, meta_opt, None)
+    params = list(meta_model.parameters())
+    assert len(meta_opt.state) == len(params)
+    for p in params:
+        state = meta_opt.state[p]
+        assert state["exp_avg"].device == state["exp_avg_sq"].device == p.device
+        # As in a fresh AdamW: a host tensor, read every step without waiting for the device.
+        assert state["step"].device.type == "cpu" and state["step"].dtype == torch.float32
+        assert state["step"].item() == 2.0
 
 
 def test_non_writer_touches_nothing(tmp_path):

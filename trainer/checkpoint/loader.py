@@ -68,19 +68,22 @@ def load(
 ) -> dict[str, Any]:
     """Verify checkpoint directory ``path``, load it into the objects given, return its manifest.
 
-    ``model`` may be DDP-wrapped. The loaded parameters are checked against the manifest's
-    ``params_sha256``. Raises CheckpointInvalid (fails verification or a payload is not
-    safetensors/JSON), CheckpointIncompatible (tensor names or shapes differ from the model or
-    optimizer — the message names them — or a newer format version).
+    ``model`` may be DDP-wrapped; its tensors are read onto ``map_location``. The optimizer's are
+    read into host memory whatever ``map_location`` says: ``optimizer.load_state_dict`` moves
+    each state tensor to its parameter's device and dtype, and keeps step counters (AdamW's
+    ``step``) on the host, where a fresh optimizer has them; one on an accelerator would cost a
+    device-to-host read per parameter at every step. The loaded parameters are checked against
+    the manifest's ``params_sha256``. Raises CheckpointInvalid (fails verification or a payload
+    is not safetensors/JSON), CheckpointIncompatible (tensor names or shapes differ from the
+    model or optimizer — the message names them — or a newer format version).
     """
     ckpt = Path(path)
     man = verify(ckpt)
-    device = _device(map_location)
     try:
         saved_state = json.loads((ckpt / STATE_FILE).read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointInvalid(f"{STATE_FILE} is not valid JSON ({e})", ckpt) from e
-    tensors = _read_tensors(ckpt, MODEL_FILE, device)
+    tensors = _read_tensors(ckpt, MODEL_FILE, _device(map_location))
     for name, target in (saved_state.get("model_aliases") or {}).items():
         if target not in tensors:
             raise CheckpointInvalid(f"{STATE_FILE} aliases {name} to missing tensor {target}", ckpt)
@@ -90,12 +93,24 @@ def load(
     inner.load_state_dict(tensors, strict=True)
     if st.params_sha256(inner) != man["params_sha256"]:
         raise CheckpointInvalid("loaded parameters do not match params_sha256", ckpt)
+    _load_optimizer(ckpt, man, saved_state, optimizer, scaler)
+    return man
 
+
+def _load_optimizer(
+    ckpt: Path,
+    man: dict[str, Any],
+    saved_state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None,
+    scaler: Any,
+) -> None:
+    """Load the optimizer and grad-scaler state of the verified checkpoint ``ckpt`` (manifest
+    ``man``, ``state.json`` ``saved_state``); tensors are read into host memory (see load)."""
     need_extra = (optimizer is not None and saved_state.get("optimizer") is not None) or (
         scaler is not None and saved_state.get("scaler") is not None
     )
     extra = (
-        _read_tensors(ckpt, OPTIM_FILE, device) if need_extra and OPTIM_FILE in man["files"] else {}
+        _read_tensors(ckpt, OPTIM_FILE, "cpu") if need_extra and OPTIM_FILE in man["files"] else {}
     )
     if optimizer is not None:
         skeleton = saved_state.get("optimizer")
@@ -114,10 +129,10 @@ def load(
             raise CheckpointIncompatible(
                 f"{ckpt}: optimizer state does not fit this optimizer: {e}"
             ) from e
-    # A disabled scaler saves {}; an enabled one refuses to load that, and has nothing to take.
+    # A checkpoint without scaler state (saved with none, or a disabled one) leaves the scaler as
+    # it is; a disabled scaler ignores what it is given.
     if scaler is not None and saved_state.get("scaler"):
         scaler.load_state_dict(st.decode(saved_state["scaler"], extra))
-    return man
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, osd: dict[str, Any], ckpt: Path) -> None:
