@@ -96,6 +96,46 @@ def test_grad_scaler_state_round_trips(tmp_path):
     assert scaler2.state_dict() == scaler.state_dict()
 
 
+def test_disabled_grad_scaler_passes_through_and_stores_nothing(tmp_path):
+    # The trainer always steps through a scaler, enabled only under --amp fp16.
+    model, opt = trained(1)
+    plain_model, plain_opt = trained(1)
+    train(plain_model, plain_opt, 1, 2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(1002))  # train()'s
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    scaled = scaler.scale(loss)
+    assert scaled is loss
+    scaled.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    scaler.unscale_(opt)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+    scaler.step(opt)
+    scaler.update()
+    model.seen += 1
+    assert_same_state(model, plain_model, opt, plain_opt)  # bitwise a plain optimizer step
+
+    with CheckpointStore(tmp_path, is_writer=True, async_save=False) as store:
+        store.save(2, model, opt, scaler, {}, {})
+    path = find_latest_valid(tmp_path)
+    # Stored as no scaler at all: the same state.json as a checkpoint saved without one.
+    assert json.loads((path / STATE_FILE).read_text())["scaler"] is None
+    model2, opt2 = fresh(seed=5)
+    load(path, model2, opt2, torch.amp.GradScaler("cpu", enabled=False))
+    assert_same_state(model, model2, opt2, opt)
+    # Such a checkpoint leaves an enabled scaler as it was, and an enabled scaler's checkpoint
+    # leaves a disabled one disabled.
+    enabled = torch.amp.GradScaler("cpu", init_scale=8.0)
+    load(path, fresh()[0], None, enabled)
+    assert enabled.state_dict()["scale"] == 8.0
+    with CheckpointStore(tmp_path / "fp16", is_writer=True, async_save=False) as store:
+        store.save(2, model, opt, enabled, {}, {})
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    load(find_latest_valid(tmp_path / "fp16"), fresh()[0], None, disabled)
+    assert not disabled.is_enabled() and disabled.state_dict() == {}
+
+
 def test_optimizer_state_is_read_to_the_host_and_placed_by_the_optimizer(tmp_path):
     model, opt = trained(2)
     with CheckpointStore(tmp_path, is_writer=True, async_save=False) as store:

@@ -157,6 +157,37 @@ def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
+def _model_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Host copies of a model state dict's tensors, and the names that alias another: tied
+    weights (e.g. embedding and output head) share storage and are stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[object, ...], str] = {}
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"model state {name!r} is a {type(t).__name__}, not a tensor")
+        key = (
+            t.untyped_storage().data_ptr() if t.numel() else id(t),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+            str(t.device),
+        )
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = _host_copy(t)
+    return tensors, aliases
+
+
+def scaler_enabled(scaler: Any) -> bool:
+    """Whether ``scaler`` (a ``torch.amp.GradScaler`` or an object like it) is enabled."""
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return bool(is_enabled()) if callable(is_enabled) else True
+
+
 def capture(
     step: int,
     model: nn.Module,
@@ -174,27 +205,7 @@ def capture(
     check_json(train_state, "train_state")
     check_json(meta, "meta")
     with torch.no_grad():
-        sd = model_state(model)
-        tensors: dict[str, torch.Tensor] = {}
-        aliases: dict[str, str] = {}
-        # Tied weights (e.g. embedding and output head) share storage: store them once.
-        seen: dict[tuple[object, ...], str] = {}
-        for name, t in sd.items():
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"model state {name!r} is a {type(t).__name__}, not a tensor")
-            key = (
-                t.untyped_storage().data_ptr() if t.numel() else id(t),
-                t.storage_offset(),
-                tuple(t.shape),
-                tuple(t.stride()),
-                t.dtype,
-                str(t.device),
-            )
-            if t.numel() and key in seen:
-                aliases[name] = seen[key]
-                continue
-            seen[key] = name
-            tensors[name] = _host_copy(t)
+        tensors, aliases = _model_tensors(model_state(model))
         param_names = [n for n, _ in unwrap(model).named_parameters()]
         param_names = list(strip_prefix(dict.fromkeys(param_names)).keys())
         optim_tensors: dict[str, torch.Tensor] = {}
@@ -204,7 +215,8 @@ def capture(
             else None
         )
         scaler_state = None
-        if scaler is not None:
+        # A disabled scaler has no state: stored as none (null), as a run without one stores it.
+        if scaler is not None and scaler_enabled(scaler):
             scaler_state = encode(scaler.state_dict(), optim_tensors, "scaler")
     nbytes = sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in optim_tensors.values())
     return Snapshot(
