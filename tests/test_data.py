@@ -16,7 +16,9 @@ from trainer.data import (
     DataError,
     load_corpus,
     stdlib_cache_path,
+    stdlib_digest_path,
     stdlib_files,
+    tokens_sha256,
 )
 
 
@@ -80,6 +82,43 @@ def test_random_corpus_is_the_same_every_time(tmp_path: Path) -> None:
     a = load_corpus("random", cache_dir=tmp_path, vocab_size=300, seq_len=16)
     b = load_corpus("random", cache_dir=tmp_path, vocab_size=300, seq_len=16)
     assert a.vocab_size == 300 and np.array_equal(a.train, b.train)
+
+
+def test_fingerprint_tells_corpora_apart(tmp_path: Path) -> None:
+    text = bytes(range(256)) * 40
+    (tmp_path / "a.txt").write_bytes(text)
+    (tmp_path / "b.txt").write_bytes(text[:-1] + b"x")  # one byte differs
+    (tmp_path / "a.bin").write_bytes(np.frombuffer(text, dtype=np.uint8).astype("<u2").tobytes())
+
+    def fingerprint(name: str, **kw: int) -> str:
+        return load_corpus(str(tmp_path / name), cache_dir=tmp_path, seq_len=16, **kw).fingerprint
+
+    a = fingerprint("a.txt")
+    assert len(a) == 16 and a == fingerprint("a.txt")
+    assert fingerprint("b.txt") != a
+    assert fingerprint("a.bin", vocab_size=256) == a  # the same tokens, vocabulary and split
+    assert fingerprint("a.bin", vocab_size=300) != a  # another vocabulary
+    split = load_corpus(str(tmp_path / "a.txt"), cache_dir=tmp_path, seq_len=16, val_fraction=0.2)
+    assert split.fingerprint != a  # another split
+
+
+def test_embedded_corpus_digest_is_cached_with_it(tmp_path: Path, data_cache: Path) -> None:
+    corpus = load_corpus("stdlib", cache_dir=data_cache, seq_len=64)
+    digest_file = stdlib_digest_path(stdlib_cache_path(data_cache))
+    assert corpus.tokens_sha256 == digest_file.read_text().strip()
+    assert corpus.tokens_sha256 == tokens_sha256(corpus.train, corpus.val)
+    # Read, not recomputed: a start-up does not hash 60 MB. A cache whose digest is missing
+    # (built before it was kept) or malformed gets it on the next start.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    copy = stdlib_cache_path(cache)
+    copy.write_bytes(stdlib_cache_path(data_cache).read_bytes())
+    stdlib_digest_path(copy).write_text("f" * 64 + "\n")
+    assert load_corpus("stdlib", cache_dir=cache, seq_len=64).tokens_sha256 == "f" * 64
+    stdlib_digest_path(copy).write_text("not a digest")
+    assert load_corpus("stdlib", cache_dir=cache, seq_len=64).tokens_sha256 == corpus.tokens_sha256
+    stdlib_digest_path(copy).unlink()
+    assert load_corpus("stdlib", cache_dir=cache, seq_len=64).fingerprint == corpus.fingerprint
 
 
 def _unreadable(tmp_path: Path) -> Path:

@@ -15,6 +15,7 @@ Nothing here imports torch, so data errors surface before the heavy start-up.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -47,6 +48,17 @@ class Corpus:
     """uint16 tokens held out for eval loss."""
     vocab_size: int
     """Every token is below this."""
+    tokens_sha256: str | None = None
+    """sha256 of all tokens (training then held-out) as little-endian uint16, when it is known
+    without reading them (the embedded corpus caches it); else computed on first use."""
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short digest of the tokens, the split and the vocabulary: processes whose
+        fingerprints are equal train on the same data."""
+        digest = self.tokens_sha256 or tokens_sha256(self.train, self.val)
+        key = f"{digest}|{len(self.train)}|{len(self.val)}|{self.vocab_size}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def num_samples(self, seq_len: int) -> int:
         """How many disjoint training sequences of `seq_len` tokens (+1 target) the corpus holds."""
@@ -65,6 +77,15 @@ class Corpus:
         """The `seq_len + 1` tokens of held-out sample `sample_id`."""
         start = sample_id * seq_len
         return np.asarray(self.val[start : start + seq_len + 1], dtype=np.int64)
+
+
+def tokens_sha256(*parts: np.ndarray) -> str:
+    """sha256 of the tokens of ``parts`` in order, as little-endian uint16 (the cache's bytes)."""
+    h = hashlib.sha256()
+    for part in parts:
+        # No copy for the usual case (a little-endian uint16 array or memory map).
+        h.update(np.ascontiguousarray(part, dtype="<u2").view(np.uint8).data)
+    return h.hexdigest()
 
 
 def stdlib_dir() -> Path:
@@ -91,35 +112,61 @@ def stdlib_cache_path(cache_dir: Path) -> Path:
     return cache_dir / f"stdlib-py{v.major}.{v.minor}-{key}.u16"
 
 
+def stdlib_digest_path(cache_path: Path) -> Path:
+    """Where the token file's sha256 is cached, next to it (see :func:`build_stdlib_cache`)."""
+    return cache_path.with_name(cache_path.name + ".sha256")
+
+
+def read_cached_digest(cache_path: Path) -> str | None:
+    """The cached sha256 of the token file at ``cache_path``, or None when there is no
+    well-formed one."""
+    try:
+        digest = stdlib_digest_path(cache_path).read_text().strip()
+    except OSError:
+        return None
+    ok = len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    return digest if ok else None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name and rename it into place: a write killed halfway
+    leaves no partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def build_stdlib_cache(cache_dir: str | os.PathLike[str]) -> Path:
-    """Make sure the embedded corpus' token file exists in `cache_dir`; return its path.
+    """Make sure the embedded corpus' token file and its sha256 exist in `cache_dir`; return the
+    token file's path.
 
     Safe when several processes call it at once: a file lock lets one build while the others
-    wait, and the file is written under a temporary name and renamed into place, so a build
-    killed halfway never leaves a partial cache behind. Raises DataError when the directory
-    cannot be written or the standard library holds no source.
+    wait, and each file is written under a temporary name and renamed into place, so a build
+    killed halfway never leaves a partial cache behind. The sha256 (for the start-up check that
+    every rank trains on the same corpus) is computed once, here, and read from then on. Raises
+    DataError when the directory cannot be written or the standard library holds no source.
     """
     cache_dir = Path(cache_dir)
     path = stdlib_cache_path(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
-            if path.exists() and path.stat().st_size > 0:
-                return path
-            chunks = [p.read_bytes() for p in stdlib_files()]
-            tokens = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype("<u2")
-            if tokens.size == 0:
-                raise DataError(f"{stdlib_dir()}: no .py files found in the standard library")
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name + ".", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(tokens.tobytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            if not (path.exists() and path.stat().st_size > 0):
+                chunks = [p.read_bytes() for p in stdlib_files()]
+                tokens = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype("<u2")
+                if tokens.size == 0:
+                    raise DataError(f"{stdlib_dir()}: no .py files found in the standard library")
+                _write_atomically(path, tokens.tobytes())
+            if read_cached_digest(path) is None:  # also for a cache built before it was kept
+                digest = tokens_sha256(np.memmap(path, dtype="<u2", mode="r"))
+                _write_atomically(stdlib_digest_path(path), (digest + "\n").encode())
     except OSError as e:
         raise DataError(
             f"{cache_dir}: cannot build the corpus cache there ({e.strerror or e})"
@@ -175,12 +222,14 @@ def load_corpus(
     Raises DataError naming the path when it is missing, empty, unreadable, malformed, or too
     short to give at least one training and one held-out sequence of `seq_len` tokens.
     """
+    digest: str | None = None  # known without reading the tokens only for the embedded corpus
     if source == "stdlib":
         if vocab_size not in (0, BYTE_VOCAB):
             raise DataError(f"--vocab-size {vocab_size} does not apply: stdlib text is bytes (256)")
         path = build_stdlib_cache(cache_dir)
         tokens: np.ndarray = np.memmap(path, dtype="<u2", mode="r")
         name, vocab = f"stdlib:{stdlib_dir()}", BYTE_VOCAB
+        digest = read_cached_digest(path)
     elif source == "random":
         vocab = vocab_size or BYTE_VOCAB
         # A fixed seed: the corpus must be the same in every process and every attempt.
@@ -210,4 +259,4 @@ def load_corpus(
             f"{source}: {len(tokens)} tokens are too few for --seq-len {seq_len} "
             f"with --val-fraction {val_fraction}"
         )
-    return Corpus(name=name, train=train, val=val, vocab_size=vocab)
+    return Corpus(name=name, train=train, val=val, vocab_size=vocab, tokens_sha256=digest)
