@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import (
     TINY_ARGS,
@@ -23,8 +24,9 @@ from tests.conftest import (
     train_command,
     wait_for_step,
 )
-from trainer.checkpoint import find_latest_valid, list_checkpoints
+from trainer.checkpoint import CheckpointIncompatible, find_latest_valid, list_checkpoints
 from trainer.checkpoint.lock import WriterLock
+from trainer.train import Trainer
 
 STEPS = 40
 # One rank: dropout and bf16 autocast on CPU, so exactness covers both.
@@ -345,3 +347,72 @@ def test_threads_default_to_omp_num_threads_else_all_cores(
     assert default_threads(TrainConfig(threads=3)) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert default_threads(TrainConfig()) == (os.cpu_count() or 1)
+
+
+def in_process_trainer(
+    data_cache: Path, run_dir: Path, *flags: str, resume: Path | None = None
+) -> Trainer:
+    """A one-rank CPU Trainer in this process (the test-sized run, plus ``flags``)."""
+    from trainer.config import parse_args
+    from trainer.data import load_corpus
+    from trainer.preemption import Preemption
+    from trainer.train import Dist
+
+    cfg = parse_args(
+        [*TINY_ARGS, "--data-cache", str(data_cache), "--run-dir", str(run_dir), *flags]
+    )
+    corpus = load_corpus(cfg.data, cache_dir=cfg.data_cache_dir(), vocab_size=cfg.vocab_size,
+                         val_fraction=cfg.val_fraction, seq_len=cfg.seq_len)  # fmt: skip
+    return Trainer(cfg, corpus, run_dir, resume, Dist(), torch.device("cpu"), Preemption())
+
+
+def test_resume_places_optimizer_state_like_a_fresh_optimizer(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    first = in_process_trainer(data_cache, tmp_path / "run", "--steps", "2")
+    try:
+        assert first.run() == 0
+    finally:
+        first.close()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    resumed = in_process_trainer(data_cache, tmp_path / "run", "--steps", "4", resume=checkpoint)
+    try:
+        assert (resumed.step, resumed.position) == (2, 2 * 4)
+        for p in resumed.model.parameters():
+            state = resumed.optimizer.state[p]
+            assert state["exp_avg"].device == state["exp_avg_sq"].device == p.device
+            assert state["step"].device.type == "cpu" and state["step"].dtype == torch.float32
+            assert state["step"].item() == 2.0
+    finally:
+        resumed.close()
+
+
+def test_resume_reads_older_train_states_and_refuses_invalid_ones(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    from trainer.checkpoint import CheckpointStore
+
+    source = in_process_trainer(data_cache, tmp_path / "source", "--steps", "2")
+    try:
+        assert source.run() == 0
+        num_samples = source.sampler.num_samples
+        # As trainers wrote it before the elastic resume: no global_batch, no metrics_offset.
+        older = {"step": 2, "position": 8, "seq_len": 32, "num_samples": num_samples}
+        broken = {**older, "position": -8}
+        for name, state in (("older", older), ("broken", broken)):
+            with CheckpointStore(tmp_path / name, is_writer=True, async_save=False) as store:
+                store.save(2, source.model, source.optimizer, None, state, {})
+    finally:
+        source.close()
+
+    older_path = tmp_path / "older" / "checkpoints" / "step-00000002"
+    resumed = in_process_trainer(data_cache, tmp_path / "run", "--steps", "3", resume=older_path)
+    try:
+        assert (resumed.step, resumed.position, resumed.sampler.global_batch) == (2, 8, 4)
+        assert resumed.run() == 0
+    finally:
+        resumed.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [3]
+    with pytest.raises(CheckpointIncompatible, match=r"train_state\.position must be"):
+        broken_path = tmp_path / "broken" / "checkpoints" / "step-00000002"
+        in_process_trainer(data_cache, tmp_path / "bad", "--steps", "3", resume=broken_path)

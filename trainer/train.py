@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
-from runcontract.layout import checkpoint_order
+from runcontract.layout import CHECKPOINTS, METRICS, checkpoint_order
 from trainer import supervised
 from trainer.checkpoint import (
     CheckpointError,
@@ -48,9 +48,11 @@ from trainer.checkpoint import (
 )
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.data import Corpus, DataError, load_corpus
+from trainer.metrics import MetricsLog
 from trainer.model import GPT
 from trainer.preemption import Preemption
 from trainer.sampler import ResumableSampler, derive_seed
+from trainer.train_state import TrainState
 
 
 class UsageError(Exception):
@@ -131,16 +133,7 @@ class Trainer:
         self.preemption = preemption
         self.beat = supervised.Heartbeat(d.rank)
         self.beat(0, phase=Phase.STARTUP)
-
-        self.model_cfg = cfg.model_config(corpus.vocab_size)
-        # Same seed on every rank: identical initial weights (DDP would broadcast them anyway).
-        torch.manual_seed(derive_seed("init", cfg.seed))
-        self.model = GPT(self.model_cfg).to(device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
-        )
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self._build_model()
         self.sampler = ResumableSampler(
             num_samples=corpus.num_samples(cfg.seq_len),
             seed=cfg.seed,
@@ -151,13 +144,10 @@ class Trainer:
         )
         self.step = 0
         self.position = 0  # global sampler position: samples consumed by all ranks so far
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_offset = 0
         self.last_loss = float("nan")
         self.last_saved_step = -1
-
-        if resume is not None:
-            self._resume(Path(resume))
+        # A fresh start empties metrics.jsonl; a resume cuts it back to its checkpoint.
+        metrics_length = 0 if resume is None else self._resume(Path(resume))
         # DDP after loading: it broadcasts rank 0's parameters, which are the loaded ones.
         self.ddp = DDP(self.model) if d.enabled else None
         if self.ddp is not None:
@@ -174,16 +164,21 @@ class Trainer:
         if cfg.sample_log:
             Path(cfg.sample_log).mkdir(parents=True, exist_ok=True)
             self.sample_log = open(Path(cfg.sample_log) / f"rank-{d.rank}.jsonl", "a")  # noqa: SIM115
-        if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # Lines written after the checkpoint we resumed from describe steps that are about
-            # to be redone; drop them so metrics.jsonl holds each step once.
-            size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-            if 0 <= self.metrics_offset < size:
-                with open(self.metrics_path, "r+b") as f:
-                    f.truncate(self.metrics_offset)
-            self.metrics = open(self.metrics_path, "a")  # noqa: SIM115
-            self.metrics_offset = self.metrics.tell()
+        self.metrics = MetricsLog(run_dir / METRICS, enabled=d.is_main)
+        self.metrics.open(truncate_to=metrics_length)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.model_cfg = cfg.model_config(self.corpus.vocab_size)
+        # Same seed on every rank: identical initial weights (DDP would broadcast them anyway).
+        torch.manual_seed(derive_seed("init", cfg.seed))
+        self.model = GPT(self.model_cfg).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
+        )
+        # Disabled unless fp16: then scale, unscale_, step and update are plain pass-throughs.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
     def _settle_buckets(self, ddp: DDP) -> None:
         """One throw-away forward and backward, so that every real step of every attempt
@@ -209,28 +204,33 @@ class Trainer:
 
     # -- resume -------------------------------------------------------------------------------
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path) -> int | None:
+        """Load checkpoint ``path``; return the length to cut metrics.jsonl back to (None: leave
+        the file as it is)."""
         manifest = load(path, self.model, self.optimizer, self.scaler, map_location=self.device)
-        state = manifest.get("train_state") or {}
+        try:
+            state = TrainState.from_dict(
+                manifest.get("train_state") or {}, default_global_batch=self.sampler.global_batch
+            )
+        except ValueError as e:
+            raise CheckpointIncompatible(f"{path}: {e}") from e
         expected = {"seq_len": self.cfg.seq_len, "num_samples": self.sampler.num_samples}
         for key, value in expected.items():
-            if state.get(key) != value:
+            if getattr(state, key) != value:
                 raise CheckpointIncompatible(
-                    f"{path}: saved with {key}={state.get(key)!r}, this run has {value!r} "
+                    f"{path}: saved with {key}={getattr(state, key)!r}, this run has {value!r} "
                     "(the data order would not continue); use the same --data and --seq-len"
                 )
-        saved_batch = int(state.get("global_batch") or self.sampler.global_batch)
-        if saved_batch != self.sampler.global_batch:
-            self._keep_global_batch(saved_batch, path)
-        self.step = int(state["step"])
-        self.position = int(state["position"])
-        # The metrics cursor describes this run's metrics.jsonl only when the checkpoint is one
-        # of this run's own; from another run directory, leave the file as it is.
-        own = path.resolve().parent == (self.run_dir / "checkpoints").resolve()
-        self.metrics_offset = int(state.get("metrics_offset", 0)) if own else -1
+        if state.global_batch != self.sampler.global_batch:
+            self._keep_global_batch(state.global_batch, path)
+        self.step, self.position = state.step, state.position
         self.last_saved_step = self.step
         self.beat(self.step, phase=Phase.STARTUP)
         self._log(f"resumed from {path} at step {self.step}")
+        # The metrics cursor describes this run's metrics.jsonl only when the checkpoint is one
+        # of this run's own; from another run directory, leave the file as it is.
+        own = path.resolve().parent == (self.run_dir / CHECKPOINTS).resolve()
+        return state.metrics_offset if own else None
 
     def _keep_global_batch(self, global_batch: int, path: Path) -> None:
         """Resume with another world size (or micro-batch) on the checkpoint's global batch:
@@ -259,58 +259,43 @@ class Trainer:
         """Train to --steps; return the exit code (0 finished, 75 preempted)."""
         cfg, model = self.cfg, self.ddp or self.model
         model.train()
-        tokens_per_step = self.sampler.global_batch * cfg.seq_len
         while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            grad_norm = self._train_step(model)
-            dt = time.perf_counter() - t0
-            self.step += 1
-            self.position += self.sampler.global_batch
-            self.beat(self.step, phase=Phase.TRAIN)
-            self._write_metrics(
-                {
-                    "step": self.step,
-                    "loss": self.last_loss,
-                    "lr": lr_at(cfg, self.step - 1),
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_step / dt,
-                    "step_time": dt,
-                    "time": time.time(),
-                }
-            )
-            if cfg.log_every and self.step % cfg.log_every == 0:
-                self._log(
-                    f"step {self.step}/{cfg.steps} loss {self.last_loss:.4f} "
-                    f"lr {lr_at(cfg, self.step - 1):.2e} grad_norm {grad_norm:.3f} "
-                    f"tok/s {tokens_per_step / dt:.0f}"
-                )
-            if self.preemption.agreed(self.device):
-                self._save(sync=True)
-                self._barrier()  # past it, every rank knows the checkpoint is durable
-                self.preemption.checkpoint_written(TrainerExit.PREEMPTED)
-                self._log(f"preempted: checkpoint at step {self.step} written; exiting")
-                return TrainerExit.PREEMPTED
+            if self._one_step(model):
+                return self._preempted()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._eval()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self._save(sync=cfg.ckpt_sync)
-        # Every finished run commits its final state, whatever --ckpt-every says.
-        if self.last_saved_step != self.step:
-            self._save(sync=True)
-        self.beat(self.step, phase=Phase.CHECKPOINT)
-        self.store.wait()
-        self._barrier()
-        # The run is over: a preemption signal from now on has nothing left to save, and must
-        # not turn a finished run into a death by signal.
-        self.preemption.checkpoint_written(TrainerExit.OK)
-        self.beat(self.step, phase=Phase.DONE)
-        if self.d.is_main:
-            print(
-                f"done step={self.step} loss={self.last_loss:.4f} "
-                f"params_sha256={params_sha256(self.model)}",
-                flush=True,
+        return self._finished()
+
+    def _one_step(self, model: torch.nn.Module) -> bool:
+        """One optimizer step, logged; True when some rank was asked to stop (every rank gets
+        the same answer, after the same step)."""
+        t0 = time.perf_counter()
+        grad_norm = self._train_step(model)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.position += self.sampler.global_batch
+        self.beat(self.step, phase=Phase.TRAIN)
+        lr = lr_at(self.cfg, self.step - 1)
+        tokens_per_s = self.sampler.global_batch * self.cfg.seq_len / dt
+        self.metrics.append(
+            {
+                "step": self.step,
+                "loss": self.last_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "step_time": dt,
+                "time": time.time(),
+            }
+        )
+        if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+            self._log(
+                f"step {self.step}/{self.cfg.steps} loss {self.last_loss:.4f} lr {lr:.2e} "
+                f"grad_norm {grad_norm:.3f} tok/s {tokens_per_s:.0f}"
             )
-        return TrainerExit.OK
+        return self.preemption.agreed(self.device)
 
     def _train_step(self, model: torch.nn.Module) -> float:
         cfg = self.cfg
@@ -323,11 +308,7 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             ids = self.sampler.micro_batch_ids(self.position, micro)
-            if self.sample_log is not None:
-                self.sample_log.write(
-                    json.dumps({"step": self.step, "micro": micro, "ids": ids, "pid": os.getpid()})
-                    + "\n"
-                )
+            self._log_samples(micro, ids)
             x, y = self._batch(ids)
             last = micro == cfg.grad_accum - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-step.
@@ -336,22 +317,15 @@ class Trainer:
                 _, loss = model(x, y)
                 assert loss is not None
                 loss = loss / cfg.grad_accum
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            self.scaler.scale(loss).backward()
             loss_sum += loss.item()
         if self.sample_log is not None:
             self.sample_log.flush()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = self._mean_over_ranks(loss_sum)
         return grad_norm
@@ -372,6 +346,44 @@ class Trainer:
         t = torch.from_numpy(rows).to(self.device)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
+    def _log_samples(self, micro: int, ids: list[int]) -> None:
+        if self.sample_log is not None:
+            record = {"step": self.step, "micro": micro, "ids": ids, "pid": os.getpid()}
+            self.sample_log.write(json.dumps(record) + "\n")
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if not self.d.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)  # gloo has no AVG: sum, then divide
+        return float(t.item()) / self.d.world_size
+
+    def _preempted(self) -> int:
+        self._save(sync=True)
+        self._barrier()  # past it, every rank knows the checkpoint is durable
+        self.preemption.checkpoint_written(TrainerExit.PREEMPTED)
+        self._log(f"preempted: checkpoint at step {self.step} written; exiting")
+        return TrainerExit.PREEMPTED
+
+    def _finished(self) -> int:
+        # Every finished run commits its final state, whatever --ckpt-every says.
+        if self.last_saved_step != self.step:
+            self._save(sync=True)
+        self.beat(self.step, phase=Phase.CHECKPOINT)
+        self.store.wait()
+        self._barrier()
+        # The run is over: a preemption signal from now on has nothing left to save, and must
+        # not turn a finished run into a death by signal.
+        self.preemption.checkpoint_written(TrainerExit.OK)
+        self.beat(self.step, phase=Phase.DONE)
+        if self.d.is_main:
+            print(
+                f"done step={self.step} loss={self.last_loss:.4f} "
+                f"params_sha256={params_sha256(self.model)}",
+                flush=True,
+            )
+        return TrainerExit.OK
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -390,51 +402,37 @@ class Trainer:
             total += loss.item()
         self.model.train()
         eval_loss = self._mean_over_ranks(total / self.cfg.eval_batches)
-        self._write_metrics({"step": self.step, "eval_loss": eval_loss, "time": time.time()})
+        self.metrics.append({"step": self.step, "eval_loss": eval_loss, "time": time.time()})
         self._log(f"step {self.step}/{self.cfg.steps} eval_loss {eval_loss:.4f}")
         self.beat(self.step, phase=Phase.TRAIN)
-
-    def _mean_over_ranks(self, value: float) -> float:
-        if not self.d.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)  # gloo has no AVG: sum, then divide
-        return float(t.item()) / self.d.world_size
 
     def _barrier(self) -> None:
         if self.d.enabled:
             dist.barrier()
 
-    # -- checkpoints and metrics --------------------------------------------------------------
+    # -- checkpoints and logs -----------------------------------------------------------------
 
     def _save(self, sync: bool) -> None:
         self.beat(self.step, phase=Phase.CHECKPOINT)
-        train_state = {
-            "step": self.step,
-            "position": self.position,
-            "global_batch": self.sampler.global_batch,
-            "seq_len": self.cfg.seq_len,
-            "num_samples": self.sampler.num_samples,
-            "metrics_offset": self.metrics_offset,
-        }
+        state = TrainState(
+            step=self.step,
+            position=self.position,
+            global_batch=self.sampler.global_batch,
+            seq_len=self.cfg.seq_len,
+            num_samples=self.sampler.num_samples,
+            metrics_offset=self.metrics.offset,
+        )
         meta = {
             "tokens_seen": self.position * self.cfg.seq_len,
             "world_size": self.d.world_size,
             "config": {"model": dataclasses.asdict(self.model_cfg), "train": self.cfg.to_dict()},
             "data": self.corpus.name,
         }
-        self.store.save(self.step, self.model, self.optimizer, self.scaler, train_state, meta)
+        self.store.save(self.step, self.model, self.optimizer, self.scaler, state.to_dict(), meta)
         if sync:
             self.store.wait()
         self.last_saved_step = self.step
         self.beat(self.step, phase=Phase.TRAIN)
-
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        if not self.d.is_main:
-            return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        self.metrics_offset = self.metrics.tell()
 
     def _log(self, message: str) -> None:
         if self.d.is_main:
@@ -444,9 +442,9 @@ class Trainer:
         """Stop the checkpoint store's writer and close files (idempotent)."""
         with contextlib.suppress(Exception):
             self.store.close()
-        for f in (getattr(self, "metrics", None), self.sample_log):
-            if f is not None and not f.closed:
-                f.close()
+        self.metrics.close()
+        if self.sample_log is not None and not self.sample_log.closed:
+            self.sample_log.close()
 
 
 def _find_resume(

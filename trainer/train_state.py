@@ -1,0 +1,67 @@
+"""The trainer's train state: what a checkpoint must hold, besides tensors, to continue a run.
+
+It is stored as the manifest's JSON ``train_state``; the field names are the on-disk format, so a
+checkpoint written before this class existed loads unchanged. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Where a run stands after ``step`` optimizer steps.
+
+    Raises ValueError, naming the field, when a value has the wrong type or is out of range.
+    """
+
+    step: int
+    """Completed optimizer steps (>= 0)."""
+    position: int
+    """Global sampler position: samples consumed by all ranks so far (>= 0)."""
+    global_batch: int
+    """Samples one optimizer step consumes across all ranks (>= 1)."""
+    seq_len: int
+    """Tokens per training sequence (>= 1): the data order continues only with the same."""
+    num_samples: int
+    """Training samples of the corpus at ``seq_len`` (>= 1): likewise."""
+    metrics_offset: int = 0
+    """Length in bytes of ``metrics.jsonl`` at this step (>= 0)."""
+
+    _MINIMUM = {"global_batch": 1, "seq_len": 1, "num_samples": 1}
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value, low = getattr(self, field.name), self._MINIMUM.get(field.name, 0)
+            # bool is an int in Python, but a flag in a counter's place is a corrupt state.
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(
+                    f"train_state.{field.name} must be an integer >= {low}, got {value!r}"
+                )
+
+    def to_dict(self) -> dict[str, int]:
+        """The JSON object stored in a checkpoint."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, default_global_batch: int | None = None
+    ) -> TrainState:
+        """Read a stored train state. Checkpoints from before the elastic resume carry no
+        ``global_batch`` (``default_global_batch`` stands in) and older ones no
+        ``metrics_offset`` (0). Unknown keys are ignored. Raises ValueError naming a missing or
+        invalid field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"train_state must be a JSON object, got {type(data).__name__}")
+        values = dict(data)
+        if values.get("global_batch") is None and default_global_batch is not None:
+            values["global_batch"] = default_global_batch
+        values.setdefault("metrics_offset", 0)
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError("train_state lacks " + ", ".join(missing))
+        return cls(**{n: values[n] for n in names})
