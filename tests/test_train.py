@@ -10,11 +10,14 @@ import resource
 import signal
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import (
     TINY_ARGS,
@@ -117,7 +120,8 @@ def test_single_process_trains_and_loss_falls(baseline_1: Baseline) -> None:
     assert list_checkpoints(baseline_1.run_dir)[0].step == STEPS  # newest first
     # Not supervised: no heartbeats are written.
     assert not (baseline_1.run_dir / "heartbeats").exists()
-    assert "done step=40" in baseline_1.stdout.splitlines()[-1]
+    # One device-to-host read per optimizer step and one per eval.
+    assert f"done step=40 loss={train[-1]['loss']:.4f} host_reads=42 " in baseline_1.stdout
 
 
 @pytest.mark.distributed
@@ -130,6 +134,8 @@ def test_two_ranks_train_on_disjoint_samples(baseline_2: Baseline) -> None:
     assert len(ids) == len(set(ids)) == STEPS * 2 * 2 * 4  # steps x ranks x accum x micro-batch
     manifest = json.loads((find_latest_valid(baseline_2.run_dir) / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["params_sha256"] == baseline_2.sha
+    # Loss, gradient norm and the preemption vote of a step: one all-reduce, one host read.
+    assert f" host_reads={STEPS} " in baseline_2.stdout
 
 
 # -- exact resume after a crash ----------------------------------------------------------------
@@ -364,6 +370,42 @@ def in_process_trainer(
     corpus = load_corpus(cfg.data, cache_dir=cfg.data_cache_dir(), vocab_size=cfg.vocab_size,
                          val_fraction=cfg.val_fraction, seq_len=cfg.seq_len)  # fmt: skip
     return Trainer(cfg, corpus, run_dir, resume, Dist(), torch.device("cpu"), Preemption())
+
+
+class ScalarReads(TorchDispatchMode):
+    """Records every scalar read (``item()``, ``float()``, ``bool()`` of a tensor) except those
+    of the optimizer's step counters, which live on the host by design."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            counters = [s.get("step") for s in self.optimizer.state.values()]
+            if not any(args[0] is c for c in counters):
+                self.reads.append("".join(traceback.format_stack(limit=4)[:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_at_most_one_host_read_per_optimizer_step(tmp_path: Path, data_cache: Path) -> None:
+    # Each device-to-host read waits for the device; the loop is allowed one per step (and one
+    # per eval). Gradient accumulation: the loss of every micro-step is summed on the device.
+    trainer = in_process_trainer(
+        data_cache, tmp_path, "--steps", "4", "--grad-accum", "2", "--eval-every", "2"
+    )
+    try:
+        with ScalarReads(trainer.optimizer) as scalar_reads:
+            assert trainer.run() == 0
+    finally:
+        trainer.close()
+    assert scalar_reads.reads == [], "\n".join(scalar_reads.reads)
+    assert trainer.host_reads.count == 4 + 2  # steps + evals
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(losses) == 4 and all(isinstance(v, float) and v > 0 for v in losses)
 
 
 def test_resume_places_optimizer_state_like_a_fresh_optimizer(

@@ -1,12 +1,12 @@
 """Preemption inside a worker: SIGTERM or SIGUSR1 asks the run to stop after the current step.
 
 The signal handler only sets a flag (acting inside a handler could interrupt a collective or a
-checkpoint write halfway). Once per step the ranks agree on the flag with one tiny all-reduce
-(MAX), so every rank stops after the same step even when only one of them was signalled. A
-second signal means "now": the process dies of that signal at once — unless the emergency
-checkpoint is already written, in which case it exits at once with the preemption exit code (a
-peer that exits first makes torchrun SIGTERM the ranks still tearing down; that must not turn a
-clean preemption into a death by signal).
+checkpoint write halfway). Once per step the trainer sums every rank's flag inside the step's one
+all-reduce (trainer/train.py), so every rank stops after the same step even when only one of them
+was signalled. A second signal means "now": the process dies of that signal at once — unless the
+emergency checkpoint is already written, in which case it exits at once with the preemption exit
+code (a peer that exits first makes torchrun SIGTERM the ranks still tearing down; that must not
+turn a clean preemption into a death by signal).
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from __future__ import annotations
 import os
 import signal
 from types import FrameType
-
-import torch
-import torch.distributed as dist
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -64,14 +61,3 @@ class Preemption:
     def requested(self) -> bool:
         """Whether this process has received a preemption signal."""
         return self.signum is not None
-
-    def agreed(self, device: torch.device | str = "cpu") -> bool:
-        """Whether any rank has been asked to stop; every rank gets the same answer.
-
-        A collective: in a distributed run every rank must call it at the same point of each step.
-        """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)

@@ -27,7 +27,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -36,6 +35,7 @@ from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
 from runcontract.layout import CHECKPOINTS, METRICS, checkpoint_order
 from trainer import supervised
+from trainer.batches import Batches
 from trainer.checkpoint import (
     CheckpointError,
     CheckpointIncompatible,
@@ -116,6 +116,23 @@ def _resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
+class HostReads:
+    """The training loop's device-to-host reads.
+
+    Each one waits for the device to finish all the work queued before it, so the loop makes at
+    most one per optimizer step (docs/trainer.md, "Host syncs"). Every value the loop reads from
+    the device goes through :meth:`read`, which counts, so the budget can be checked.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def read(self, t: torch.Tensor) -> list[Any]:
+        """``t``'s values as Python numbers (one transfer)."""
+        self.count += 1
+        return t.tolist()
+
+
 class Trainer:
     """One rank's training run, from start-up (or resume) to the last step."""
 
@@ -133,6 +150,8 @@ class Trainer:
         self.preemption = preemption
         self.beat = supervised.Heartbeat(d.rank)
         self.beat(0, phase=Phase.STARTUP)
+        self.host_reads = HostReads()
+        self.batches = Batches(corpus, cfg.seq_len, device)
         self._build_model()
         self.sampler = ResumableSampler(
             num_samples=corpus.num_samples(cfg.seq_len),
@@ -272,19 +291,21 @@ class Trainer:
         """One optimizer step, logged; True when some rank was asked to stop (every rank gets
         the same answer, after the same step)."""
         t0 = time.perf_counter()
-        grad_norm = self._train_step(model)
+        loss_sum, grad_norm = self._train_step(model)
+        loss, grad_norm_value, stop = self._step_summary(loss_sum, grad_norm)
         dt = time.perf_counter() - t0
         self.step += 1
         self.position += self.sampler.global_batch
+        self.last_loss = loss
         self.beat(self.step, phase=Phase.TRAIN)
         lr = lr_at(self.cfg, self.step - 1)
         tokens_per_s = self.sampler.global_batch * self.cfg.seq_len / dt
         self.metrics.append(
             {
                 "step": self.step,
-                "loss": self.last_loss,
+                "loss": loss,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": grad_norm_value,
                 "tokens_per_s": tokens_per_s,
                 "step_time": dt,
                 "time": time.time(),
@@ -292,12 +313,14 @@ class Trainer:
         )
         if self.cfg.log_every and self.step % self.cfg.log_every == 0:
             self._log(
-                f"step {self.step}/{self.cfg.steps} loss {self.last_loss:.4f} lr {lr:.2e} "
-                f"grad_norm {grad_norm:.3f} tok/s {tokens_per_s:.0f}"
+                f"step {self.step}/{self.cfg.steps} loss {loss:.4f} lr {lr:.2e} "
+                f"grad_norm {grad_norm_value:.3f} tok/s {tokens_per_s:.0f}"
             )
-        return self.preemption.agreed(self.device)
+        return stop
 
-    def _train_step(self, model: torch.nn.Module) -> float:
+    def _train_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and update; returns this rank's loss (summed over micro-steps, a
+        float64 scalar) and the gradient norm before clipping, both still on the device."""
         cfg = self.cfg
         # Everything random inside the step (dropout) draws from a generator seeded by
         # (seed, rank, step): a resumed run replays it exactly without any saved RNG state.
@@ -305,11 +328,13 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        # float64 and summed in micro-step order: the same number a host-side sum of the
+        # micro-steps' losses gives, without reading each one.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(cfg.grad_accum):
             ids = self.sampler.micro_batch_ids(self.position, micro)
             self._log_samples(micro, ids)
-            x, y = self._batch(ids)
+            x, y = self.batches.train(ids)
             last = micro == cfg.grad_accum - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-step.
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
@@ -318,45 +343,53 @@ class Trainer:
                 assert loss is not None
                 loss = loss / cfg.grad_accum
             self.scaler.scale(loss).backward()
-            loss_sum += loss.item()
+            # Queued behind this micro-step's work: the host builds the next batch meanwhile.
+            self.batches.prefetch(self._next_ids(micro))
+            loss_sum += loss.detach()
         if self.sample_log is not None:
             self.sample_log.flush()
         self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.last_loss = self._mean_over_ranks(loss_sum)
-        return grad_norm
+        return loss_sum, grad_norm
 
-    def _batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.corpus.sample(i, self.cfg.seq_len) for i in ids])
-        t = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
-
-    def _val_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n, mb, T = (
-            self.corpus.num_val_samples(self.cfg.seq_len),
-            self.cfg.micro_batch,
-            self.cfg.seq_len,
-        )
-        start = (k * self.d.world_size + self.d.rank) * mb
-        rows = np.stack([self.corpus.val_sample((start + j) % n, T) for j in range(mb)])
-        t = torch.from_numpy(rows).to(self.device)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    def _next_ids(self, micro: int) -> list[int] | None:
+        """The sample ids this rank reads after micro-step ``micro`` of the current step."""
+        if micro + 1 < self.cfg.grad_accum:
+            return self.sampler.micro_batch_ids(self.position, micro + 1)
+        if self.step + 1 < self.cfg.steps:
+            return self.sampler.micro_batch_ids(self.position + self.sampler.global_batch, 0)
+        return None
 
     def _log_samples(self, micro: int, ids: list[int]) -> None:
         if self.sample_log is not None:
             record = {"step": self.step, "micro": micro, "ids": ids, "pid": os.getpid()}
             self.sample_log.write(json.dumps(record) + "\n")
 
-    def _mean_over_ranks(self, value: float) -> float:
-        if not self.d.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)  # gloo has no AVG: sum, then divide
-        return float(t.item()) / self.d.world_size
+    def _step_summary(
+        self, loss_sum: torch.Tensor, grad_norm: torch.Tensor
+    ) -> tuple[float, float, bool]:
+        """The step's one all-reduce and one host read: (mean loss over ranks, gradient norm,
+        whether any rank was asked to stop).
+
+        Gloo has no AVG, so everything is summed: the losses (then divided, as the metrics have
+        always been computed), the preemption flags (any non-zero sum stops every rank), and the
+        gradient norm of rank 0 alone — after DDP's all-reduce every rank holds the same
+        gradients, and adding zeros keeps rank 0's norm bit for bit."""
+        zero = torch.zeros_like(loss_sum)
+        norm = grad_norm.detach().to(torch.float64) if self.d.is_main else zero
+        stop = zero + (1.0 if self.preemption.requested else 0.0)
+        loss_total, norm_value, stops = self._sum_over_ranks(torch.stack([loss_sum, norm, stop]))
+        return loss_total / self.d.world_size, norm_value, stops > 0
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> list[float]:
+        """``t`` summed over all ranks, read to the host (one host read)."""
+        if self.d.enabled:
+            dist.all_reduce(t)
+        return self.host_reads.read(t)
 
     def _preempted(self) -> int:
         self._save(sync=True)
@@ -379,7 +412,7 @@ class Trainer:
         if self.d.is_main:
             print(
                 f"done step={self.step} loss={self.last_loss:.4f} "
-                f"params_sha256={params_sha256(self.model)}",
+                f"host_reads={self.host_reads.count} params_sha256={params_sha256(self.model)}",
                 flush=True,
             )
         return TrainerExit.OK
@@ -393,15 +426,17 @@ class Trainer:
     def _eval(self) -> None:
         self.beat(self.step, phase=Phase.EVAL)
         self.model.eval()
-        total = 0.0
+        mb = self.cfg.micro_batch
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for k in range(self.cfg.eval_batches):
-            x, y = self._val_batch(k)
+            x, y = self.batches.val((k * self.d.world_size + self.d.rank) * mb, mb)
             with self._autocast():
                 _, loss = self.model(x, y)
             assert loss is not None
-            total += loss.item()
+            total += loss
         self.model.train()
-        eval_loss = self._mean_over_ranks(total / self.cfg.eval_batches)
+        (loss_total,) = self._sum_over_ranks((total / self.cfg.eval_batches).reshape(1))
+        eval_loss = loss_total / self.d.world_size
         self.metrics.append({"step": self.step, "eval_loss": eval_loss, "time": time.time()})
         self._log(f"step {self.step}/{self.cfg.steps} eval_loss {eval_loss:.4f}")
         self.beat(self.step, phase=Phase.TRAIN)
