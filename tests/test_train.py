@@ -264,26 +264,59 @@ def test_run_dir_locked_by_another_writer_exits_77(tmp_path: Path, run_train: Ca
     assert len(proc.stderr.splitlines()) == 1 and "writing checkpoints" in proc.stderr
 
 
-def test_failed_checkpoint_write_with_fail_fatal_exits_76(
-    tmp_path: Path, train_env: dict[str, str]
-) -> None:
+def run_without_large_files(
+    args: list[str], env: dict[str, str], nproc: int = 1
+) -> subprocess.CompletedProcess:
+    """Run the trainer where files above 64 KiB cannot be written (EFBIG: Python ignores
+    SIGXFSZ): the tiny model's checkpoint is larger, the metrics and the read-only corpus are
+    not affected."""
+
     def small_files() -> None:
-        # Files above 64 KiB cannot be written (EFBIG: Python ignores SIGXFSZ); the tiny
-        # model's checkpoint is larger, the metrics and the read-only corpus are not affected.
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    args = [*TINY_ARGS, "--steps", "6", "--ckpt-every", "3", "--run-dir", str(tmp_path)]
-    proc = subprocess.run(
-        train_command([*args, "--ckpt-fail-fatal"]),
-        env=train_env,
+    return subprocess.run(
+        train_command(args, nproc),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
         preexec_fn=small_files,
     )
+
+
+def torchrun_exit_codes(stderr: str) -> dict[int, int]:
+    """Each failed rank's exit code, from torchrun's failure summary."""
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)", stderr)
+    return {int(rank): int(code) for rank, code in found}
+
+
+def test_failed_checkpoint_write_with_fail_fatal_exits_76(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    args = [*TINY_ARGS, "--steps", "6", "--ckpt-every", "3", "--run-dir", str(tmp_path)]
+    proc = run_without_large_files([*args, "--ckpt-fail-fatal"], train_env)
     assert proc.returncode == 76, proc.stderr
     assert "checkpoint write failed" in proc.stderr.splitlines()[-1]
     assert "was not written" in proc.stderr  # the store's report of the first failure
+    assert list_checkpoints(tmp_path) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_failing_rank_exits_with_its_code_while_its_peer_waits_in_a_collective(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    """Rank 0's checkpoint write fails (only rank 0 writes files, and none above 64 KiB can be
+    written) while rank 1 has gone on to the next step and waits for rank 0 in its gradient
+    all-reduce. Rank 0 leaves at once with 76: an error path does not tear down a process
+    group that a peer is still using (with NCCL that can block for good)."""
+    args = [*TINY_ARGS, "--steps", "100000", "--ckpt-every", "3", "--ckpt-sync",
+            "--ckpt-fail-fatal", "--run-dir", str(tmp_path)]  # fmt: skip
+    proc = run_without_large_files(args, train_env, nproc=2)
+    assert proc.returncode != 0
+    assert torchrun_exit_codes(proc.stderr).get(0) == 76, proc.stderr
+    assert "train.py: error: checkpoint write failed" in proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert list_checkpoints(tmp_path) == []
 
 

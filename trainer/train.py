@@ -2,7 +2,8 @@
 
 Exit codes: ``runcontract.exit_codes.TrainerExit`` (0 finished, 2 bad flag / data / checkpoint,
 75 preempted with a checkpoint written, 76 checkpoint write failed with --ckpt-fail-fatal, 77
-another process holds the checkpoint writer lock).
+another process holds the checkpoint writer lock), and 1 for an unexpected error (with its
+traceback).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -589,18 +591,37 @@ def _train(
     try:
         resume = _find_resume(cfg, run_dir, d, env)
         trainer = Trainer(cfg, corpus, run_dir, resume, d, device, preemption)
-        return trainer.run()
+        code = trainer.run()
     except CheckpointLocked as e:
-        return _fail(str(e), TrainerExit.CKPT_LOCKED)
+        code = _fail(str(e), TrainerExit.CKPT_LOCKED)
     except CheckpointWriteFailed as e:
-        return _fail(f"checkpoint write failed: {e}", TrainerExit.CKPT_FAILED)
+        code = _fail(f"checkpoint write failed: {e}", TrainerExit.CKPT_FAILED)
     except (CheckpointError, UsageError) as e:
-        return _fail(str(e), TrainerExit.USAGE)
+        code = _fail(str(e), TrainerExit.USAGE)
+    except BaseException:
+        _leave_process_group(d, clean=False)
+        raise
     finally:
         if trainer is not None:
             trainer.close()
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    _leave_process_group(d, clean=code in (TrainerExit.OK, TrainerExit.PREEMPTED))
+    return code
+
+
+def _leave_process_group(d: Dist, *, clean: bool) -> None:
+    """Destroy the process group after a finished or preempted run, where every rank arrives
+    together, and only there: on an error path a peer may be waiting in a collective, and
+    destroying the group can then block in NCCL, so that this rank's exit code never reaches
+    torchrun. There the group is aborted where the backend supports it, and left behind."""
+    if not (d.enabled and dist.is_initialized()):
+        return
+    if clean:
+        dist.destroy_process_group()
+        return
+    abort = getattr(dist.group.WORLD, "abort", None)  # public on ProcessGroup since torch 2.5
+    if callable(abort):
+        with contextlib.suppress(Exception):
+            abort()
 
 
 def _exit(code: int) -> None:
@@ -610,8 +631,11 @@ def _exit(code: int) -> None:
     teardown puts SIGTERM back to its default action, and torchrun SIGTERMs the ranks still
     running as soon as the first one exits, so a normal exit could turn a finished run or a
     clean preemption into a death by signal. Everything worth keeping is durable and closed.
+    An error path that left its process group behind leaves the same way: interpreter teardown
+    would destroy the group, which can block just as destroy_process_group can.
     """
-    if code in (TrainerExit.OK, TrainerExit.PREEMPTED):
+    left_behind = dist.is_available() and dist.is_initialized()
+    if code in (TrainerExit.OK, TrainerExit.PREEMPTED) or left_behind:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -619,4 +643,9 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit(main())
+    try:
+        exit_code = main()
+    except Exception:
+        traceback.print_exc()  # what an uncaught exception prints; the exit must not wait either
+        exit_code = 1
+    _exit(exit_code)
