@@ -9,6 +9,7 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -19,7 +20,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.common import free_port
 from tests.conftest import (
+    REPO_ROOT,
     TINY_ARGS,
     final_sha,
     kill_tree,
@@ -30,6 +33,8 @@ from tests.conftest import (
 from trainer.checkpoint import CheckpointIncompatible, find_latest_valid, list_checkpoints
 from trainer.checkpoint.lock import WriterLock
 from trainer.train import Trainer
+
+PER_RANK_ARGS = REPO_ROOT / "tests" / "scripts" / "per_rank_args.py"
 
 STEPS = 40
 # One rank: dropout and bf16 autocast on CPU, so exactness covers both.
@@ -318,6 +323,28 @@ def test_failing_rank_exits_with_its_code_while_its_peer_waits_in_a_collective(
     assert "train.py: error: checkpoint write failed" in proc.stderr
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert list_checkpoints(tmp_path) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_ranks_that_loaded_different_corpora_are_refused_with_exit_2(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    rng = random.Random(7)
+    for rank in (0, 1):  # the same size: only the bytes differ
+        (tmp_path / f"corpus-{rank}.txt").write_bytes(rng.randbytes(40_000))
+    args = [*TINY_ARGS, "--data", str(tmp_path / "corpus-{rank}.txt"),
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(PER_RANK_ARGS), *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=train_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert set(torchrun_exit_codes(proc.stderr).values()) == {2}, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error:")]
+    assert len(errors) == 2, proc.stderr  # one line from each rank
+    assert all("rank(s) 1 loaded a different corpus from rank 0's" in ln for ln in errors)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # -- under a supervisor ------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Train a GPT: alone (`python trainer/train.py`) or under `torchrun ... trainer/train.py`.
 
 Exit codes: ``runcontract.exit_codes.TrainerExit`` (0 finished, 2 bad flag / data / checkpoint,
-75 preempted with a checkpoint written, 76 checkpoint write failed with --ckpt-fail-fatal, 77
-another process holds the checkpoint writer lock), and 1 for an unexpected error (with its
-traceback).
+or ranks that loaded different corpora, 75 preempted with a checkpoint written, 76 checkpoint
+write failed with --ckpt-fail-fatal, 77 another process holds the checkpoint writer lock), and 1
+for an unexpected error (with its traceback).
 """
 
 from __future__ import annotations
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, and return the process exit code (see the module docstring).
 
     Every check that can fail on user input (flags, supervisor environment, data, device) runs
-    before any process group is created.
+    before any process group is created; only the comparison of the ranks' corpora needs one.
     """
     try:
         cfg = parse_args(argv)
@@ -589,6 +589,7 @@ def _train(
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     trainer = None
     try:
+        _check_same_corpus(cfg, corpus, d)
         resume = _find_resume(cfg, run_dir, d, env)
         trainer = Trainer(cfg, corpus, run_dir, resume, d, device, preemption)
         code = trainer.run()
@@ -606,6 +607,25 @@ def _train(
             trainer.close()
     _leave_process_group(d, clean=code in (TrainerExit.OK, TrainerExit.PREEMPTED))
     return code
+
+
+def _check_same_corpus(cfg: TrainConfig, corpus: Corpus, d: Dist) -> None:
+    """Refuse to train when the ranks loaded different data: nothing else would notice (the
+    default corpus is the running Python's standard library, which differs between nodes), and
+    each rank would silently learn from its own. Raises UsageError naming the ranks whose
+    corpus differs from rank 0's."""
+    if not d.enabled:
+        return
+    prints: list[Any] = [None] * d.world_size
+    dist.all_gather_object(prints, corpus.fingerprint)
+    differ = [r for r, fp in enumerate(prints) if fp != prints[0]]
+    if differ:
+        hint = " (the same Python build)" if cfg.data == "stdlib" else ""
+        raise UsageError(
+            f"--data {cfg.data}: rank(s) {', '.join(map(str, differ))} loaded a different corpus "
+            f"from rank 0's (fingerprint {prints[differ[0]]} vs {prints[0]}); every node needs "
+            f"the same data{hint}"
+        )
 
 
 def _leave_process_group(d: Dist, *, clean: bool) -> None:
