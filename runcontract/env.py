@@ -17,6 +17,10 @@ HEARTBEAT_DIR = "ROSE_HEARTBEAT_DIR"
 """Where ``rank-<R>.json`` heartbeats go."""
 SUPERVISOR_PID = "ROSE_SUPERVISOR_PID"
 """The supervisor's pid: a worker exits when it is gone (``supervised.guard_parent``)."""
+EVENTS_FILE = "ROSE_EVENTS_FILE"
+"""This node's events file (``events.jsonl``, ``events-<node>.jsonl``): rank 0 of the built-in
+trainer appends its checkpoint events there, marked ``source: trainer``. Unset, it appends to
+``RUN_DIR/events.jsonl`` when that file exists (a one-node supervisor made it) and nowhere else."""
 DATA_CACHE = "ROSE_DATA_CACHE"
 """Where the built-in trainer caches its tokenized corpus."""
 CKPT_PAUSE_AT = "ROSE_CKPT_PAUSE_AT"

@@ -45,7 +45,8 @@ class EventType(str, enum.Enum):
     FATAL = "fatal"
     CRASH_LOOP = "crash_loop"
     BUDGET_EXHAUSTED = "budget_exhausted"
-    # The checkpoint store, reported through the supervisor's choice of a checkpoint
+    # The checkpoint store: from the supervisor's choice of a checkpoint, and (``source:
+    # trainer``) from the writer and the resume of rank 0
     CHECKPOINT_SAVED = "checkpoint_saved"
     CHECKPOINT_EXISTS = "checkpoint_exists"
     CHECKPOINT_WRITE_FAILED = "checkpoint_write_failed"
@@ -54,6 +55,8 @@ class EventType(str, enum.Enum):
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
     CHECKPOINT_QUARANTINED = "checkpoint_quarantined"
     CHECKPOINT_TMP_REMOVED = "checkpoint_tmp_removed"
+    CHECKPOINT_DIR_RECREATED = "checkpoint_dir_recreated"
+    CHECKPOINT_UNLOADABLE = "checkpoint_unloadable"
     # The chaos tool
     CHAOS_STARTED = "chaos_started"
     CHAOS_FINISHED = "chaos_finished"

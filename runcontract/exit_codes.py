@@ -23,6 +23,12 @@ class TrainerExit(enum.IntEnum):
     """A checkpoint write failed under ``--ckpt-fail-fatal``."""
     CKPT_LOCKED = 77
     """Another process holds the run's checkpoint writer lock."""
+    CKPT_UNLOADABLE = 78
+    """The checkpoint to resume from cannot be used: it does not verify, or it verifies but does
+    not load (tensors of another shape or dtype than the model its own manifest describes, a
+    payload that is not safetensors). The reason is in the checkpoint's ``UNLOADABLE.txt``, which
+    makes it invalid: the next search quarantines it with that reason and an older checkpoint
+    may load. A model that differs from the checkpoint's recorded configuration is ``USAGE``."""
 
 
 SUCCESS = 0
