@@ -6,7 +6,6 @@ it loads to exactly the state that was saved (tensors compared bitwise).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -19,6 +18,7 @@ import psutil
 import pytest
 
 from tests.scripts.ckpt_model import assert_same_state, fresh, trained
+from tests.scripts.ckpt_tamper import replace_file, two_checkpoints
 from trainer.checkpoint import (
     CheckpointInvalid,
     CheckpointLocked,
@@ -158,19 +158,6 @@ def _parses(path: Path) -> bool:
 # -- damaged checkpoints ----------------------------------------------------------------------
 
 
-def _two_checkpoints(run_dir: Path) -> Path:
-    """Commit steps 1 and 2 of the tiny model in-process; return step 2's directory."""
-    model, opt = fresh()
-    from tests.scripts.ckpt_model import train
-
-    with CheckpointStore(run_dir, is_writer=True, async_save=False) as store:
-        train(model, opt, 0, 1)
-        store.save(1, model, opt, None, {"step": 1}, {})
-        train(model, opt, 1, 2)
-        store.save(2, model, opt, None, {"step": 2}, {})
-    return run_dir / "checkpoints" / "step-00000002"
-
-
 def _truncate(ckpt: Path) -> None:
     f = ckpt / MODEL_FILE
     os.truncate(f, f.stat().st_size // 2)
@@ -204,7 +191,7 @@ DAMAGE = [
     ("damage", "reason"), [(d[1], d[2]) for d in DAMAGE], ids=[d[0] for d in DAMAGE]
 )
 def test_damaged_checkpoint_is_quarantined_and_older_one_used(tmp_path, damage, reason, capfd):
-    newest = _two_checkpoints(tmp_path)
+    newest = two_checkpoints(tmp_path)
     damage(newest)
     with pytest.raises(CheckpointInvalid, match=reason):
         verify(newest)
@@ -222,7 +209,7 @@ def test_damaged_checkpoint_is_quarantined_and_older_one_used(tmp_path, damage, 
 
 def test_quarantine_never_overwrites(tmp_path):
     for _ in range(2):
-        newest = _two_checkpoints(tmp_path)
+        newest = two_checkpoints(tmp_path)
         (newest / "manifest.json").unlink()
         assert find_latest_valid(tmp_path).name == "step-00000001"
     q = tmp_path / "checkpoints" / "quarantine"
@@ -233,7 +220,7 @@ def test_quarantine_never_overwrites(tmp_path):
 
 
 def test_stale_temp_dir_removed_only_when_its_writer_is_dead(tmp_path):
-    _two_checkpoints(tmp_path)
+    two_checkpoints(tmp_path)
     ckpts = tmp_path / "checkpoints"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -305,16 +292,10 @@ class _RunsCode:
 
 
 def test_pickle_in_place_of_safetensors_is_refused(tmp_path):
-    newest = _two_checkpoints(tmp_path)
+    newest = two_checkpoints(tmp_path)
     marker = tmp_path / "pwned"
-    payload = pickle.dumps({"model": _RunsCode(marker)})
-    (newest / MODEL_FILE).write_bytes(payload)
-    # Re-seal the manifest so the file passes verification: the loader itself must refuse it.
-    man = json.loads((newest / "manifest.json").read_bytes())
-    man["files"][MODEL_FILE] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    man.pop("manifest_sha256")
-    man["manifest_sha256"] = hashlib.sha256(mf._canonical(man)).hexdigest()
-    (newest / "manifest.json").write_bytes(mf.to_bytes(man))
+    # Resealed so the file passes verification: the loader itself must refuse it.
+    replace_file(newest, MODEL_FILE, pickle.dumps({"model": _RunsCode(marker)}))
     verify(newest)
     model, opt = fresh()
     with pytest.raises(CheckpointInvalid, match="not a readable safetensors file"):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         CheckpointIncompatible,
         CheckpointInvalid,
         CheckpointLocked,
+        CheckpointUnloadable,
         CheckpointWriteFailed,
     )
     from .integrity import CheckpointInfo, find_latest_valid, list_checkpoints, verify
@@ -35,6 +36,7 @@ _WHERE = {
     "CheckpointIncompatible": "errors",
     "CheckpointInvalid": "errors",
     "CheckpointLocked": "errors",
+    "CheckpointUnloadable": "errors",
     "CheckpointWriteFailed": "errors",
     "FORMAT_VERSION": "layout",
     "load": "loader",
@@ -54,6 +56,7 @@ __all__ = [
     "CheckpointInvalid",
     "CheckpointLocked",
     "CheckpointStore",
+    "CheckpointUnloadable",
     "CheckpointWriteFailed",
     "FORMAT_VERSION",
     "RetentionPolicy",

@@ -1,10 +1,15 @@
-"""Durable file-system steps: write+hash+fsync a file, fsync a directory, the test pause hook."""
+"""File-system steps: write+hash+fsync a file, fsync a directory, read a checkpoint's files
+without trusting them, replace a small file atomically, the test pause hook."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import secrets
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,13 +107,121 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in large chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
+# -- reading files we did not write (a checkpoint may hold anything) ------------------------------
+
+# A payload name is one plain file inside the checkpoint: no separator, no NUL, no leading dot
+# (so never "." or ".."), at most NAME_MAX bytes. The store itself writes three such names.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def check_plain_name(name: object) -> str:
+    """``name`` when it is a plain file name inside a directory; ValueError otherwise."""
+    if isinstance(name, str) and _PLAIN_NAME.fullmatch(name):
+        return name
+    shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+    raise ValueError(f"manifest lists a file that is not a plain name in the checkpoint: {shown}")
+
+
+def _require_regular(name: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a plain file")
+        raise ValueError(f"{name} is {kind}, not a regular file")
+
+
+@contextlib.contextmanager
+def open_dir(path: Path) -> Iterator[int]:
+    """A descriptor of directory ``path`` (the caller named it: a link to it is followed) for
+    opening the files inside it with :func:`open_regular`."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_regular(name: str, dir_fd: int) -> Iterator[tuple[int, int]]:
+    """``(fd, size)`` of the regular file ``name`` directly inside ``dir_fd``, opened read-only.
+
+    Never follows a link and never blocks: a FIFO or a device in its place is refused before it
+    is opened (lstat), and again after (fstat), in case it was swapped in between. Raises
+    ValueError for a bad name or anything that is not a regular file, OSError as the OS says.
+    """
+    check_plain_name(name)
+    _require_regular(name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        _require_regular(name, st.st_mode)
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
+
+
+def _read_up_to(fd: int, limit: int) -> Iterator[bytes]:
+    """The file's bytes in chunks, never more than ``limit`` of them."""
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(_CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def sha256_regular(name: str, dir_fd: int, size: int) -> str:
+    """sha256 of the first ``size`` bytes of ``name`` (see :func:`open_regular`), which must be
+    exactly ``size`` bytes long. Raises ValueError when it is not, or is not a regular file."""
+    with open_regular(name, dir_fd) as (fd, actual):
+        if actual != size:
+            raise ValueError(f"{name} is {actual} bytes, manifest says {size}")
+        h = hashlib.sha256()
+        got = 0
+        for chunk in _read_up_to(fd, size):
             h.update(chunk)
+            got += len(chunk)
+    if got != size:  # shrank while we read it
+        raise ValueError(f"{name} ended after {got} of {size} bytes")
     return h.hexdigest()
+
+
+def read_regular(name: str, dir_fd: int, limit: int) -> bytes:
+    """The whole of the regular file ``name`` (see :func:`open_regular`); ValueError when it
+    holds more than ``limit`` bytes (nothing beyond ``limit + 1`` bytes is read)."""
+    with open_regular(name, dir_fd) as (fd, _):
+        data = b"".join(_read_up_to(fd, limit + 1))
+    if len(data) > limit:
+        raise ValueError(f"{name} is larger than {limit} bytes")
+    return data
+
+
+def replace_small_file(path: Path, text: str) -> None:
+    """Write ``text`` as ``path`` by renaming a fresh file over it: whatever stood there (a FIFO,
+    a link) is replaced, never opened. Raises OSError."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def dir_size(path: Path) -> int:

@@ -1,8 +1,11 @@
 """Decide which checkpoints are valid: verify, find the newest valid, quarantine, clean temp dirs.
 
-Validity is decided here and only here: a checkpoint is valid when its manifest parses and passes
-its self-hash, its format version is one this code reads, its step matches its directory name, and
-every file it lists is present with the listed size and sha256.
+Validity is decided here and only here: a checkpoint is valid when it carries no UNLOADABLE.txt,
+its manifest parses and passes its self-hash, its format version is one this code reads, its step
+matches its directory name and its ``train_state``, every file it lists is a plain name of a
+regular file present with the listed size and sha256, and ``state.json`` holds state a trainer
+can resume from (``schema``). Whatever a checkpoint holds, reading it never follows a link, never
+opens a FIFO or a device, and never reads more than the manifest says.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from typing import Any
 
 import psutil
 
-from . import fsio, manifest
-from .errors import CheckpointIncompatible, CheckpointInvalid
+from . import fsio, manifest, schema
+from .errors import CheckpointIncompatible, CheckpointInvalid, describe, invalid_on_error
 from .layout import (
+    MANIFEST,
     MODEL_FILE,
+    OPTIM_FILE,
     QUARANTINE,
     REASON_FILE,
     STATE_FILE,
+    UNLOADABLE_FILE,
     checkpoints_dir,
     parse_step,
     parse_work_name,
@@ -34,39 +40,81 @@ from .layout import (
 EventSink = Callable[[dict[str, Any]], None]
 
 
+#: An UNLOADABLE.txt longer than this is cut: its first line becomes a one-line reason.
+MAX_REASON_BYTES = 4096
+
+
 def verify(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the manifest of the checkpoint directory ``path`` if every check passes.
 
-    Raises CheckpointInvalid(reason) when it does not verify, and CheckpointIncompatible when it
-    was written in a newer format than this code reads (valid, but not ours to judge).
+    Only regular files directly inside ``path`` are opened, never through a link and never a
+    FIFO or a device, and no file is read past the size its manifest gives. Raises
+    CheckpointInvalid(reason) when it does not verify (any OSError or ValueError about the
+    checkpoint becomes one), and CheckpointIncompatible when it was written in a newer format than
+    this code reads (valid, but not ours to judge).
     """
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointInvalid("not a directory" if ckpt.exists() else "does not exist", ckpt)
-    man = manifest.read(ckpt)
+    with invalid_on_error(ckpt, "the checkpoint directory"), fsio.open_dir(ckpt) as dir_fd:
+        return _verify(ckpt, dir_fd)
+
+
+def _verify(ckpt: Path, dir_fd: int) -> dict[str, Any]:
+    marked = unloadable_reason(ckpt, dir_fd)
+    if marked is not None:
+        raise CheckpointInvalid(f"unloadable: {marked}", ckpt)
+    man = manifest.read(ckpt, dir_fd)
     dir_step = parse_step(ckpt.name)
     if dir_step is not None and dir_step != man["step"]:
         raise CheckpointInvalid(
             f"manifest says step {man['step']} but directory is {ckpt.name}", ckpt
         )
+    with invalid_on_error(ckpt, MANIFEST):
+        schema.check_train_state(man)
     files = man["files"]
     for required in (MODEL_FILE, STATE_FILE):
         if required not in files:
             raise CheckpointInvalid(f"manifest lists no {required}", ckpt)
     for name, info in sorted(files.items()):
-        if "/" in name or name in ("", ".", ".."):
-            raise CheckpointInvalid(f"manifest lists a file outside the checkpoint: {name!r}", ckpt)
-        f = ckpt / name
-        try:
-            size = f.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointInvalid(f"missing file {name}", ckpt) from None
-        if not isinstance(info, dict) or size != info.get("size"):
-            want = info.get("size") if isinstance(info, dict) else None
-            raise CheckpointInvalid(f"{name} is {size} bytes, manifest says {want}", ckpt)
-        if fsio.file_sha256(f) != info.get("sha256"):
-            raise CheckpointInvalid(f"{name} sha256 does not match the manifest", ckpt)
+        with invalid_on_error(ckpt, name):
+            fsio.check_plain_name(name)
+            size = info.get("size") if isinstance(info, dict) else None
+            if type(size) is not int or size < 0 or not isinstance(info.get("sha256"), str):
+                raise ValueError(f"manifest gives {name} no integer size and sha256")
+            if fsio.sha256_regular(name, dir_fd, size) != info["sha256"]:
+                raise ValueError(f"{name} sha256 does not match the manifest")
+    with invalid_on_error(ckpt, STATE_FILE):
+        refs = schema.check_state(fsio.read_regular(STATE_FILE, dir_fd, files[STATE_FILE]["size"]))
+        if refs and OPTIM_FILE not in files:
+            raise ValueError(f"{STATE_FILE} refers to optimizer tensors, but no {OPTIM_FILE}")
+        schema.check_steps(ckpt / OPTIM_FILE, refs)
     return man
+
+
+def unloadable_reason(ckpt: Path, dir_fd: int | None = None) -> str | None:
+    """The first line of the checkpoint's ``UNLOADABLE.txt``, or None when it has none."""
+    if dir_fd is None:
+        with invalid_on_error(ckpt, "the checkpoint directory"), fsio.open_dir(ckpt) as fd:
+            return unloadable_reason(ckpt, fd)
+    with invalid_on_error(ckpt, UNLOADABLE_FILE):
+        try:
+            os.stat(UNLOADABLE_FILE, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+    try:
+        text = fsio.read_regular(UNLOADABLE_FILE, dir_fd, MAX_REASON_BYTES).decode(errors="replace")
+    except (OSError, ValueError):
+        text = ""  # whatever stands there, the mark is what counts
+    return text.strip().split("\n")[0] or "marked unloadable by a trainer"
+
+
+def mark_unloadable(ckpt: Path, reason: str) -> None:
+    """Write ``reason`` to ``ckpt/UNLOADABLE.txt``: from now on the checkpoint does not verify,
+    so the next search quarantines it with that reason and moves on to an older one. Raises
+    OSError."""
+    line = " ".join(reason.split())  # one line, whatever the error said
+    fsio.replace_small_file(ckpt / UNLOADABLE_FILE, f"{line}\nmarked_at: {time.time():.3f}\n")
 
 
 def _emit(on_event: EventSink | None, event: dict[str, Any]) -> None:
@@ -108,7 +156,8 @@ def quarantine(path: Path, reason: str) -> Path:
         dest.rmdir()
         path.rename(dest)
         break
-    (dest / REASON_FILE).write_text(f"{reason}\nquarantined_at: {time.time():.3f}\n")
+    # Renamed over whatever the checkpoint held under that name: a FIFO there is never opened.
+    fsio.replace_small_file(dest / REASON_FILE, f"{reason}\nquarantined_at: {time.time():.3f}\n")
     fsio.fsync_dir(qdir)
     fsio.fsync_dir(path.parent)
     return dest
@@ -169,8 +218,9 @@ def find_latest_valid(
     On the way, each invalid checkpoint newer than it is quarantined (event
     ``checkpoint_quarantined`` with ``path``, ``to`` and ``reason``, plus a line on stderr), and
     temp directories of dead writers are removed. A checkpoint in a newer format is skipped, not
-    quarantined (event ``checkpoint_skipped``). Never raises for a bad checkpoint; OSError from the
-    file system itself (e.g. permission denied on the directory) propagates.
+    quarantined (event ``checkpoint_skipped``), and so is an invalid one that cannot be moved.
+    Never raises for a bad checkpoint; OSError from the file system itself (``checkpoints/``
+    unreadable, the process out of file descriptors) propagates.
     """
     ckpt_dir = checkpoints_dir(run_dir)
     remove_stale_work_dirs(ckpt_dir, on_event)
@@ -179,17 +229,16 @@ def find_latest_valid(
             verify(path)
             return path
         except CheckpointIncompatible as e:
-            warn(
-                on_event,
-                f"skipping checkpoint {path}: {e}",
-                {"type": "checkpoint_skipped", "path": str(path), "reason": str(e)},
-            )
+            skip(on_event, path, str(e))
         except CheckpointInvalid as e:
             if not path.exists():  # pruned by a live writer while we looked: not a fault
                 continue
             try:
                 dest = quarantine(path, e.reason)
             except FileNotFoundError:
+                continue
+            except OSError as q:  # e.g. quarantine/ is not a directory: never crash the search
+                skip(on_event, path, f"{e.reason}; and it cannot be quarantined: {describe(q)}")
                 continue
             warn(
                 on_event,
@@ -202,6 +251,15 @@ def find_latest_valid(
                 },
             )
     return None
+
+
+def skip(on_event: EventSink | None, path: Path, reason: str) -> None:
+    """Report a checkpoint passed over without being moved (event ``checkpoint_skipped``)."""
+    warn(
+        on_event,
+        f"skipping checkpoint {path}: {reason}",
+        {"type": "checkpoint_skipped", "path": str(path), "reason": reason},
+    )
 
 
 @dataclass(frozen=True)
@@ -230,6 +288,8 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
         try:
             size = fsio.dir_size(path)
         except FileNotFoundError:
-            continue
+            continue  # pruned while we looked
+        except OSError:
+            size = 0
         rows.append(CheckpointInfo(step, path, size, valid, reason))
     return rows

@@ -5,6 +5,7 @@ checkpoints/step-00000040/            committed: payload files + manifest.json
 checkpoints/.tmp-step-00000040-<host>-<pid>-<token>/   being written by <pid> on <host>
 checkpoints/.del-step-00000010-<host>-<pid>-<token>/   being pruned by <pid> on <host>
 checkpoints/quarantine/step-00000030[-N]/              found invalid, with REASON.txt
+checkpoints/step-00000050/UNLOADABLE.txt               verified, but a trainer could not load it
 checkpoints/.writer.lock              held by the one writer
 ```
 
@@ -39,6 +40,8 @@ LOCK_FILE = WRITER_LOCK
 OWNER_FILE = WRITER_OWNER
 MANIFEST = "manifest.json"
 REASON_FILE = "REASON.txt"
+#: Written into a checkpoint that verifies but could not be loaded; makes it invalid from then on.
+UNLOADABLE_FILE = "UNLOADABLE.txt"
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
@@ -49,8 +52,8 @@ STATE_FILE = "state.json"
 __all__ = [
     "CHECKPOINTS", "DEL_PREFIX", "FORMAT_VERSION", "LOCK_FILE", "MANIFEST", "MODEL_FILE",
     "OPTIM_FILE", "OWNER_FILE", "QUARANTINE", "REASON_FILE", "STATE_FILE", "TMP_PREFIX",
-    "WorkDir", "checkpoints_dir", "parse_step", "parse_work_name", "step_name", "this_host",
-    "work_name",
+    "UNLOADABLE_FILE", "WorkDir", "checkpoints_dir", "parse_step", "parse_work_name", "step_name",
+    "this_host", "work_name",
 ]  # fmt: skip
 
 

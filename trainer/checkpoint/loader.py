@@ -17,8 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from . import fsio
 from . import state as st
-from .errors import CheckpointIncompatible, CheckpointInvalid
+from .errors import CheckpointIncompatible, CheckpointUnloadable, invalid_on_error
 from .integrity import verify
 from .layout import MODEL_FILE, OPTIM_FILE, STATE_FILE
 
@@ -35,7 +36,7 @@ def _read_tensors(ckpt: Path, name: str, device: str) -> dict[str, torch.Tensor]
     try:
         return load_file(ckpt / name, device=device)
     except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointInvalid(f"{name} is not a readable safetensors file ({e})", ckpt) from e
+        raise CheckpointUnloadable(f"{name} is not a readable safetensors file ({e})", ckpt) from e
 
 
 def _check_model(
@@ -43,14 +44,23 @@ def _check_model(
 ) -> None:
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
+    both = set(expected) & set(saved)
     shapes = sorted(
         f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(saved)
+        for k in both
         if tuple(saved[k].shape) != tuple(expected[k].shape)
+    )
+    # load_state_dict would cast silently; a checkpoint holds the model's own dtypes.
+    dtypes = sorted(
+        f"{k}: checkpoint {saved[k].dtype} vs model {expected[k].dtype}"
+        for k in both
+        if saved[k].dtype != expected[k].dtype
     )
     problems = []
     if shapes:
         problems.append("shape mismatch: " + "; ".join(shapes))
+    if dtypes:
+        problems.append("dtype mismatch: " + "; ".join(dtypes))
     if missing:
         problems.append("missing from checkpoint: " + ", ".join(missing))
     if unexpected:
@@ -73,26 +83,29 @@ def load(
     each state tensor to its parameter's device and dtype, and keeps step counters (AdamW's
     ``step``) on the host, where a fresh optimizer has them; one on an accelerator would cost a
     device-to-host read per parameter at every step. The loaded parameters are checked against
-    the manifest's ``params_sha256``. Raises CheckpointInvalid (fails verification or a payload
-    is not safetensors/JSON), CheckpointIncompatible (tensor names or shapes differ from the
-    model or optimizer — the message names them — or a newer format version).
+    the manifest's ``params_sha256``. Raises CheckpointInvalid (fails verification),
+    CheckpointUnloadable (a CheckpointInvalid: verifies, but a payload is not safetensors, its
+    state does not decode, or the loaded parameters do not hash to ``params_sha256``),
+    CheckpointIncompatible (tensor names, shapes or dtypes differ from the model or optimizer —
+    the message names them — or a newer format version).
     """
     ckpt = Path(path)
     man = verify(ckpt)
-    try:
-        saved_state = json.loads((ckpt / STATE_FILE).read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointInvalid(f"{STATE_FILE} is not valid JSON ({e})", ckpt) from e
+    with invalid_on_error(ckpt, STATE_FILE), fsio.open_dir(ckpt) as dir_fd:
+        size = man["files"][STATE_FILE]["size"]
+        saved_state = json.loads(fsio.read_regular(STATE_FILE, dir_fd, size))
     tensors = _read_tensors(ckpt, MODEL_FILE, _device(map_location))
     for name, target in (saved_state.get("model_aliases") or {}).items():
         if target not in tensors:
-            raise CheckpointInvalid(f"{STATE_FILE} aliases {name} to missing tensor {target}", ckpt)
+            raise CheckpointUnloadable(
+                f"{STATE_FILE} aliases {name} to missing tensor {target}", ckpt
+            )
         tensors[name] = tensors[target]
     inner = st.unwrap(model)
     _check_model(st.model_state(inner), tensors, ckpt)
     inner.load_state_dict(tensors, strict=True)
     if st.params_sha256(inner) != man["params_sha256"]:
-        raise CheckpointInvalid("loaded parameters do not match params_sha256", ckpt)
+        raise CheckpointUnloadable("loaded parameters do not match params_sha256", ckpt)
     _load_optimizer(ckpt, man, saved_state, optimizer, scaler)
     return man
 
@@ -118,10 +131,7 @@ def _load_optimizer(
             raise CheckpointIncompatible(
                 f"{ckpt} holds no optimizer state, but an optimizer was given"
             )
-        try:
-            osd = st.decode(skeleton, extra)
-        except KeyError as e:
-            raise CheckpointInvalid(f"optimizer state refers to missing tensor {e}", ckpt) from e
+        osd = _decode(skeleton, extra, ckpt)
         _check_optimizer(optimizer, osd, ckpt)
         try:
             optimizer.load_state_dict(osd)
@@ -132,7 +142,14 @@ def _load_optimizer(
     # A checkpoint without scaler state (saved with none, or a disabled one) leaves the scaler as
     # it is; a disabled scaler ignores what it is given.
     if scaler is not None and saved_state.get("scaler"):
-        scaler.load_state_dict(st.decode(saved_state["scaler"], extra))
+        scaler.load_state_dict(_decode(saved_state["scaler"], extra, ckpt))
+
+
+def _decode(skeleton: Any, tensors: dict[str, torch.Tensor], ckpt: Path) -> Any:
+    try:
+        return st.decode(skeleton, tensors)
+    except KeyError as e:
+        raise CheckpointUnloadable(f"{STATE_FILE} refers to missing tensor {e}", ckpt) from e
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, osd: dict[str, Any], ckpt: Path) -> None:

@@ -15,9 +15,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from .errors import CheckpointIncompatible, CheckpointInvalid
+from . import fsio
+from .errors import CheckpointIncompatible, CheckpointInvalid, invalid_on_error
 from .layout import FORMAT_VERSION, MANIFEST
 
 RESERVED = (
@@ -86,39 +87,54 @@ def to_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 
-def read(ckpt: Path) -> dict[str, Any]:
-    """Parse and self-check ``ckpt/manifest.json``.
+#: A manifest is a few KB; anything far larger is not one (and is not read into memory).
+MAX_MANIFEST_BYTES = 16 << 20
 
-    Raises CheckpointInvalid (missing, unparsable, self-hash wrong, fields missing) or
-    CheckpointIncompatible (written by a newer format than this code reads).
+
+def read(ckpt: Path, dir_fd: int | None = None) -> dict[str, Any]:
+    """Parse and self-check ``ckpt/manifest.json`` (``dir_fd``: ``ckpt`` already opened).
+
+    The self-hash is checked before the format version: a flipped byte reads as corruption, never
+    as a newer format (every format keeps ``manifest_sha256`` computed as it is here). Raises
+    CheckpointInvalid (missing, not a regular file, unparsable, self-hash wrong, fields missing or
+    of the wrong type) or CheckpointIncompatible (written by a newer format than this code reads).
     """
-    path = ckpt / MANIFEST
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointInvalid("missing manifest.json", ckpt) from None
-    except OSError as e:
-        raise CheckpointInvalid(f"cannot read manifest.json: {e}", ckpt) from e
+    if dir_fd is None:
+        with invalid_on_error(ckpt, "the checkpoint directory"), fsio.open_dir(ckpt) as fd:
+            return read(ckpt, fd)
+    with invalid_on_error(ckpt, MANIFEST):
+        try:
+            raw = fsio.read_regular(MANIFEST, dir_fd, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise CheckpointInvalid("missing manifest.json", ckpt) from None
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointInvalid(f"manifest.json is not valid JSON ({e})", ckpt) from e
+    except RecursionError:
+        raise CheckpointInvalid("manifest.json is nested too deeply", ckpt) from None
     if not isinstance(manifest, dict):
         raise CheckpointInvalid("manifest.json is not a JSON object", ckpt)
+    if manifest.get("manifest_sha256") != hashlib.sha256(_canonical(manifest)).hexdigest():
+        raise CheckpointInvalid("manifest.json does not match its own manifest_sha256", ckpt)
     version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointInvalid("manifest.json has no integer format_version", ckpt)
+    if not _is_int(version) or version < 1:
+        raise CheckpointInvalid("manifest.json has no positive integer format_version", ckpt)
     if version > FORMAT_VERSION:
         raise CheckpointIncompatible(
             f"{ckpt} has checkpoint format_version {version}; this code reads up to "
             f"{FORMAT_VERSION}: a rosetrainer release that reads format {version} is needed"
         )
-    want = manifest.get("manifest_sha256")
-    if want != hashlib.sha256(_canonical(manifest)).hexdigest():
-        raise CheckpointInvalid("manifest.json does not match its own manifest_sha256", ckpt)
     for key, typ in (("step", int), ("files", dict), ("params_sha256", str), ("train_state", dict)):
-        if not isinstance(manifest.get(key), typ):
+        value = manifest.get(key)
+        if not isinstance(value, typ) or (typ is int and not _is_int(value)):
             raise CheckpointInvalid(
                 f"manifest.json field {key!r} is missing or not a {typ.__name__}", ckpt
             )
+    if manifest["step"] < 0:
+        raise CheckpointInvalid(f"manifest.json step {manifest['step']} is negative", ckpt)
     return manifest
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return type(value) is int  # bool is an int to Python, never to a manifest
