@@ -184,3 +184,54 @@ def test_guard_parent_exits_when_parent_dies(tmp_path: Path) -> None:
 def test_guard_parent_unsupervised_does_nothing(monkeypatch) -> None:
     monkeypatch.delenv("ROSE_RUN_DIR", raising=False)
     assert supervised.guard_parent() is False
+
+
+# -- the worker's events, beside the supervisor's ------------------------------------------------
+
+
+def test_events_file_is_the_variable_else_an_existing_one_node_file(tmp_path: Path) -> None:
+    named = tmp_path / "events-node1.jsonl"
+    env = supervised.from_env(_env(tmp_path, ROSE_EVENTS_FILE=str(named)))
+    assert env is not None and env.events_file == named
+    # Unset: never create the one-node file, whose presence tells a one-node run directory.
+    env = supervised.from_env(_env(tmp_path))
+    assert env is not None and env.events_file is None
+    supervised.Events(env)({"type": "checkpoint_saved", "step": 1})
+    assert not (tmp_path / "events.jsonl").exists()
+    (tmp_path / "events.jsonl").write_text("")  # made by a one-node supervisor at its start
+    env = supervised.from_env(_env(tmp_path))
+    assert env is not None and env.events_file == tmp_path / "events.jsonl"
+
+
+def test_events_lines_never_interleave_with_another_writer(tmp_path: Path) -> None:
+    """A worker's events and another process's (the supervisor's) in one file at the same time:
+    every line parses whole, none is lost."""
+    path = tmp_path / "events.jsonl"
+    path.write_text("")
+    n = 2000
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from runcontract.events import EventWriter\n"
+            "w = EventWriter(Path(sys.argv[1]))\n"
+            "for i in range(int(sys.argv[2])): w.write('launch', i=i, pad='x' * 3000)",
+            str(path),
+            str(n),
+        ],
+        cwd=ROOT,
+    )
+    events = supervised.Events(supervised.from_env(_env(tmp_path)))
+    for i in range(n):
+        events({"type": "checkpoint_saved", "time": 0.0, "i": i, "pad": "y" * 3000})
+    events.close()
+    assert other.wait(timeout=120) == 0
+    from runcontract.events import read_jsonl
+
+    records = read_jsonl(path)
+    assert len(path.read_text().splitlines()) == len(records) == 2 * n
+    mine = [r for r in records if r.get("source") == "trainer"]
+    assert [r["i"] for r in mine] == list(range(n))
+    assert all(r["type"] == "checkpoint_saved" and r["time"] > 0 for r in mine)
+    theirs = [r["i"] for r in records if "source" not in r]
+    assert theirs == list(range(n))

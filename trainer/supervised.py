@@ -24,9 +24,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runcontract import env as env_names
 from runcontract import layout
+from runcontract.events import EventWriter
 from runcontract.heartbeat import PHASES
 
 ORPHAN_EXIT_CODE = 1
@@ -49,6 +51,9 @@ class SupervisedEnv:
     """Where ``rank-<R>.json`` heartbeats go."""
     supervisor_pid: int
     """The supervisor's pid."""
+    events_file: Path | None = None
+    """Where rank 0 appends its checkpoint events (``ROSE_EVENTS_FILE``, else the one-node
+    ``RUN_DIR/events.jsonl`` when the supervisor made it); None: nowhere."""
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> SupervisedEnv | None:
@@ -66,12 +71,18 @@ def from_env(environ: Mapping[str, str] | None = None) -> SupervisedEnv | None:
         raise ValueError(f"{env_names.ATTEMPT}={attempt} is not a positive attempt number")
     resume = env.get(env_names.RESUME_FROM, "")
     heartbeat_dir = env.get(env_names.HEARTBEAT_DIR, "") or os.path.join(run_dir, layout.HEARTBEATS)
+    events = env.get(env_names.EVENTS_FILE, "")
+    if not events:
+        # Never create the one-node name in a run directory whose supervisors use per-node ones.
+        one_node = os.path.join(run_dir, layout.per_node_name(layout.EVENTS, None))
+        events = one_node if os.path.isfile(one_node) else ""
     return SupervisedEnv(
         run_dir=Path(run_dir).absolute(),
         attempt=attempt,
         resume_from=Path(resume).absolute() if resume else None,
         heartbeat_dir=Path(heartbeat_dir).absolute(),
         supervisor_pid=_int_var(env, env_names.SUPERVISOR_PID, default=0),
+        events_file=Path(events).absolute() if events else None,
     )
 
 
@@ -83,6 +94,47 @@ def _int_var(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+class Events:
+    """A worker's events, appended to the supervisor's events file beside its own (one
+    ``EventWriter`` line each, so lines never interleave), marked ``source: trainer``.
+
+    Call it with a dict holding ``type`` and the event's fields: it fits a checkpoint store's
+    ``on_event``, and may be called from its writer thread. A no-op where ``env`` names no events
+    file (not supervised, or not the rank that reports). An event that cannot be written (a full
+    disk) costs one line on stderr, never the run.
+    """
+
+    def __init__(self, env: SupervisedEnv | None, source: str = "trainer") -> None:
+        self._writer: EventWriter | None = None
+        path = env.events_file if env is not None else None
+        if path is None:
+            return
+        try:
+            self._writer = EventWriter(path, source=source)
+        except OSError as e:
+            print(f"warning: cannot append events to {path}: {e}", file=sys.stderr, flush=True)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        fields = {k: v for k, v in event.items() if k not in ("type", "time")}
+        try:
+            writer.write(event["type"], **fields)
+        except (OSError, ValueError) as e:
+            print(
+                f"warning: event {event['type']} not recorded in {writer.path}: {e}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        """Close the file (idempotent); later events are dropped."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
 
 def prctl(option: int, arg: int) -> bool:
