@@ -1,4 +1,5 @@
-"""Disk full and write errors: the failed save leaves nothing, older ones stay, training goes on.
+"""Disk full and write errors: the failed save leaves nothing, older ones stay, training goes on;
+short space prunes older checkpoints first; a vanished ``checkpoints/`` is made again.
 
 Real ENOSPC comes from a small tmpfs when this machine lets us mount one; otherwise the same tests
 run under a lowered RLIMIT_FSIZE (SIGXFSZ ignored), which makes the oversized write fail with EFBIG.
@@ -10,6 +11,7 @@ import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from runcontract.events import read_jsonl
 from tests.scripts.ckpt_model import assert_same_state, fresh, train, trained
-from trainer.checkpoint import CheckpointStore, CheckpointWriteFailed, find_latest_valid, load
+from trainer.checkpoint import (
+    CheckpointLocked,
+    CheckpointStore,
+    CheckpointWriteFailed,
+    find_latest_valid,
+    load,
+)
 from trainer.checkpoint import store as store_mod
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,12 +84,30 @@ def small_disk(tmp_path, monkeypatch) -> Iterator[SmallDisk]:
     disk = SmallDisk(tmp_path)
     disk.mount()
     # Reach the write itself: the free-space preflight would refuse the save before it starts
-    # (the preflight has its own test below).
+    # (the preflight has its own tests below).
     monkeypatch.setattr(store_mod, "PREFLIGHT_MARGIN", 0.0)
     try:
         yield disk
     finally:
         disk.unmount()
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[SmallDisk]:
+    """A real 2 MB tmpfs, preflight as shipped; skipped where mounting is not permitted (a
+    file-size limit cannot stand in: the preflight asks the file system for its free space)."""
+    disk = SmallDisk(tmp_path)
+    disk.mount()
+    if not disk.tmpfs:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    try:
+        yield disk
+    finally:
+        disk.unmount()
+
+
+def steps_on_disk(run_dir: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*"))
 
 
 @pytest.mark.parametrize("async_save", [True, False])
@@ -137,24 +164,160 @@ def test_fail_fatal_raises_from_the_next_call(small_disk):
     assert find_latest_valid(run_dir).name == "step-00000001"
 
 
-def test_preflight_refuses_when_last_checkpoint_would_not_fit(tmp_path, capfd):
-    model, opt = trained(1)
-    with CheckpointStore(tmp_path, is_writer=True, async_save=False) as store:
-        store.save(1, model, opt, None, {}, {})
-    # The last checkpoint now "weighs" more than this disk holds (a sparse, unlisted file: the
-    # checkpoint still verifies, and no real space is used).
-    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
-    with open(tmp_path / "checkpoints" / "step-00000001" / "ballast", "wb") as f:
-        f.truncate(free * 2)
+def test_preflight_refuses_when_the_checkpoint_would_not_fit(tmpfs, capfd):
+    run_dir = tmpfs.path / "run"
+    model, opt = trained(1, **SIZE)
     events = []
-    store = CheckpointStore(tmp_path, is_writer=True, async_save=False, on_event=events.append)
-    store.save(2, model, opt, None, {}, {})
+    store = CheckpointStore(run_dir, is_writer=True, async_save=False, on_event=events.append)
+    tmpfs.fill(leave=40_000)
+    store.save(1, model, opt, None, {}, {})
     store.close()
     assert [e["type"] for e in events] == ["checkpoint_write_failed"]
     assert events[0]["errno"] == "ENOSPC" and "not enough free space" in events[0]["error"]
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == [".writer.lock", ".writer.owner", "step-00000001"]  # no temp dir was made
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == [".writer.lock", ".writer.owner"]  # no temp dir was made
     assert "not enough free space" in capfd.readouterr().err
+
+
+def test_sparse_stray_file_does_not_count_toward_the_next_save(tmp_path):
+    """A 100 GB sparse file left in the newest checkpoint (not in its manifest) once made the
+    preflight want 105 GB for every later save."""
+    model, opt = trained(1)
+    with CheckpointStore(tmp_path, is_writer=True, async_save=False) as store:
+        store.save(1, model, opt, None, {}, {})
+    # 100 GB, or more than this disk holds: sparse either way, so it takes no real space.
+    size = max(100 << 30, 2 * shutil.disk_usage(tmp_path).free)
+    stray = tmp_path / "checkpoints" / "step-00000001" / "stray"
+    subprocess.run(["truncate", "-s", str(size), str(stray)], check=True)
+    events = []
+    with CheckpointStore(
+        tmp_path, is_writer=True, async_save=False, on_event=events.append
+    ) as store:
+        store.save(2, model, opt, None, {}, {})
+        store.save(3, model, opt, None, {}, {})
+    assert [e["type"] for e in events] == ["checkpoint_saved"] * 2
+    assert 0 < events[0]["bytes"] < 1 << 20
+    assert find_latest_valid(tmp_path).name == "step-00000003"
+
+
+def test_short_space_prunes_before_the_save_what_retention_would_after_it(tmpfs):
+    run_dir = tmpfs.path / "run"
+    model, opt = fresh(**SIZE)
+    events = []
+    store = CheckpointStore(
+        run_dir, is_writer=True, async_save=False, keep_last=3, keep_every=2,
+        on_event=events.append,
+    )  # fmt: skip
+    for step in (1, 2, 3):
+        train(model, opt, step - 1, step)
+        store.save(step, model, opt, None, {"step": step}, {})
+    # Room for less than one checkpoint: step 1 would go once step 4 lands (keep_last 3), so
+    # it goes first, and the save lands.
+    tmpfs.fill(leave=100_000)
+    train(model, opt, 3, 4)
+    store.save(4, model, opt, None, {"step": 4}, {})
+    assert [(e["type"], e["step"]) for e in events[-2:]] == [
+        ("checkpoint_pruned", 1),
+        ("checkpoint_saved", 4),
+    ]
+    assert events[-2]["reason"] == "disk space"
+    assert steps_on_disk(run_dir) == [2, 3, 4]
+    # No room at all, and nothing retention lets go (3 and 4 are the newest, 2 a milestone):
+    # the save gives up and every checkpoint stays whole.
+    tmpfs.unfill()
+    tmpfs.fill(leave=0)
+    events.clear()
+    store.save(5, model, opt, None, {"step": 5}, {})
+    store.close()
+    assert [e["type"] for e in events] == ["checkpoint_write_failed"]
+    assert events[0]["errno"] == "ENOSPC" and "after pruning" in events[0]["error"]
+    assert steps_on_disk(run_dir) == [2, 3, 4]
+    tmpfs.unfill()
+    assert_resumes_to(run_dir, 4)
+
+
+def test_short_space_never_prunes_the_newest_valid_checkpoint(tmpfs):
+    """keep_last 1: the one checkpoint would go once the save lands, but the save may fail."""
+    run_dir = tmpfs.path / "run"
+    model, opt = trained(1, **SIZE)
+    events = []
+    store = CheckpointStore(
+        run_dir, is_writer=True, async_save=False, keep_last=1, on_event=events.append
+    )
+    store.save(1, model, opt, None, {"step": 1}, {})
+    tmpfs.fill(leave=40_000)
+    store.save(2, model, opt, None, {"step": 2}, {})
+    store.close()
+    assert [e["type"] for e in events] == ["checkpoint_saved", "checkpoint_write_failed"]
+    tmpfs.unfill()
+    assert_resumes_to(run_dir, 1)
+
+
+def test_write_that_runs_out_of_room_prunes_and_retries_once(small_disk):
+    """The disk held less than it said (the preflight passed): the checkpoint that keep_last 2
+    lets go once this save lands goes now, and the write is tried again."""
+    if not small_disk.tmpfs:
+        pytest.skip("mount -t tmpfs is not permitted here (a file-size limit is not ENOSPC)")
+    run_dir = small_disk.path / "run"
+    model, opt = fresh(**SIZE)
+    events = []
+    store = CheckpointStore(
+        run_dir, is_writer=True, async_save=False, keep_last=2, on_event=events.append
+    )
+    for step in (1, 2):
+        train(model, opt, step - 1, step)
+        store.save(step, model, opt, None, {"step": step}, {})
+    small_disk.fill(leave=40_000)
+    train(model, opt, 2, 3)
+    store.save(3, model, opt, None, {"step": 3}, {})
+    store.close()
+    types = [e["type"] for e in events]
+    assert "checkpoint_write_failed" not in types
+    pruned = [e for e in events if e["type"] == "checkpoint_pruned"]
+    assert [(e["step"], e["reason"]) for e in pruned] == [(1, "disk space")]
+    assert steps_on_disk(run_dir) == [2, 3]
+    small_disk.unfill()
+    assert_resumes_to(run_dir, 3)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_checkpoints_dir_deleted_mid_run_is_recreated_by_the_next_save(tmp_path, async_save):
+    events = []
+    model, opt = fresh()
+    store = CheckpointStore(tmp_path, is_writer=True, async_save=async_save, on_event=events.append)
+    train(model, opt, 0, 1)
+    store.save(1, model, opt, None, {"step": 1}, {})
+    store.wait()
+    shutil.rmtree(tmp_path / "checkpoints")
+    train(model, opt, 1, 2)
+    store.save(2, model, opt, None, {"step": 2}, {})
+    store.wait()
+    assert [e["type"] for e in events] == [
+        "checkpoint_saved",
+        "checkpoint_dir_recreated",
+        "checkpoint_saved",
+    ]
+    # The writer holds the lock of the new directory: a second writer is still refused.
+    with pytest.raises(CheckpointLocked):
+        CheckpointStore(tmp_path, is_writer=True)
+    store.close()
+    assert_resumes_to(tmp_path, 2, dim=16, hidden=32)
+
+
+def test_plain_file_where_checkpoints_dir_must_be_fails_saves_until_it_goes(tmp_path, capfd):
+    events = []
+    model, opt = trained(1)
+    store = CheckpointStore(tmp_path, is_writer=True, async_save=False, on_event=events.append)
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").write_text("in the way")
+    store.save(1, model, opt, None, {"step": 1}, {})  # not fail_fatal: reported, not raised
+    assert [e["type"] for e in events] == ["checkpoint_write_failed"]
+    assert events[0]["errno"] == "EEXIST" and "training goes on" in capfd.readouterr().err
+    (tmp_path / "checkpoints").unlink()
+    store.save(1, model, opt, None, {"step": 1}, {})
+    store.close()
+    assert events[-1]["type"] == "checkpoint_saved"
+    assert_resumes_to(tmp_path, 1, dim=16, hidden=32)
 
 
 @pytest.mark.distributed
@@ -184,4 +347,31 @@ def test_write_error_in_a_real_writer_process_under_fail_fatal(tmp_path):
     got_model, got_opt = fresh(seed=7, **SIZE)
     load(path, got_model, got_opt)
     want_model, want_opt = trained(1, **SIZE)
+    assert_same_state(want_model, got_model, want_opt, got_opt)
+
+
+def test_event_that_cannot_be_written_on_a_full_disk_costs_one_line(tmpfs, capfd):
+    from trainer import supervised
+
+    path = tmpfs.path / "events.jsonl"
+    events = supervised.Events(
+        supervised.SupervisedEnv(tmpfs.path, 1, None, tmpfs.path, 0, events_file=path)
+    )
+    events({"type": "checkpoint_saved", "step": 1})
+    tmpfs.fill(leave=0)
+    events({"type": "checkpoint_write_failed", "step": 2, "error": "x" * 8192})
+    events.close()
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and "event checkpoint_write_failed not recorded" in err[0]
+    assert [e["step"] for e in read_jsonl(path)] == [1]
+
+
+def assert_resumes_to(run_dir: Path, step: int, **size: int) -> None:
+    """The newest valid checkpoint is ``step`` and loads to exactly what ``step`` steps give."""
+    size = size or SIZE
+    path = find_latest_valid(run_dir)
+    assert path is not None and path.name == f"step-{step:08d}"
+    got_model, got_opt = fresh(seed=7, **size)
+    assert load(path, got_model, got_opt)["train_state"] == {"step": step}
+    want_model, want_opt = trained(step, **size)
     assert_same_state(want_model, got_model, want_opt, got_opt)

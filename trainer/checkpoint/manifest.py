@@ -136,5 +136,12 @@ def read(ckpt: Path, dir_fd: int | None = None) -> dict[str, Any]:
     return manifest
 
 
+def payload_bytes(manifest: dict[str, Any]) -> int:
+    """The bytes of the files a (read) manifest lists: what its checkpoint takes on disk, whatever
+    else someone left in its directory."""
+    sizes = (f.get("size") for f in manifest["files"].values() if isinstance(f, dict))
+    return sum(size for size in sizes if _is_int(size) and size > 0)
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return type(value) is int  # bool is an int to Python, never to a manifest

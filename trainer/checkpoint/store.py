@@ -20,19 +20,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import fsio, manifest
+from . import manifest
 from .commit import write_checkpoint
 from .errors import CheckpointError, CheckpointInvalid, CheckpointWriteFailed
 from .integrity import EventSink, emit, quarantine, remove_stale_work_dirs, step_dirs, verify, warn
 from .layout import checkpoints_dir, step_name
 from .lock import WriterLock
-from .retention import RetentionPolicy, prune
+from .retention import RetentionPolicy, free_space, prune
 from .state import Snapshot, capture
 
 #: Nice value of the background writer thread (Linux threads have their own).
 BACKGROUND_NICE = 10
 #: Preflight wants this much more free space than the checkpoint itself needs.
 PREFLIGHT_MARGIN = 1.05
+#: A write that fails with one of these is retried once, after pruning to make room.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class CheckpointStore:
@@ -87,8 +89,11 @@ class CheckpointStore:
         # We hold the lock, so no other writer lives: every temp dir not ours is debris.
         remove_stale_work_dirs(self.dir, on_event, all_but_self=True)
         for _, path in step_dirs(self.dir):
-            self._last_size = fsio.dir_size(path)
-            break
+            try:  # only what its manifest lists: a stray file beside it is not the next save's size
+                self._last_size = manifest.payload_bytes(manifest.read(path))
+                break
+            except CheckpointError:
+                continue
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -181,15 +186,15 @@ class CheckpointStore:
     def _write(self, snap: Snapshot) -> None:
         started = time.monotonic()
         try:
-            self._preflight(snap)
+            self._ensure_dir()
             final = self.dir / step_name(snap.step)
             if final.exists() and self._exists_valid(final, snap.step):
                 return
-            path, _ = write_checkpoint(self.dir, snap)
+            path, man = self._commit_with_room(snap)
         except BaseException as e:  # noqa: B036 - reported, re-raised via fail_fatal
             self._report_failure(snap.step, e)
             return
-        size = fsio.dir_size(path)
+        size = manifest.payload_bytes(man)
         self._last_size = size
         self.last_path = path
         self._known_valid.add(path)
@@ -212,6 +217,62 @@ class CheckpointStore:
                 {"type": "checkpoint_prune_failed", "error": str(e)},
             )
 
+    def _ensure_dir(self) -> None:
+        """Recreate ``checkpoints/`` when it vanished under a running writer (deleted by hand, a
+        cleanup script), and take the writer lock again there: the one held was on a file in the
+        old directory. Raises OSError, or CheckpointLocked when another writer took the new lock."""
+        lock = self._lock
+        if lock is not None and lock.path.exists():
+            return
+        recreated = not self.dir.is_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            lock.release()
+        self._lock = WriterLock(self.dir)
+        self._lock.acquire()
+        self._known_valid.clear()
+        what = self.dir if recreated else self._lock.path
+        warn(
+            self.on_event,
+            f"{what} had vanished; recreated it and took the writer lock again",
+            {"type": "checkpoint_dir_recreated", "path": str(what)},
+        )
+
+    def _commit_with_room(self, snap: Snapshot) -> tuple[Path, dict[str, Any]]:
+        """Commit ``snap``. When the free space looks short, or the write itself runs out of
+        room, what retention would prune after this save is pruned before it (``free_space``:
+        never the newest valid checkpoint) and the write is tried once more; raises OSError
+        ENOSPC when that is not enough."""
+        size = max(self._last_size or 0, snap.nbytes)
+        need = int(size * PREFLIGHT_MARGIN)
+        if self._free() < need:
+            self._make_room(need)
+            free = self._free()
+            if free < need:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"not enough free space for checkpoint {step_name(snap.step)}: "
+                    f"{free} bytes free in {self.dir}, about {need} needed, after pruning what "
+                    "retention lets go once this save lands",
+                )
+        try:
+            return write_checkpoint(self.dir, snap)
+        except OSError as e:
+            # The disk held less than it said (a quota, another writer): free a checkpoint's
+            # worth more than it says now, and try once more if anything went.
+            if e.errno not in _NO_ROOM or not self._make_room(self._free() + size):
+                raise
+        return write_checkpoint(self.dir, snap)
+
+    def _free(self) -> int:
+        return shutil.disk_usage(self.dir).free
+
+    def _make_room(self, need: int) -> bool:
+        """Prune for space until ``need`` bytes are free; True when anything was pruned."""
+        return bool(
+            free_space(self.dir, self.policy, need, self.on_event, is_valid=self._is_valid_cached)
+        )
+
     def _exists_valid(self, final: Path, step: int) -> bool:
         """A checkpoint of this step is already there: keep it if it verifies, else set it aside."""
         try:
@@ -232,16 +293,6 @@ class CheckpointStore:
         emit(self.on_event, {"type": "checkpoint_exists", "step": step, "path": str(final)})
         self.last_path = final
         return True
-
-    def _preflight(self, snap: Snapshot) -> None:
-        need = int(max(self._last_size or 0, snap.nbytes) * PREFLIGHT_MARGIN)
-        free = shutil.disk_usage(self.dir).free
-        if free < need:
-            raise OSError(
-                errno.ENOSPC,
-                f"not enough free space for checkpoint {step_name(snap.step)}: "
-                f"{free} bytes free in {self.dir}, about {need} needed",
-            )
 
     def _report_failure(self, step: int, e: BaseException) -> None:
         code = getattr(e, "errno", None)
