@@ -7,6 +7,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import free_port
+from runcontract.events import read_jsonl
+from runcontract.exit_codes import TrainerExit
 from tests.conftest import (
     REPO_ROOT,
     TINY_ARGS,
@@ -30,6 +33,7 @@ from tests.conftest import (
     train_command,
     wait_for_step,
 )
+from tests.scripts.ckpt_tamper import replace_tensors
 from trainer.checkpoint import CheckpointIncompatible, find_latest_valid, list_checkpoints
 from trainer.checkpoint.lock import WriterLock
 from trainer.train import Trainer
@@ -350,21 +354,30 @@ def test_ranks_that_loaded_different_corpora_are_refused_with_exit_2(
 # -- under a supervisor ------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(900)
-def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[str, str]) -> None:
-    run_dir = tmp_path / "supervised"
-    env = {
+def supervised_env(train_env: dict[str, str], run_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment a supervisor gives a worker of ``run_dir`` (this process stands in for the
+    supervisor), plus ``extra`` (``ROSE_ATTEMPT``, ``ROSE_RESUME_FROM``, ...)."""
+    return {
         **train_env,
         "ROSE_RUN_DIR": str(run_dir),
         "ROSE_ATTEMPT": "1",
         "ROSE_HEARTBEAT_DIR": str(run_dir / "heartbeats"),
         "ROSE_SUPERVISOR_PID": str(os.getpid()),
+        **extra,
     }
+
+
+def run_supervised(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(args), env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.timeout(900)
+def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[str, str]) -> None:
+    run_dir = tmp_path / "supervised"
+    env = supervised_env(train_env, run_dir)
     ignored = tmp_path / "ignored"
     args = [*TINY_ARGS, "--steps", "8", "--ckpt-every", "4", "--run-dir", str(ignored)]
-    first = subprocess.run(
-        train_command(args), env=env, capture_output=True, text=True, timeout=300
-    )
+    first = run_supervised(args, env)
     assert first.returncode == 0, first.stderr
     assert not ignored.exists()
     beat = json.loads((run_dir / "heartbeats" / "rank-0.json").read_text())
@@ -373,18 +386,202 @@ def test_supervisor_environment_wins_over_flags(tmp_path: Path, train_env: dict[
     # The supervisor names the checkpoint; --resume-from and --resume auto are overruled.
     chosen = run_dir / "checkpoints" / "step-00000004"
     env.update(ROSE_ATTEMPT="2", ROSE_RESUME_FROM=str(chosen))
-    second = subprocess.run(
-        train_command([*args, "--resume-from", str(tmp_path / "nowhere"), "--resume", "auto"]),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    second = run_supervised(
+        [*args, "--resume-from", str(tmp_path / "nowhere"), "--resume", "auto"], env
     )
     assert second.returncode == 0, second.stderr
     assert f"resumed from {chosen} at step 4" in second.stdout
     assert final_sha(second.stdout) == final_sha(first.stdout)
     beat = json.loads((run_dir / "heartbeats" / "rank-0.json").read_text())
     assert (beat["step"], beat["phase"], beat["attempt"]) == (8, "done", 2)
+
+
+# -- checkpoints that verify but do not load -----------------------------------------------------
+
+
+def _wider_tensor(tensors: dict) -> None:
+    """One weight one row wider: the file is resealed, so only a load can tell."""
+    name = next(k for k, t in sorted(tensors.items()) if t.dim() == 2)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+
+
+def _float64_tensor(tensors: dict) -> None:
+    name = next(k for k, t in sorted(tensors.items()) if t.dim() == 2)
+    tensors[name] = tensors[name].double()
+
+
+@pytest.mark.timeout(900)
+def test_unloadable_checkpoint_under_a_supervisor_exits_78_marked_and_reported(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    run_dir = tmp_path / "run"
+    events_file = run_dir / "events.jsonl"
+    run_dir.mkdir()
+    events_file.write_text("")  # a one-node supervisor makes it before it launches workers
+    env = supervised_env(train_env, run_dir)
+    args = [*TINY_ARGS, "--steps", "8", "--ckpt-every", "4"]
+    first = run_supervised(args, env)
+    assert first.returncode == 0, first.stderr
+    saved = [e for e in read_jsonl(events_file) if e["type"] == "checkpoint_saved"]
+    assert [(e["step"], e["source"]) for e in saved] == [(4, "trainer"), (8, "trainer")]
+
+    newest = run_dir / "checkpoints" / "step-00000008"
+    replace_tensors(newest, "model.safetensors", _wider_tensor)
+    env.update(ROSE_ATTEMPT="2", ROSE_RESUME_FROM=str(newest))
+    second = run_supervised(args, env)
+    assert second.returncode == TrainerExit.CKPT_UNLOADABLE == 78, second.stderr
+    (line,) = second.stderr.splitlines()
+    assert line.startswith(f"train.py: error: checkpoint {newest} cannot be used")
+    assert "shape mismatch" in line and "this run's model config" in line
+    mark = (newest / "UNLOADABLE.txt").read_text()
+    assert "shape mismatch" in mark
+    (event,) = [e for e in read_jsonl(events_file) if e["type"] == "checkpoint_unloadable"]
+    assert event["source"] == "trainer" and event["path"] == str(newest)
+    assert "shape mismatch" in event["reason"]
+    # What the supervisor does next: its search quarantines the marked checkpoint, with the
+    # trainer's reason, and picks the older one.
+    assert find_latest_valid(run_dir).name == "step-00000004"
+    reason = (run_dir / "checkpoints" / "quarantine" / newest.name / "REASON.txt").read_text()
+    assert reason.startswith("unloadable: ") and "shape mismatch" in reason
+
+
+@pytest.mark.timeout(900)
+def test_resume_auto_quarantines_an_unloadable_checkpoint_and_resumes_exactly_from_an_older(
+    baseline_1: Baseline, tmp_path: Path, run_train: Callable
+) -> None:
+    run_dir = tmp_path / "run"
+    first = run_train(run_args(ARGS_1, run_dir, "--ckpt-every", "10"))
+    assert first.returncode == 0, first.stderr
+    assert [c.step for c in list_checkpoints(run_dir)] == [40, 30, 20]
+    newest = run_dir / "checkpoints" / "step-00000040"
+    replace_tensors(newest, "model.safetensors", _float64_tensor)
+    resumed = run_train(run_args(ARGS_1, run_dir, "--ckpt-every", "10", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"--resume auto: {newest} cannot be used" in resumed.stderr
+    assert "dtype mismatch" in resumed.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000030'} at step 30" in resumed.stdout
+    assert final_sha(resumed.stdout) == baseline_1.sha
+    reason = (run_dir / "checkpoints" / "quarantine" / newest.name / "REASON.txt").read_text()
+    assert "unloadable: " in reason and "dtype mismatch" in reason
+    assert [c.step for c in list_checkpoints(run_dir)] == [40, 30, 20]  # 40 written anew
+    assert_metrics_once_per_step(run_dir)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_two_ranks_pass_over_an_unloadable_checkpoint_together(
+    tmp_path: Path, run_train: Callable
+) -> None:
+    """Both ranks give up on the checkpoint and both resume from the same older one: the run
+    ends with the parameters of the run that wrote them."""
+    args = [*TINY_ARGS, "--steps", "8", "--ckpt-every", "4", "--run-dir", str(tmp_path)]
+    first = run_train(args, nproc=2)
+    assert first.returncode == 0, first.stderr
+    newest = tmp_path / "checkpoints" / "step-00000008"
+    replace_tensors(newest, "model.safetensors", _wider_tensor)
+    resumed = run_train([*args, "--resume", "auto"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step-00000004'} at step 4" in resumed.stdout
+    assert final_sha(resumed.stdout) == final_sha(first.stdout)
+    assert (tmp_path / "checkpoints" / "quarantine" / newest.name / "UNLOADABLE.txt").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_resume_auto_with_no_loadable_checkpoint_stops_rather_than_start_over(
+    tmp_path: Path, run_train: Callable
+) -> None:
+    args = [*TINY_ARGS, "--steps", "6", "--ckpt-every", "3", "--run-dir", str(tmp_path)]
+    assert run_train(args).returncode == 0
+    for step in (3, 6):
+        replace_tensors(
+            tmp_path / "checkpoints" / f"step-{step:08d}", "model.safetensors", _wider_tensor
+        )
+    proc = run_train([*args, "--resume", "auto"])
+    assert proc.returncode == 78, proc.stderr
+    assert "not starting from scratch" in proc.stderr.splitlines()[-1]
+    assert list_checkpoints(tmp_path) == []
+    moved = sorted(p.name for p in (tmp_path / "checkpoints" / "quarantine").iterdir())
+    assert moved == ["step-00000003", "step-00000006"]
+
+
+@pytest.mark.timeout(900)
+def test_another_model_config_is_bad_input_and_leaves_the_checkpoint_alone(
+    tmp_path: Path, run_train: Callable
+) -> None:
+    args = [*TINY_ARGS, "--steps", "3", "--ckpt-every", "3", "--run-dir", str(tmp_path)]
+    assert run_train(args).returncode == 0
+    proc = run_train([*args, "--model", "small", "--resume", "auto"])
+    assert proc.returncode == TrainerExit.USAGE, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "does not fit this model" in line and "n_embd=64 where this run has 256" in line
+    (ckpt,) = list_checkpoints(tmp_path)
+    assert ckpt.valid and not (ckpt.path / "UNLOADABLE.txt").exists()
+
+
+# -- failed saves, reported to the supervisor ----------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_failed_saves_are_events_in_the_supervisors_file(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    events_file = tmp_path / "events-node0.jsonl"
+    env = supervised_env(train_env, tmp_path, ROSE_EVENTS_FILE=str(events_file))
+    proc = subprocess.run(
+        train_command([*TINY_ARGS, "--steps", "6", "--ckpt-every", "3"]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
+    assert proc.returncode == 0, proc.stderr  # not --ckpt-fail-fatal: training went on
+    failed = [e for e in read_jsonl(events_file) if e["type"] == "checkpoint_write_failed"]
+    assert [(e["step"], e["errno"], e["source"]) for e in failed] == [
+        (3, "EFBIG", "trainer"),
+        (6, "EFBIG", "trainer"),
+    ]
+    assert proc.stderr.count("was not written") == 2
+    assert not (tmp_path / "events.jsonl").exists()
+
+
+@pytest.mark.timeout(900)
+def test_checkpoints_dir_deleted_mid_run_is_made_again(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    events_file = tmp_path / "events.jsonl"
+    events_file.write_text("")
+    env = supervised_env(train_env, tmp_path)
+    proc = subprocess.Popen(
+        train_command([*TINY_ARGS, "--steps", "30", "--ckpt-every", "5"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_step(tmp_path, 10, proc)
+        while not any(c.valid for c in list_checkpoints(tmp_path)):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.01)
+        gone = tmp_path / "deleted"
+        (tmp_path / "checkpoints").rename(gone)  # at once, even with a save in flight
+        shutil.rmtree(gone)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 0, err
+    assert list_checkpoints(tmp_path)[0].step == 30
+    assert find_latest_valid(tmp_path).name == "step-00000030"
+    events = read_jsonl(events_file)
+    (made,) = [e for e in events if e["type"] == "checkpoint_dir_recreated"]
+    assert made["source"] == "trainer" and made["path"] == str(tmp_path / "checkpoints")
+    saved = [e["step"] for e in events if e["type"] == "checkpoint_saved"]
+    assert saved[-1] == 30 and events.index(made) < len(events) - 1
 
 
 # -- pieces of the loop ----------------------------------------------------------------------

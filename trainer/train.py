@@ -2,7 +2,8 @@
 
 Exit codes: ``runcontract.exit_codes.TrainerExit`` (0 finished, 2 bad flag / data / checkpoint,
 or ranks that loaded different corpora, 75 preempted with a checkpoint written, 76 checkpoint
-write failed with --ckpt-fail-fatal, 77 another process holds the checkpoint writer lock), and 1
+write failed with --ckpt-fail-fatal, 77 another process holds the checkpoint writer lock, 78 the
+checkpoint to resume from cannot be used: marked UNLOADABLE.txt, an older one may load), and 1
 for an unexpected error (with its traceback).
 """
 
@@ -27,12 +28,14 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
 from runcontract.layout import CHECKPOINTS, METRICS, checkpoint_order
@@ -41,13 +44,18 @@ from trainer.batches import Batches
 from trainer.checkpoint import (
     CheckpointError,
     CheckpointIncompatible,
+    CheckpointInvalid,
     CheckpointLocked,
     CheckpointStore,
+    CheckpointUnloadable,
     CheckpointWriteFailed,
     find_latest_valid,
     load,
     params_sha256,
 )
+from trainer.checkpoint import manifest as ckpt_manifest
+from trainer.checkpoint.integrity import mark_unloadable
+from trainer.checkpoint.layout import UNLOADABLE_FILE
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.data import Corpus, DataError, load_corpus
 from trainer.metrics import MetricsLog
@@ -147,7 +155,13 @@ class Trainer:
         d: Dist,
         device: torch.device,
         preemption: Preemption,
+        events: supervised.Events | None = None,
     ) -> None:
+        """Build the model and optimizer, load ``resume`` when given, take the checkpoint store.
+
+        Raises CheckpointUnloadable (on every rank) when any rank cannot use ``resume``, after
+        marking it so; CheckpointIncompatible or UsageError when this run cannot continue it.
+        """
         self.cfg, self.corpus, self.run_dir, self.d, self.device = cfg, corpus, run_dir, d, device
         self.preemption = preemption
         self.beat = supervised.Heartbeat(d.rank)
@@ -168,7 +182,7 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_saved_step = -1
         # A fresh start empties metrics.jsonl; a resume cuts it back to its checkpoint.
-        metrics_length = 0 if resume is None else self._resume(Path(resume))
+        metrics_length = 0 if resume is None else self._resume_on_every_rank(Path(resume))
         # DDP after loading: it broadcasts rank 0's parameters, which are the loaded ones.
         self.ddp = DDP(self.model) if d.enabled else None
         if self.ddp is not None:
@@ -180,6 +194,7 @@ class Trainer:
             keep_every=cfg.keep_every,
             async_save=not cfg.ckpt_sync,
             fail_fatal=cfg.ckpt_fail_fatal,
+            on_event=events,
         )
         self.sample_log = None
         if cfg.sample_log:
@@ -225,10 +240,72 @@ class Trainer:
 
     # -- resume -------------------------------------------------------------------------------
 
+    def _resume_on_every_rank(self, path: Path) -> int | None:
+        """Resume from ``path`` (returns what ``_resume`` does), or raise CheckpointUnloadable
+        on every rank when any rank cannot load it: the ranks that loaded it must not go on
+        alone. A rank that fails writes the mark first, so a search that follows (``--resume
+        auto``, the supervisor) sees it."""
+        failure = None
+        metrics_length = None
+        try:
+            metrics_length = self._resume(path)
+        except CheckpointUnloadable as e:
+            failure = e
+            try:
+                mark_unloadable(path, e.reason)
+            except OSError as err:
+                print(f"warning: cannot write {path / UNLOADABLE_FILE}: {err}", file=sys.stderr)
+        if self.d.enabled:
+            failed = torch.tensor([1.0 if failure else 0.0], device=self.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and failure is None:
+                failure = CheckpointUnloadable("another rank could not load it", path)
+        if failure is not None:
+            raise failure
+        return metrics_length
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        """``load`` into this rank's objects. A checkpoint that cannot be used is
+        CheckpointUnloadable; one whose recorded model config differs from this run's stays
+        CheckpointIncompatible (bad input: an older checkpoint would not fit either)."""
+        try:
+            return load(path, self.model, self.optimizer, self.scaler, map_location=self.device)
+        except CheckpointUnloadable:
+            raise
+        except CheckpointInvalid as e:
+            raise CheckpointUnloadable(e.reason, path) from e
+        except CheckpointIncompatible as e:
+            try:
+                differs = self._model_config_differs(ckpt_manifest.read(path))
+            except CheckpointError:
+                raise e from None  # a newer format: not this code's to judge
+            if differs is None:
+                raise CheckpointUnloadable(
+                    f"{e} — yet its manifest records this run's model config, so its tensors do "
+                    "not match its own record",
+                    path,
+                ) from e
+            raise CheckpointIncompatible(f"{e} (it was saved by {differs})") from e
+
+    def _model_config_differs(self, manifest: dict[str, Any]) -> str | None:
+        """How the model config a manifest records differs from this run's in the fields that
+        shape tensors (dropout shapes none); None when it does not."""
+        ours = dataclasses.asdict(self.model_cfg)
+        config = manifest.get("config")
+        saved = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(saved, dict):
+            return "a script that recorded no model config"
+        keys = [k for k in ours if k != "dropout" and saved.get(k) != ours[k]]
+        if not keys:
+            return None
+        return "model config " + ", ".join(
+            f"{k}={saved.get(k)!r} where this run has {ours[k]!r}" for k in keys
+        )
+
     def _resume(self, path: Path) -> int | None:
         """Load checkpoint ``path``; return the length to cut metrics.jsonl back to (None: leave
         the file as it is)."""
-        manifest = load(path, self.model, self.optimizer, self.scaler, map_location=self.device)
+        manifest = self._load(path)
         try:
             state = TrainState.from_dict(
                 manifest.get("train_state") or {}, default_global_batch=self.sampler.global_batch
@@ -493,6 +570,8 @@ def _find_resume(
     if env is not None:
         return _agree_on_resume(env.resume_from, d)
     if cfg.resume_from:
+        if not Path(cfg.resume_from).is_dir():
+            raise UsageError(f"--resume-from {cfg.resume_from}: no such checkpoint directory")
         return Path(cfg.resume_from)
     if cfg.resume != "auto":
         return None
@@ -588,15 +667,26 @@ def _train(
     if d.enabled:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     trainer = None
+    # Rank 0 reports checkpoint events to the supervisor; the others have nothing to add.
+    events = supervised.Events(env if d.is_main else None)
     try:
         _check_same_corpus(cfg, corpus, d)
-        resume = _find_resume(cfg, run_dir, d, env)
-        trainer = Trainer(cfg, corpus, run_dir, resume, d, device, preemption)
+        trainer = _start(
+            cfg,
+            env,
+            run_dir,
+            d,
+            lambda resume: Trainer(cfg, corpus, run_dir, resume, d, device, preemption, events),
+        )
         code = trainer.run()
     except CheckpointLocked as e:
         code = _fail(str(e), TrainerExit.CKPT_LOCKED)
     except CheckpointWriteFailed as e:
         code = _fail(f"checkpoint write failed: {e}", TrainerExit.CKPT_FAILED)
+    except CheckpointUnloadable as e:
+        events({"type": EventType.CHECKPOINT_UNLOADABLE, "path": str(e.path), "reason": e.reason})
+        where = f"{e.path} cannot be used ({e.reason})" if e.path else e.reason
+        code = _fail(f"checkpoint {where}", TrainerExit.CKPT_UNLOADABLE)
     except (CheckpointError, UsageError) as e:
         code = _fail(str(e), TrainerExit.USAGE)
     except BaseException:
@@ -605,6 +695,7 @@ def _train(
     finally:
         if trainer is not None:
             trainer.close()
+        events.close()
     _leave_process_group(d, clean=code in (TrainerExit.OK, TrainerExit.PREEMPTED))
     return code
 
@@ -642,6 +733,45 @@ def _leave_process_group(d: Dist, *, clean: bool) -> None:
     if callable(abort):
         with contextlib.suppress(Exception):
             abort()
+
+
+def _start(
+    cfg: TrainConfig,
+    env: supervised.SupervisedEnv | None,
+    run_dir: Path,
+    d: Dist,
+    build: Callable[[Path | None], Trainer],
+) -> Trainer:
+    """``build(checkpoint)``: the trainer, resumed from the checkpoint it should start from.
+
+    Under ``--resume auto`` (no supervisor, no --resume-from) a checkpoint that cannot be used
+    is marked, quarantined by the next search, and the next older one is tried. Once one was
+    passed over, running out of checkpoints ends the run (CheckpointUnloadable) rather than
+    training from scratch: a model the code no longer builds as its checkpoints record would
+    otherwise quietly discard them all. Elsewhere the error reaches the caller (exit 78).
+    """
+    auto = env is None and not cfg.resume_from and cfg.resume == "auto"
+    passed_over = 0
+    while True:
+        resume = _find_resume(cfg, run_dir, d, env)
+        if resume is None and passed_over:
+            raise CheckpointUnloadable(
+                f"--resume auto: {passed_over} checkpoint(s) could not be loaded (now in "
+                f"{run_dir / 'checkpoints' / 'quarantine'}) and no older one is left; not "
+                "starting from scratch over them"
+            )
+        try:
+            return build(resume)
+        except CheckpointUnloadable as e:
+            if not auto:
+                raise
+            passed_over += 1
+            if d.is_main:
+                print(
+                    f"--resume auto: {e.path} cannot be used ({e.reason}); trying an older one",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def _exit(code: int) -> None:
