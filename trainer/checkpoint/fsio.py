@@ -167,6 +167,12 @@ def open_regular(name: str, dir_fd: int) -> Iterator[tuple[int, int]]:
         os.close(fd)
 
 
+def fd_path(fd: int) -> str:
+    """A path that opens the file behind descriptor ``fd`` itself (``/dev/fd``), for a library
+    that takes only a path: a name swapped for a FIFO or a link meanwhile is never opened."""
+    return f"/dev/fd/{fd}"
+
+
 def _read_up_to(fd: int, limit: int) -> Iterator[bytes]:
     """The file's bytes in chunks, never more than ``limit`` of them."""
     left = limit

@@ -88,7 +88,7 @@ def _verify(ckpt: Path, dir_fd: int) -> dict[str, Any]:
         refs = schema.check_state(fsio.read_regular(STATE_FILE, dir_fd, files[STATE_FILE]["size"]))
         if refs and OPTIM_FILE not in files:
             raise ValueError(f"{STATE_FILE} refers to optimizer tensors, but no {OPTIM_FILE}")
-        schema.check_steps(ckpt / OPTIM_FILE, refs)
+        schema.check_steps(OPTIM_FILE, dir_fd, refs)
     return man
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
+
+from . import fsio
 
 #: ``train_state`` fields the built-in trainer records, with the least value each may take. They
 #: must be integers when present; any other key is the saver's own and is not judged here.
@@ -72,25 +73,27 @@ def check_state(raw: bytes) -> list[str]:
     return refs
 
 
-def check_steps(optim_file: Path, refs: list[str]) -> None:
-    """Raise ValueError when a tensor of ``refs`` is missing from ``optim_file`` (safetensors,
-    already verified against its hash) or does not hold one finite step >= 0."""
+def check_steps(name: str, dir_fd: int, refs: list[str]) -> None:
+    """Raise ValueError when a tensor of ``refs`` is missing from the safetensors file ``name``
+    (already verified against its hash) or does not hold one finite step >= 0."""
     if not refs:
         return
     from safetensors import SafetensorError, safe_open  # numpy, never torch
 
-    try:
-        with safe_open(str(optim_file), framework="numpy") as f:
-            names = set(f.keys())
-            for name in refs:
-                if name not in names:
-                    raise ValueError(f"state.json refers to {name}, missing from {optim_file.name}")
-                values = f.get_tensor(name).reshape(-1)
-                if values.size != 1:
-                    raise ValueError(f"optimizer step {name} holds {values.size} values, not 1")
-                _check_step(values[0].item(), name)
-    except (SafetensorError, TypeError) as e:
-        raise ValueError(f"{optim_file.name} is not a readable safetensors file ({e})") from e
+    with fsio.open_regular(name, dir_fd) as (fd, _):
+        try:
+            # The file this descriptor holds, not whatever the name may point at by now.
+            with safe_open(fsio.fd_path(fd), framework="numpy") as f:
+                names = set(f.keys())
+                for ref in refs:
+                    if ref not in names:
+                        raise ValueError(f"state.json refers to {ref}, missing from {name}")
+                    values = f.get_tensor(ref).reshape(-1)
+                    if values.size != 1:
+                        raise ValueError(f"optimizer step {ref} holds {values.size} values, not 1")
+                    _check_step(values[0].item(), ref)
+        except (SafetensorError, TypeError) as e:
+            raise ValueError(f"{name} is not a readable safetensors file ({e})") from e
 
 
 def _items(encoded: Any) -> list[Any]:
