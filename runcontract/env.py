@@ -26,7 +26,7 @@ DATA_CACHE = "ROSE_DATA_CACHE"
 CKPT_PAUSE_AT = "ROSE_CKPT_PAUSE_AT"
 """Test only: the checkpoint writer stops itself (SIGSTOP) at this phase of a write."""
 
-SUPERVISED = (RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID)
+SUPERVISED = (RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID, EVENTS_FILE)
 """The variables the supervisor sets for every worker."""
 
 

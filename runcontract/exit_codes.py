@@ -71,6 +71,11 @@ RUN_DIR_UNWRITABLE = 10
 file): it stopped the workers and said why on stderr. Free the space or repair the file, then
 relaunch to resume."""
 
+NO_USABLE_CHECKPOINT = 11
+"""The workers could not use the checkpoint they were given (a worker's exit 78), and no older
+valid one is left: the run stops rather than start over from scratch and discard its history.
+The quarantined checkpoints keep their reasons (``checkpoints/quarantine/*/REASON.txt``)."""
+
 INTERRUPTED = 75
 """SIGINT/SIGTERM: the workers wrote an emergency checkpoint of the step they had reached (or
 none was running) and stopped. Relaunching on the same run directory resumes without loss. Same
@@ -94,6 +99,7 @@ DESCRIPTIONS: dict[int, str] = {
     FINAL_STATE_UNSAVED: "finished, but the final state is not in a valid checkpoint",
     CHECKPOINTS_LOCKED: "checkpoints locked by another process",
     RUN_DIR_UNWRITABLE: "the run directory became unwritable",
+    NO_USABLE_CHECKPOINT: "no usable checkpoint left",
     INTERRUPTED: "interrupted",
     REQUEUE: "preempted by SLURM: requeue to resume",
 }

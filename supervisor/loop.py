@@ -359,6 +359,8 @@ class Supervisor:
         failure = result.failure
         if failure is not None and failure.exit_code in FATAL_WORKER_CODES:
             return self._fatal(failure)
+        if failure is not None and failure.exit_code == TrainerExit.CKPT_UNLOADABLE:
+            return self._next_older_checkpoint()
         previous = self.resume_from
         newest = self._choose_checkpoint()
         progressed = newest is not None and (
@@ -392,6 +394,37 @@ class Supervisor:
             if self.interrupted:
                 return self._interrupted_idle()
             self._sleep(min(self.config.poll_interval, max(0.0, deadline - self._clock())))
+        return None
+
+    def _next_older_checkpoint(self) -> int | None:
+        """The workers could not use the checkpoint they were given; they marked it, so choosing
+        again quarantines it with their reason. Relaunch at once from the next older one: no
+        restart is spent and no backoff taken, since each such attempt sets one checkpoint
+        aside. None to relaunch; an exit code when no older checkpoint is left (a fresh start
+        would discard the run's history) or the choice cannot move on."""
+        unusable = self.resume_from
+        newest = self._choose_checkpoint()
+        if newest is None or newest == unusable:
+            why = "no older valid checkpoint is left" if newest is None else "it was chosen again"
+            self.events.emit(
+                EventType.FATAL,
+                attempt=self.attempt,
+                exit_code=exit_codes.NO_USABLE_CHECKPOINT,
+                reason=f"the workers could not use {unusable} and {why}: not starting over "
+                "from scratch",
+            )
+            return self._finish(State.FAILED, exit_codes.NO_USABLE_CHECKPOINT)
+        self.resume_from = newest
+        self.events.emit(
+            EventType.BACKOFF,
+            attempt=self.attempt,
+            delay=0.0,
+            restarts_used=self.policy.restarts_used,
+            restarts_left=self.policy.restarts_left(),
+            progressed=False,
+            reason=f"{unusable} could not be used; the next older checkpoint, at no restart",
+        )
+        self._transition(State.BACKOFF)
         return None
 
     def _fatal(self, failure: Failure) -> int:

@@ -114,6 +114,7 @@ class TorchrunRunner:
                 env_names.RESUME_FROM: str(resume_from) if resume_from else "",
                 env_names.HEARTBEAT_DIR: str(self.config.heartbeat_dir),
                 env_names.SUPERVISOR_PID: str(os.getpid()),
+                env_names.EVENTS_FILE: str(self.config.events_file),
             }
         )
         # Worker logs are read for root causes: keep them current.

@@ -16,9 +16,11 @@ from pathlib import Path
 import filelock
 import psutil
 import pytest
+import torch
 
 from runcontract import exit_codes
 from runcontract.heartbeat import read_heartbeat
+from tests.scripts.ckpt_tamper import replace_tensors
 from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched
 
 pytestmark = pytest.mark.distributed
@@ -237,3 +239,36 @@ def test_a_worker_flooding_its_output_cannot_fill_the_disk_or_the_memory(tmp_pat
         assert run.leftovers(timeout=5.0) == []
     finally:
         run.kill_all()
+
+
+def _wider_tensor(tensors: dict) -> None:
+    name = next(k for k, t in sorted(tensors.items()) if t.dim() == 2)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+
+
+@pytest.mark.slow
+def test_an_unloadable_checkpoint_is_set_aside_and_the_run_resumes_from_an_older_one(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    args = ["--nproc", "1", *FAST, "--", *SLOW_SAVE_ARGS[:-1]]  # 12 steps, a checkpoint every 4
+    first = Launched(tmp_path / "run", args, env=train_env)
+    try:
+        assert first.wait(240) == exit_codes.SUCCESS, first.stderr[-2000:]
+    finally:
+        first.kill_all()
+    newest = tmp_path / "run" / "checkpoints" / "step-00000012"
+    replace_tensors(newest, "model.safetensors", _wider_tensor)  # resealed: verifies, won't load
+    again = Launched(tmp_path / "run", args, env=train_env, tag="-again")
+    try:
+        assert again.wait(240) == exit_codes.SUCCESS, again.stderr[-2000:]
+        events = again.events()
+        launches = [e for e in events if e["type"] == "launch"]
+        assert [e["resume_step"] for e in launches[-2:]] == [12, 8]
+        failed = [e for e in events if e["type"] == "worker_failed"][-1]
+        assert failed["exit_code"] == 78
+        assert events[-1]["type"] == "done" and events[-1]["restarts_used"] == 0
+        reason = (newest.parent / "quarantine" / newest.name / "REASON.txt").read_text()
+        assert "unloadable" in reason and "shape mismatch" in reason
+        assert again.leftovers(timeout=5.0) == []
+    finally:
+        again.kill_all()

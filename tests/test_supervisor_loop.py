@@ -303,3 +303,23 @@ def test_events_have_timestamps_and_state_file_is_json(tmp_path: Path) -> None:
 def test_launch_config_validation(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ValueError):
         LaunchConfig(script=tmp_path / "s.py", run_dir=tmp_path, **bad)
+
+
+def test_an_unloadable_checkpoint_is_passed_over_at_no_restart(tmp_path: Path) -> None:
+    newer, older = _step_dir(tmp_path, 20), _step_dir(tmp_path, 10)
+    runner = FakeRunner([[crash(78)], [DONE]])
+    sup, clock = _supervisor(tmp_path, runner, checkpoints=[newer, older, older], max_restarts=0)
+    assert sup.run() == exit_codes.SUCCESS
+    assert [r for _, r in runner.started] == [newer, older]
+    assert clock.now < 1.0  # no backoff
+    backoff = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "backoff"][0]
+    assert backoff["delay"] == 0.0 and backoff["restarts_used"] == 0
+
+
+def test_no_older_checkpoint_left_stops_rather_than_starting_over(tmp_path: Path) -> None:
+    runner = FakeRunner([[crash(78)], [DONE]])
+    sup, _ = _supervisor(tmp_path, runner, checkpoints=[_step_dir(tmp_path, 20), None])
+    assert sup.run() == exit_codes.NO_USABLE_CHECKPOINT
+    assert len(runner.started) == 1
+    fatal = read_events(tmp_path / "events.jsonl")[-1]
+    assert fatal["type"] == "fatal" and "not starting over" in fatal["reason"]

@@ -34,7 +34,11 @@ from tests.conftest import (
     wait_for_step,
 )
 from tests.scripts.ckpt_tamper import replace_tensors
-from trainer.checkpoint import CheckpointIncompatible, find_latest_valid, list_checkpoints
+from trainer.checkpoint import (
+    CheckpointUnloadable,
+    find_latest_valid,
+    list_checkpoints,
+)
 from trainer.checkpoint.lock import WriterLock
 from trainer.train import Trainer
 
@@ -712,6 +716,7 @@ def test_resume_reads_older_train_states_and_refuses_invalid_ones(
     finally:
         resumed.close()
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [3]
-    with pytest.raises(CheckpointIncompatible, match=r"train_state\.position must be"):
+    # Refused by verify already (trainer/checkpoint/schema.py): unusable, not just incompatible.
+    with pytest.raises(CheckpointUnloadable, match=r"train_state position is -8"):
         broken_path = tmp_path / "broken" / "checkpoints" / "step-00000002"
         in_process_trainer(data_cache, tmp_path / "bad", "--steps", "3", resume=broken_path)
