@@ -60,7 +60,12 @@ def supervised_trial(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         if beat is None:
             return {"ok": False, "why": "never reached the kill step"}
         started = next(
-            (e["time"] for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "launch"), 0.0
+            (
+                e["time"]
+                for e in read_jsonl(run_dir / "events.jsonl")
+                if e["type"] == EventType.LAUNCH
+            ),
+            0.0,
         )
         # The kill is logged like the chaos tool logs it, so the report can time detection.
         log = EventWriter(run_dir / layout.per_node_name(layout.EVENTS, None), source="chaos")

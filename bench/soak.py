@@ -30,6 +30,7 @@ from typing import Any
 from common import machine_line, read_jsonl
 
 from runcontract import env as contract_env
+from runcontract.events import EventType
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "trainer" / "train.py"
@@ -65,9 +66,9 @@ def _launch(run_dir: Path, args: argparse.Namespace, env: dict[str, str]) -> sub
 
 def summarize(events: list[dict[str, Any]], ckpt_every: int) -> dict[str, Any]:
     """Per-fault recovery and lost steps from one run's events."""
-    faults = [e for e in events if e["type"] == "fault_injected"]
-    chosen = {e["attempt"]: e["step"] for e in events if e["type"] == "checkpoint_selected"}
-    first = {e["attempt"]: e["step"] for e in events if e["type"] == "first_step"}
+    faults = [e for e in events if e["type"] == EventType.FAULT_INJECTED]
+    chosen = {e["attempt"]: e["step"] for e in events if e["type"] == EventType.CHECKPOINT_SELECTED}
+    first = {e["attempt"]: e["step"] for e in events if e["type"] == EventType.FIRST_STEP}
     recovered, beyond, rows = 0, [], []
     for f in faults:
         nxt = f["attempt"] + 1

@@ -103,6 +103,9 @@ def test_slurm_flag_outside_a_job_is_a_usage_error(monkeypatch: pytest.MonkeyPat
 
 STEPS = 40
 HOLD_STEP = 5
+# Rank 0 is held right after its heartbeat for HOLD_STEP, past that step's all-reduce, which
+# carries the ranks' stop flags: the signal is agreed in the next step's, which is checkpointed.
+EMERGENCY_STEP = HOLD_STEP + 1
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "2", "--eval-every", "0", "--log-every", "0", "--threads", "1",
@@ -177,11 +180,11 @@ def test_sigusr1_checkpoints_exits_requeue_and_the_requeued_job_carries_restarts
         events = job.events()
         assert _of("interrupted", events)[0]["signal"] == "SIGUSR1"
         emergency = _of("emergency_checkpoint", events)[0]
-        assert emergency["durable"] and emergency["durable_step"] == HOLD_STEP
+        assert emergency["durable"] and emergency["durable_step"] == EMERGENCY_STEP
         state = json.loads((run_dir / "supervisor.json").read_text())
         assert state["exit_code"] == exit_codes.REQUEUE and state["restarts_used"] == 1
         saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
-        assert saved == [f"step-{HOLD_STEP:08d}"], "--ckpt-every 0: only the emergency one"
+        assert saved == [f"step-{EMERGENCY_STEP:08d}"], "--ckpt-every 0: only the emergency one"
 
         # The requeued job: the same command and environment on the same run directory.
         requeued = _job(run_dir, train_env, "requeued")
@@ -191,7 +194,7 @@ def test_sigusr1_checkpoints_exits_requeue_and_the_requeued_job_carries_restarts
         second = events[_index_of_last_start(events) :]
         assert second[0]["type"] == "supervisor_started" and second[0]["restarts_carried"] == 1
         launch = _of("launch", second)[0]
-        assert launch["attempt"] == 3 and launch["resume_step"] == HOLD_STEP
+        assert launch["attempt"] == 3 and launch["resume_step"] == EMERGENCY_STEP
         assert launch["restarts_left"] == 2
         state = json.loads((run_dir / "supervisor.json").read_text())
         assert state["state"] == "succeeded" and state["step"] == STEPS
@@ -240,7 +243,7 @@ def test_an_interrupt_whose_emergency_checkpoint_fails_is_not_a_requeue(
         assert job.wait(TIMEOUT) == exit_codes.INTERRUPTED_UNSAVED, job.output[-3000:]
         emergency = _of("emergency_checkpoint", job.events())[0]
         assert not emergency["durable"] and emergency["durable_step"] == 0
-        assert emergency["reached_step"] == HOLD_STEP
+        assert emergency["reached_step"] == EMERGENCY_STEP
         assert "emergency checkpoint was not written" in job.output
     finally:
         job.cleanup()

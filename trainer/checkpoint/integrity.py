@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from runcontract.events import EventType
+
 from . import fsio, manifest, schema
 from .errors import CheckpointIncompatible, CheckpointInvalid, describe, invalid_on_error
 from .layout import (
@@ -194,7 +196,7 @@ def remove_stale_work_dirs(
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
             removed.append(entry)
-            emit(on_event, {"type": "checkpoint_tmp_removed", "path": str(entry)})
+            emit(on_event, {"type": EventType.CHECKPOINT_TMP_REMOVED, "path": str(entry)})
     return removed
 
 
@@ -244,7 +246,7 @@ def find_latest_valid(
                 on_event,
                 f"checkpoint {path} is invalid ({e.reason}); moved to {dest}",
                 {
-                    "type": "checkpoint_quarantined",
+                    "type": EventType.CHECKPOINT_QUARANTINED,
                     "path": str(path),
                     "to": str(dest),
                     "reason": e.reason,
@@ -258,7 +260,7 @@ def skip(on_event: EventSink | None, path: Path, reason: str) -> None:
     warn(
         on_event,
         f"skipping checkpoint {path}: {reason}",
-        {"type": "checkpoint_skipped", "path": str(path), "reason": reason},
+        {"type": EventType.CHECKPOINT_SKIPPED, "path": str(path), "reason": reason},
     )
 
 

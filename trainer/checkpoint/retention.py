@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runcontract.events import EventType
+
 from . import fsio
 from .errors import CheckpointIncompatible, CheckpointInvalid
 from .integrity import EventSink, emit, step_dirs, verify
@@ -126,7 +128,7 @@ def _remove(
     except FileNotFoundError:
         return False
     shutil.rmtree(doomed, ignore_errors=True)
-    emit(on_event, {"type": "checkpoint_pruned", "path": str(path), "step": step, **fields})
+    emit(on_event, {"type": EventType.CHECKPOINT_PRUNED, "path": str(path), "step": step, **fields})
     return True
 
 

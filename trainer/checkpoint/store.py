@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from runcontract.events import EventType
+
 from . import manifest
 from .commit import write_checkpoint
 from .errors import CheckpointError, CheckpointInvalid, CheckpointWriteFailed
@@ -201,7 +203,7 @@ class CheckpointStore:
         emit(
             self.on_event,
             {
-                "type": "checkpoint_saved",
+                "type": EventType.CHECKPOINT_SAVED,
                 "step": snap.step,
                 "path": str(path),
                 "bytes": size,
@@ -214,7 +216,7 @@ class CheckpointStore:
             warn(
                 self.on_event,
                 f"checkpoint pruning failed: {e}",
-                {"type": "checkpoint_prune_failed", "error": str(e)},
+                {"type": EventType.CHECKPOINT_PRUNE_FAILED, "error": str(e)},
             )
 
     def _ensure_dir(self) -> None:
@@ -235,7 +237,7 @@ class CheckpointStore:
         warn(
             self.on_event,
             f"{what} had vanished; recreated it and took the writer lock again",
-            {"type": "checkpoint_dir_recreated", "path": str(what)},
+            {"type": EventType.CHECKPOINT_DIR_RECREATED, "path": str(what)},
         )
 
     def _commit_with_room(self, snap: Snapshot) -> tuple[Path, dict[str, Any]]:
@@ -283,14 +285,14 @@ class CheckpointStore:
                 self.on_event,
                 f"checkpoint {final} is invalid ({e.reason}); moved to {dest}",
                 {
-                    "type": "checkpoint_quarantined",
+                    "type": EventType.CHECKPOINT_QUARANTINED,
                     "path": str(final),
                     "to": str(dest),
                     "reason": e.reason,
                 },
             )
             return False
-        emit(self.on_event, {"type": "checkpoint_exists", "step": step, "path": str(final)})
+        emit(self.on_event, {"type": EventType.CHECKPOINT_EXISTS, "step": step, "path": str(final)})
         self.last_path = final
         return True
 
@@ -303,7 +305,7 @@ class CheckpointStore:
             f"checkpoint {step_name(step)} was not written ({what}); older checkpoints are intact"
             + ("" if self.fail_fatal else ", training goes on"),
             {
-                "type": "checkpoint_write_failed",
+                "type": EventType.CHECKPOINT_WRITE_FAILED,
                 "step": step,
                 "errno": kind or None,
                 "error": str(e),
