@@ -8,6 +8,7 @@ gaps between ``worker_failed``/``hang_detected`` → ``stopping`` → ``stopped`
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ class EventLog:
         self._writer = EventWriter(path)
         self._console = console
         self._lock = threading.Lock()
+        self._read_to = path.stat().st_size  # others' events are followed from here on
 
     def emit(self, type_: EventType | str, **fields: Any) -> dict[str, Any]:
         """Write one event (one whole line, fsync'd, so a killed supervisor leaves its story)
@@ -48,14 +50,45 @@ class EventLog:
             except (OSError, ValueError) as e:
                 raise RunDirUnwritable(f"cannot write {self.path}: {e}") from e
             finally:
-                if self._console is not None:
-                    shown = {"time": time.time(), "type": type_, **fields}
-                    try:
-                        self._console.write(_console_line(shown) + "\n")
-                        self._console.flush()
-                    except (OSError, ValueError):
-                        pass
+                self._print({"time": time.time(), "type": type_, **fields})
         return record
+
+    def follow(self) -> list[dict[str, Any]]:
+        """The events other processes appended since the last call (the workers' and the chaos
+        tool's, marked with a ``source``); the workers' are also printed to the console (the
+        chaos tool prints its own). Cheap when nothing was added: one ``stat``. A line still
+        being written is left for the next call."""
+        try:
+            size = self.path.stat().st_size
+            if size <= self._read_to:
+                return []
+            with open(self.path, "rb") as f:
+                f.seek(self._read_to)
+                data = f.read(size - self._read_to)
+        except OSError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self._read_to += len(complete)
+        records = []
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("source"):
+                records.append(record)
+                if record["source"] == "trainer":
+                    self._print(record)
+        return records
+
+    def _print(self, record: dict[str, Any]) -> None:
+        if self._console is None:
+            return
+        try:
+            self._console.write(_console_line(record) + "\n")
+            self._console.flush()
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         """Close the file; later emits raise ValueError."""

@@ -80,6 +80,9 @@ class Supervisor:
         self.torchrun_pid: int | None = None
         self._signals: list[int] = []
         self.exit_reason = ""
+        self.checkpoint_failures = 0
+        """Checkpoint writes that failed since the last one that succeeded."""
+        self.last_checkpoint_failure: str | None = None
         """How the run ended, in words (set on exit; the CLI prints it)."""
         self._state_written_at = float("-inf")
         self._started_at = time.time()
@@ -112,6 +115,8 @@ class Supervisor:
             "torchrun_pid": self.torchrun_pid,
             "workers": self.runner.worker_pids() if self.state == State.RUNNING else {},
             "newest_valid_checkpoint": str(self.resume_from) if self.resume_from else None,
+            "checkpoint_write_failures": self.checkpoint_failures,
+            "last_checkpoint_failure": self.last_checkpoint_failure,
             "restarts_used": self.policy.restarts_used,
             "restarts_left": self.policy.restarts_left(),
             "max_restarts": self.config.policy.max_restarts,
@@ -260,6 +265,7 @@ class Supervisor:
                 self._stop_interrupted()
                 return AttemptResult(Outcome.INTERRUPTED)
             obs = self.runner.poll()
+            self._follow_workers_events()
             for type_, fields in obs.notes:
                 self.events.emit(type_, **fields)
                 if type_ == EventType.WORKERS_STARTED:
@@ -280,6 +286,19 @@ class Supervisor:
             if obs.outcome in (Outcome.FAILED, Outcome.HUNG):
                 return self._stop_failed(obs, launched_at)
             self._sleep(self.config.poll_interval)
+
+    def _follow_workers_events(self) -> None:
+        """Take in what the workers reported to the event log themselves: a failed checkpoint
+        write is counted in ``supervisor.json`` (so ``status`` shows it), a good one clears it."""
+        for record in self.events.follow():
+            if record.get("type") == EventType.CHECKPOINT_WRITE_FAILED:
+                self.checkpoint_failures += 1
+                self.last_checkpoint_failure = f"step {record.get('step')}: {record.get('error')}"
+                self._write_state()
+            elif record.get("type") == EventType.CHECKPOINT_SAVED and self.checkpoint_failures:
+                self.checkpoint_failures = 0
+                self.last_checkpoint_failure = None
+                self._write_state()
 
     def _launch(self) -> float:
         """Start the attempt from ``resume_from``; returns the launch time (monotonic)."""

@@ -76,6 +76,12 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
         f"restarts:     {state.get('restarts_used', 0)} used, "
         f"{left if left is not None else '?'} left (of {state.get('max_restarts', '?')})",
     ]
+    failures = state.get("checkpoint_write_failures")
+    if failures:
+        lines.append(
+            f"CHECKPOINTS:  {failures} write(s) failed since the last good one; last: "
+            f"{state.get('last_checkpoint_failure')}"
+        )
     if state.get("exit_code") is not None:
         lines.append(f"exit code:    {state['exit_code']} ({state.get('exit_reason', '')})")
     lines.append(f"updated:      {age}")

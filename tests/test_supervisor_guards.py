@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,3 +273,43 @@ def test_an_unloadable_checkpoint_is_set_aside_and_the_run_resumes_from_an_older
         assert again.leftovers(timeout=5.0) == []
     finally:
         again.kill_all()
+
+
+HELD_TRAINER = Path(__file__).parent / "scripts" / "held_trainer.py"
+
+
+@pytest.mark.slow
+def test_failing_checkpoint_writes_reach_the_console_the_state_and_status(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    run_dir = tmp_path / "run"
+    args = [*SLOW_SAVE_ARGS[:-2], "2"]  # 12 steps, a checkpoint every 2
+    run = Launched(
+        run_dir,
+        ["--nproc", "1", *FAST, str(HELD_TRAINER), *args],
+        env={**train_env, "HOLD_AT": "1:5"},
+    )
+    try:
+        started = run.wait_event("workers_started", 240)
+        worker = psutil.Process(int(started["workers"]["0"]))
+        deadline = time.monotonic() + 240
+        while worker.status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline and run.proc.poll() is None, run.stderr[-2000:]
+            time.sleep(0.1)
+        shutil.rmtree(run_dir / "checkpoints")  # where the store must write lies a plain file
+        (run_dir / "checkpoints").write_text("not a directory")
+        worker.send_signal(signal.SIGCONT)
+        assert run.wait(240) == exit_codes.FINAL_STATE_UNSAVED, run.stderr[-2000:]
+        assert "checkpoint_write_failed:" in run.stderr and "source=trainer" in run.stderr
+        state = json.loads((run_dir / "supervisor.json").read_text())
+        assert state["checkpoint_write_failures"] >= 3  # steps 6, 8, 10 and the final 12
+        assert state["last_checkpoint_failure"].startswith("step 12: ")
+        status = subprocess.run(
+            [sys.executable, str(LAUNCH), "status", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "CHECKPOINTS:" in status.stdout and "write(s) failed" in status.stdout
+    finally:
+        run.kill_all()

@@ -33,6 +33,7 @@ from typing import Any
 from runcontract.cli import UsageError
 from runcontract.events import EventType, EventWriter
 from tools.chaos_config import (
+    HOSTILE_MODES,
     PROG,
     RANDOM,
     RANDOM_POOL,
@@ -349,8 +350,22 @@ class Injector:
         return injection if self._signal(injection, signal.SIGKILL) else None
 
     def _inject_corrupt(self, snap: Snapshot) -> Injection | None:
+        mode = self.config.corrupt_mode
+        if mode == "any":
+            mode = self.rng.choice(("flip", "truncate"))
+        return self._damage_newest("corrupt", mode, snap)
+
+    def _inject_hostile_file(self, snap: Snapshot) -> Injection | None:
+        mode = self.config.corrupt_mode
+        if mode not in HOSTILE_MODES:
+            mode = self.rng.choice(HOSTILE_MODES)
+        return self._damage_newest("hostile-file", mode, snap)
+
+    def _damage_newest(self, kind: str, mode: str, snap: Snapshot) -> Injection | None:
+        """Damage a payload file of the newest committed checkpoint (``mode``: see
+        ``_corrupt_file``), then SIGKILL rank 0: the next attempt must set it aside."""
         if 0 not in snap.workers:
-            raise ChaosError("corrupt needs rank 0 (the checkpoint writer) on this node")
+            raise ChaosError(f"{kind} needs rank 0 (the checkpoint writer) on this node")
         pid = snap.workers[0]
         # Rank 0 frozen: no checkpoint can be committed or pruned between the choice of the
         # newest one and the kill, so "newest" stays true.
@@ -370,12 +385,9 @@ class Injector:
             os.kill(pid, signal.SIGCONT)
             return None
         name = self.rng.choice(files)
-        mode = self.config.corrupt_mode
-        if mode == "any":
-            mode = self.rng.choice(("flip", "truncate"))
         details = _corrupt_file(target / name, mode, self.rng)
         injection = Injection(
-            "corrupt",
+            kind,
             pid,
             0,
             self._heartbeat_step(0, snap.step),
@@ -465,7 +477,17 @@ def _listing(path: Path) -> dict[str, int]:
 
 
 def _corrupt_file(path: Path, mode: str, rng: random.Random) -> dict[str, Any]:
-    """Damage ``path`` in place (fsync'd) and say how."""
+    """Damage ``path`` in place (fsync'd) and say how: ``flip`` a byte, ``truncate`` it to
+    half, or replace it with a hostile file (``HOSTILE_MODES``)."""
+    if mode in HOSTILE_MODES:
+        size = path.stat().st_size
+        path.unlink()
+        if mode == "fifo":
+            os.mkfifo(path)
+        else:
+            os.symlink(path.name if mode == "symlink-loop" else "/dev/zero", path)
+        _fsync_dir(path.parent)
+        return {"mode": mode, "size_before": size}
     size = path.stat().st_size
     fd = os.open(path, os.O_RDWR)
     try:
@@ -481,6 +503,14 @@ def _corrupt_file(path: Path, mode: str, rng: random.Random) -> dict[str, Any]:
     finally:
         os.close(fd)
     return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fill(path: Path, nbytes: int) -> int:

@@ -40,6 +40,8 @@ FAULTS: dict[str, str] = {
     "kill-supervisor": "SIGKILL of the supervisor (its workers must not outlive it)",
     "fill-disk": "fill the checkpoint directory's file system: checkpoint writes fail, "
     "training must go on",
+    "hostile-file": "rank 0 frozen, a payload file of the newest committed checkpoint replaced "
+    "by a named pipe, a link to itself or a link to /dev/zero, then rank 0 SIGKILLed",
 }
 """Every fault kind and what it does."""
 
@@ -48,11 +50,14 @@ RANDOM_POOL = ("kill-worker", "kill-writer", "hang", "kill-torchrun", "corrupt")
 """The kinds ``random`` draws from: each one is recovered from by restarting, so a long run can
 take any number of them."""
 
-RESTARTING_FAULTS = frozenset(RANDOM_POOL)
+RESTARTING_FAULTS = frozenset((*RANDOM_POOL, "hostile-file"))
 """Kinds that end in a failed attempt, which the supervisor replaces with a new one; the others
 (a preemption, a lost supervisor, a full disk) do not."""
 
-CORRUPT_MODES = ("any", "flip", "truncate")
+HOSTILE_MODES = ("fifo", "symlink-loop", "dev-zero")
+"""What ``hostile-file`` puts in a payload file's place: a named pipe (a reader that opens it
+blocks), a link to itself (opening it fails with ELOOP), a link to ``/dev/zero`` (endless)."""
+CORRUPT_MODES = ("any", "flip", "truncate", *HOSTILE_MODES)
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ class ChaosConfig:
     )
     corrupt_mode: str = option(
         "any",
-        "corrupt: flip a byte, truncate the file to half, or any: a seeded choice of the two",
+        "corrupt: flip a byte or truncate the file to half; hostile-file: a fifo, a symlink-loop "
+        "or a dev-zero link in its place; any: a seeded choice",
         choices=CORRUPT_MODES,
     )
     fill_leave: int = option(64 * 1024, "fill-disk: bytes to leave free")
@@ -127,7 +133,9 @@ class ChaosConfig:
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(f"timeout={self.timeout!r}: must be > 0 seconds")
         if self.corrupt_mode not in CORRUPT_MODES:
-            raise ValueError(f"corrupt_mode={self.corrupt_mode!r}: must be any, flip or truncate")
+            raise ValueError(
+                f"corrupt_mode={self.corrupt_mode!r}: must be one of {', '.join(CORRUPT_MODES)}"
+            )
         if self.fill_leave < 0 or self.fill_limit <= 0:
             raise ValueError(
                 f"fill_leave={self.fill_leave}, fill_limit={self.fill_limit}: "

@@ -353,7 +353,7 @@ def assert_detected(events: list[dict[str, Any]], fault: dict[str, Any]) -> dict
     assert seen, f"no detection of {fault['kind']} in attempt {attempt}"
     detection = seen[0]
     kind = fault["kind"]
-    if kind in ("kill-worker", "kill-writer", "corrupt"):
+    if kind in ("kill-worker", "kill-writer", "corrupt", "hostile-file"):
         assert detection["type"] == "worker_failed" and detection["pid"] == fault["pid"], detection
         assert failure_signal(events, detection) == "SIGKILL", detection
     elif kind == "kill-torchrun":
@@ -375,7 +375,7 @@ def assert_resumed_well(events: list[dict[str, Any]], fault: dict[str, Any]) -> 
     Returns the chosen step."""
     chosen = selected(events, fault["attempt"] + 1)
     committed = list(fault.get("committed") or [0])
-    if fault["kind"] == "corrupt":
+    if fault["kind"] in ("corrupt", "hostile-file"):
         committed.remove(int(Path(fault["path"]).name.split("-")[1]))
     floor = max(committed, default=0)
     # No upper bound from the fault's "step": heartbeats are throttled (0.2 s), so the step the

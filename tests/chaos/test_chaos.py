@@ -136,6 +136,28 @@ def test_hang_corruption_and_lost_node(harness: Harness, reference: Reference) -
     assert corrupt["file"] in reason
 
 
+@pytest.mark.parametrize("mode", ["fifo", "symlink-loop", "dev-zero"])
+def test_a_hostile_file_in_the_newest_checkpoint_is_set_aside(
+    harness: Harness, reference: Reference, mode: str
+) -> None:
+    # A named pipe, a link to itself or a link to /dev/zero in place of a payload file: the
+    # next choice must neither hang nor crash, but quarantine it.
+    sup = harness.launch()
+    tool = harness.chaos("--fault", "hostile-file", "--at-steps", "13", "--corrupt-mode", mode)
+    rc = sup.wait()
+    assert harness.wait_tool(tool) == 0
+    events = read_jsonl(harness.run_dir / "events.jsonl")
+    (fault,) = faults(events)
+    assert fault["mode"] == mode
+    bad_step = int(Path(fault["path"]).name.split("-")[1])
+    assert_recovered(harness.run_dir, rc, reference, quarantined={bad_step}, events=events)
+    assert_detected(events, fault)
+    assert selected(events, fault["attempt"] + 1) == bad_step - CKPT_EVERY
+    quarantined = [e for e in events if e["type"] == "checkpoint_quarantined"]
+    reason = (Path(quarantined[0]["to"]) / "REASON.txt").read_text()
+    assert fault["file"] in reason, reason
+
+
 def test_preempt_then_relaunch_loses_no_step(harness: Harness, reference: Reference) -> None:
     sup = harness.launch()
     tool = harness.chaos("--fault", "preempt", "--at-steps", "9")
