@@ -25,6 +25,11 @@ DATA_CACHE = "ROSE_DATA_CACHE"
 """Where the built-in trainer caches its tokenized corpus."""
 CKPT_PAUSE_AT = "ROSE_CKPT_PAUSE_AT"
 """Test only: the checkpoint writer stops itself (SIGSTOP) at this phase of a write."""
+DIVERGE_AT_STEP = "ROSE_DIVERGE_AT_STEP"
+"""Test only: ``STEP`` or ``STEP:RANK``. The built-in trainer makes the loss NaN (on every rank,
+or on RANK only) of the step that reads the data step STEP reads in a run that skipped nothing,
+so a divergence happens at a chosen step, deterministically; once a rollback skipped that data it
+does not happen again."""
 
 SUPERVISED = (RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID, EVENTS_FILE)
 """The variables the supervisor sets for every worker."""

@@ -57,6 +57,11 @@ class EventType(str, enum.Enum):
     CHECKPOINT_TMP_REMOVED = "checkpoint_tmp_removed"
     CHECKPOINT_DIR_RECREATED = "checkpoint_dir_recreated"
     CHECKPOINT_UNLOADABLE = "checkpoint_unloadable"
+    CHECKPOINT_NOT_FINITE = "checkpoint_not_finite"
+    # The trainer's numerics (``source: trainer``): a non-finite step, and the data a rollback
+    # skipped
+    DIVERGED = "diverged"
+    DATA_SKIPPED = "data_skipped"
     # The chaos tool
     CHAOS_STARTED = "chaos_started"
     CHAOS_FINISHED = "chaos_finished"

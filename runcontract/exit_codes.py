@@ -23,6 +23,11 @@ class TrainerExit(enum.IntEnum):
     """A checkpoint write failed under ``--ckpt-fail-fatal``."""
     CKPT_LOCKED = 77
     """Another process holds the run's checkpoint writer lock."""
+    DIVERGED = 74
+    """A step's loss or gradient norm was not finite (NaN or infinity): the trainer did not apply
+    that step's update and stopped, with a ``diverged`` event naming the step (under
+    ``--on-divergence rollback-skip:N``, only once rolling back could not go on). A restart from
+    the same checkpoint with the same data would diverge again, so none is made."""
     CKPT_UNLOADABLE = 78
     """The checkpoint to resume from cannot be used: it does not verify, or it verifies but does
     not load (tensors of another shape or dtype than the model its own manifest describes, a
@@ -76,6 +81,12 @@ NO_USABLE_CHECKPOINT = 11
 valid one is left: the run stops rather than start over from scratch and discard its history.
 The quarantined checkpoints keep their reasons (``checkpoints/quarantine/*/REASON.txt``)."""
 
+DIVERGED = 12
+"""A worker exited 74: the training diverged (a non-finite loss or gradient norm; the trainer's
+``diverged`` event names the step). No restart is made: the same checkpoint and data would
+diverge again. The checkpoints before the divergence are intact; lower the learning rate, or
+relaunch with the trainer's ``--on-divergence rollback-skip:N``."""
+
 INTERRUPTED = 75
 """SIGINT/SIGTERM: the workers wrote an emergency checkpoint of the step they had reached (or
 none was running) and stopped. Relaunching on the same run directory resumes without loss. Same
@@ -100,6 +111,7 @@ DESCRIPTIONS: dict[int, str] = {
     CHECKPOINTS_LOCKED: "checkpoints locked by another process",
     RUN_DIR_UNWRITABLE: "the run directory became unwritable",
     NO_USABLE_CHECKPOINT: "no usable checkpoint left",
+    DIVERGED: "the training diverged",
     INTERRUPTED: "interrupted",
     REQUEUE: "preempted by SLURM: requeue to resume",
 }
