@@ -78,6 +78,17 @@ INVALID_STATE = [
         lambda c: replace_file(c, STATE_FILE, b"[1, 2]"),
         "state.json is not a JSON object",
     ),
+    (
+        "skipped-backwards",
+        _train_state(position=16, skipped=[[8, 4]]),
+        "is not an ordered range of positions",
+    ),
+    (
+        "skipped-past-position",
+        _train_state(position=4, skipped=[[0, 8]]),
+        "is not an ordered range of positions",
+    ),
+    ("skipped-not-pairs", _train_state(skipped=[3]), "range 3 is not"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,35 @@ def test_train_state_round_trips_the_stored_json() -> None:
     assert state.to_dict() == STORED
     assert list(state.to_dict()) == list(STORED)
     assert json.loads(json.dumps(state.to_dict())) == STORED
+
+
+def test_skipped_ranges_round_trip_and_are_left_out_when_none() -> None:
+    state = TrainState.from_dict({**STORED, "skipped": [[16, 32], [40, 48]]})
+    assert state.skipped == ((16, 32), (40, 48)) and state.skipped_samples == 24
+    stored = json.loads(json.dumps(state.to_dict()))
+    assert stored["skipped"] == [[16, 32], [40, 48]]
+    assert TrainState.from_dict(stored) == state
+    assert "skipped" not in TrainState.from_dict(STORED).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("skipped", "words"),
+    [
+        ([[32, 16]], "not an ordered range"),
+        ([[16, 32], [24, 40]], "not an ordered range"),  # overlaps the one before
+        ([[-8, 0]], "not an ordered range"),
+        ([[0, 97]], "not an ordered range"),  # past the position reached (96)
+        ([[0, 8.0]], "is not [start, end]"),
+        ([[0, True]], "is not [start, end]"),
+        ([[0, 8, 16]], "is not [start, end]"),
+        ({"0": 8}, "must be a list of ranges"),
+    ],
+)
+def test_skipped_ranges_must_be_ordered_ranges_behind_the_position(
+    skipped: object, words: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        TrainState.from_dict({**STORED, "skipped": skipped})
 
 
 def test_train_state_of_older_checkpoints_takes_defaults() -> None:

@@ -13,10 +13,12 @@ import json
 import math
 from typing import Any
 
+from ..train_state import skipped_ranges
 from . import fsio
 
 #: ``train_state`` fields the built-in trainer records, with the least value each may take. They
-#: must be integers when present; any other key is the saver's own and is not judged here.
+#: must be integers when present; ``skipped`` must be ranges of positions (``skipped_ranges``);
+#: any other key is the saver's own and is not judged here.
 TRAIN_STATE_MINIMUM = {
     "step": 0,
     "position": 0,
@@ -35,6 +37,8 @@ def check_train_state(manifest: dict[str, Any]) -> None:
         if key in state and (type(state[key]) is not int or state[key] < least):
             shown = _short(state[key])
             raise ValueError(f"train_state {key} is {shown}, not an integer >= {least}")
+    if "skipped" in state:
+        skipped_ranges(state["skipped"], state.get("position"))
     if "step" in state and state["step"] != manifest["step"]:
         raise ValueError(
             f"train_state step {state['step']} is not the manifest's step {manifest['step']}"
