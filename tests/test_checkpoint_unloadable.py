@@ -89,6 +89,16 @@ INVALID_STATE = [
         "is not an ordered range of positions",
     ),
     ("skipped-not-pairs", _train_state(skipped=[3]), "range 3 is not"),
+    (
+        "finite-false",
+        lambda c: reseal(c, lambda man: man.update(finite=False)),
+        "records tensors holding NaN or infinity",
+    ),
+    (
+        "finite-not-a-bool",
+        lambda c: reseal(c, lambda man: man.update(finite="yes")),
+        "field 'finite' is",
+    ),
 ]
 
 

@@ -48,7 +48,14 @@ def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
             "scaler": snap.scaler_state,
         }
         files[STATE_FILE] = fsio.write_file(tmp / STATE_FILE, json.dumps(state).encode())
-        man = manifest.build(snap.step, files, snap.params_sha256(), snap.train_state, snap.meta)
+        man = manifest.build(
+            snap.step,
+            files,
+            snap.params_sha256(),
+            snap.train_state,
+            snap.meta,
+            finite=not snap.nonfinite,
+        )
         fsio.write_file(tmp / MANIFEST, manifest.to_bytes(man), pause_phase="manifest-mid")
         fsio.fsync_dir(tmp)
         fsio.pause_point("before-rename")

@@ -2,14 +2,16 @@
 
 Validity is decided here and only here: a checkpoint is valid when it carries no UNLOADABLE.txt,
 its manifest parses and passes its self-hash, its format version is one this code reads, its step
-matches its directory name and its ``train_state``, every file it lists is a plain name of a
-regular file present with the listed size and sha256, and ``state.json`` holds state a trainer
-can resume from (``schema``). Whatever a checkpoint holds, reading it never follows a link, never
-opens a FIFO or a device, and never reads more than the manifest says.
+matches its directory name and its ``train_state``, it does not record non-finite tensors
+(``finite: false``), every file it lists is a plain name of a regular file present with the
+listed size and sha256, and ``state.json`` holds state a trainer can resume from (``schema``).
+Whatever a checkpoint holds, reading it never follows a link, never opens a FIFO or a device, and
+never reads more than the manifest says.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -74,6 +76,11 @@ def _verify(ckpt: Path, dir_fd: int) -> dict[str, Any]:
         )
     with invalid_on_error(ckpt, MANIFEST):
         schema.check_train_state(man)
+    finite = man.get("finite", True)  # absent: written before the field existed
+    if finite is False:
+        raise CheckpointInvalid("manifest records tensors holding NaN or infinity", ckpt)
+    if finite is not True:
+        raise CheckpointInvalid(f"manifest field 'finite' is {json.dumps(finite)[:40]}", ckpt)
     files = man["files"]
     for required in (MODEL_FILE, STATE_FILE):
         if required not in files:

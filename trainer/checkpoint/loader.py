@@ -85,7 +85,8 @@ def load(
     device-to-host read per parameter at every step. The loaded parameters are checked against
     the manifest's ``params_sha256``. Raises CheckpointInvalid (fails verification),
     CheckpointUnloadable (a CheckpointInvalid: verifies, but a payload is not safetensors, its
-    state does not decode, or the loaded parameters do not hash to ``params_sha256``),
+    state does not decode, a parameter or optimizer tensor holds NaN or infinity, or the loaded
+    parameters do not hash to ``params_sha256``),
     CheckpointIncompatible (tensor names, shapes or dtypes differ from the model or optimizer —
     the message names them — or a newer format version).
     """
@@ -103,6 +104,7 @@ def load(
         tensors[name] = tensors[target]
     inner = st.unwrap(model)
     _check_model(st.model_state(inner), tensors, ckpt)
+    _check_finite(ckpt, [(n, tensors[n]) for n, _ in inner.named_parameters() if n in tensors])
     inner.load_state_dict(tensors, strict=True)
     if st.params_sha256(inner) != man["params_sha256"]:
         raise CheckpointUnloadable("loaded parameters do not match params_sha256", ckpt)
@@ -125,6 +127,7 @@ def _load_optimizer(
     extra = (
         _read_tensors(ckpt, OPTIM_FILE, "cpu") if need_extra and OPTIM_FILE in man["files"] else {}
     )
+    _check_finite(ckpt, list(extra.items()))
     if optimizer is not None:
         skeleton = saved_state.get("optimizer")
         if skeleton is None:
@@ -143,6 +146,16 @@ def _load_optimizer(
     # it is; a disabled scaler ignores what it is given.
     if scaler is not None and saved_state.get("scaler"):
         scaler.load_state_dict(_decode(saved_state["scaler"], extra, ckpt))
+
+
+def _check_finite(ckpt: Path, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse parameters or optimizer state holding NaN or infinity, whatever the manifest says
+    (one written before it recorded ``finite``, or resealed): training could only go on in
+    NaN from them."""
+    bad = st.nonfinite_names(named)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointUnloadable(f"{', '.join(bad[:3])}{more} hold NaN or infinity", ckpt)
 
 
 def _decode(skeleton: Any, tensors: dict[str, torch.Tensor], ckpt: Path) -> Any:

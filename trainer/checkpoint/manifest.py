@@ -4,7 +4,9 @@ Fields (all written by :func:`build`):
 
 ``format_version``, ``step``, ``tokens_seen``, ``config``, ``world_size``, ``torch_version``,
 ``created_at`` (unix seconds), ``files`` (``{name: {"size": int, "sha256": hex}}``),
-``params_sha256``, ``train_state``, any extra keys the trainer passed in ``meta``, and
+``params_sha256``, ``finite`` (no parameter or optimizer tensor holds a NaN or an infinity; a
+checkpoint without the field, written before it existed, is not judged by it), ``train_state``,
+any extra keys the trainer passed in ``meta``, and
 ``manifest_sha256``: sha256 of the manifest's canonical JSON without that field, so a flipped byte
 inside the manifest itself is caught too.
 """
@@ -31,6 +33,7 @@ RESERVED = (
     "created_at",
     "files",
     "params_sha256",
+    "finite",
     "train_state",
     "manifest_sha256",
 )
@@ -56,8 +59,11 @@ def build(
     params_sha256: str,
     train_state: dict[str, Any],
     meta: dict[str, Any],
+    *,
+    finite: bool,
 ) -> dict[str, Any]:
     """The manifest of one checkpoint; ``meta`` keys other than the reserved ones are kept as-is.
+    ``finite`` records whether every parameter and optimizer tensor is finite.
 
     Raises ValueError when ``meta`` tries to set a field the store owns.
     """
@@ -74,6 +80,7 @@ def build(
         "created_at": time.time(),
         "files": files,
         "params_sha256": params_sha256,
+        "finite": bool(finite),
         "train_state": train_state,
     }
     for k, v in meta.items():

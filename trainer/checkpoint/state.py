@@ -11,9 +11,11 @@ Non-tensor state is JSON: tensors are replaced by ``{"__tensor__": name}``, tupl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +51,19 @@ def tensors_sha256(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the floating-point tensors of ``named`` that hold a NaN or an infinity, in
+    order. Each verdict is computed where its tensor lives and a device's verdicts are read
+    together: one read per device, whatever the number of tensors."""
+    floats = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    finite: dict[str, bool] = {}
+    for device in {t.device for _, t in floats}:
+        here = [(name, t) for name, t in floats if t.device == device]
+        verdicts = torch.stack([torch.isfinite(t).all() for _, t in here]).tolist()
+        finite.update(zip([name for name, _ in here], verdicts, strict=True))
+    return [name for name, _ in floats if not finite[name]]
+
+
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     t = t.to("cpu").contiguous()
     if t.numel() == 0:
@@ -81,11 +96,20 @@ class Snapshot:
     meta: dict[str, Any]
     nbytes: int = field(default=0)
 
+    def params(self) -> list[tuple[str, torch.Tensor]]:
+        """The parameters' host copies by name, in ``named_parameters()`` order."""
+        return [(n, self.model_tensors[self.model_aliases.get(n, n)]) for n in self.param_names]
+
     def params_sha256(self) -> str:
         """Same digest as :func:`params_sha256` of the model at capture time."""
-        return tensors_sha256(
-            [self.model_tensors[self.model_aliases.get(n, n)] for n in self.param_names]
-        )
+        return tensors_sha256([t for _, t in self.params()])
+
+    @functools.cached_property
+    def nonfinite(self) -> list[str]:
+        """The parameters and optimizer (and grad-scaler) tensors that hold a NaN or an
+        infinity; computed once, on the host copies. Buffers are not judged: a mask may hold
+        -inf by design, and a buffer is not what training updates."""
+        return nonfinite_names([*self.params(), *self.optim_tensors.items()])
 
 
 def strip_prefix(sd: dict[str, Any]) -> dict[str, Any]:

@@ -187,6 +187,9 @@ class CheckpointStore:
 
     def _write(self, snap: Snapshot) -> None:
         started = time.monotonic()
+        if snap.nonfinite:
+            self._refuse_nonfinite(snap)
+            return
         try:
             self._ensure_dir()
             final = self.dir / step_name(snap.step)
@@ -295,6 +298,20 @@ class CheckpointStore:
         emit(self.on_event, {"type": EventType.CHECKPOINT_EXISTS, "step": step, "path": str(final)})
         self.last_path = final
         return True
+
+    def _refuse_nonfinite(self, snap: Snapshot) -> None:
+        """A snapshot with NaN or infinite weights is never committed: it would be listed as
+        valid, a restart would resume from it, and retention would prune the healthy ones to
+        make way for it. Nothing is written and nothing pruned; this is no write failure (the
+        disk is fine), so ``fail_fatal`` does not apply."""
+        names = snap.nonfinite
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warn(
+            self.on_event,
+            f"checkpoint {step_name(snap.step)} was not written: {shown} hold NaN or infinity; "
+            "older checkpoints are intact",
+            {"type": "checkpoint_not_finite", "step": snap.step, "tensors": names[:20]},
+        )
 
     def _report_failure(self, step: int, e: BaseException) -> None:
         code = getattr(e, "errno", None)
