@@ -20,7 +20,7 @@ from runcontract.exit_codes import TrainerExit
 from runcontract.states import State
 from supervisor.attempt import AttemptResult, Failure, Observation, Outcome, Runner, StopReport
 from supervisor.config import LaunchConfig
-from supervisor.events import EventLog
+from supervisor.events import EventLog, read_events
 from supervisor.policy import RestartPolicy
 from supervisor.resume import checkpoint_step, select_checkpoint, writer_lock_holder
 from supervisor.status import write_state
@@ -29,6 +29,18 @@ from supervisor.status import write_state
 FATAL_WORKER_CODES: dict[int, int] = {
     TrainerExit.USAGE: exit_codes.WORKER_BAD_INPUT,
     TrainerExit.CKPT_LOCKED: exit_codes.CHECKPOINTS_LOCKED,
+    # The trainer rolls back by itself when told to (--on-divergence rollback-skip:N) and exits
+    # 74 only when it cannot: the same checkpoint and data would diverge again.
+    TrainerExit.DIVERGED: exit_codes.DIVERGED,
+}
+
+# Why each of them stops the run, in the ``fatal`` event.
+_FATAL_REASONS: dict[int, str] = {
+    TrainerExit.USAGE: " (bad input)",
+    TrainerExit.CKPT_LOCKED: ": another process holds the checkpoint writer lock",
+    TrainerExit.DIVERGED: ": the training diverged (a non-finite loss or gradient norm; the "
+    "trainer's diverged event names the step), and the same checkpoint and data would diverge "
+    "again",
 }
 
 
@@ -451,19 +463,29 @@ class Supervisor:
         code = FATAL_WORKER_CODES[failure.exit_code]  # type: ignore[index]
         if failure.source != "worker":
             why = f"torchrun exited {failure.exit_code} (bad usage)"
-        elif failure.exit_code == TrainerExit.CKPT_LOCKED:
-            why = f"rank {failure.rank} exited {failure.exit_code}: another process holds the "
-            why += "checkpoint writer lock"
         else:
-            why = f"rank {failure.rank} exited {failure.exit_code} (bad input)"
+            reason = _FATAL_REASONS[failure.exit_code]  # type: ignore[index]
+            why = f"rank {failure.rank} exited {failure.exit_code}{reason}"
+        step = self._diverged_step() if code == exit_codes.DIVERGED else None
         self.events.emit(
             EventType.FATAL,
             attempt=self.attempt,
             rank=failure.rank,
             exit_code=failure.exit_code,
             reason=why + ": a restart cannot fix it; see the log tail above",
+            **({"step": step} if step is not None else {}),
         )
-        return self._finish(State.FAILED, code)
+        return self._finish(State.FAILED, code, f"at step {step}" if step is not None else "")
+
+    def _diverged_step(self) -> int | None:
+        """The step the workers' newest ``diverged`` event names (they write it into this
+        event log), or None when there is none to read."""
+        try:
+            events = read_events(self.events.path)
+        except OSError:
+            return None
+        steps = [e.get("step") for e in events if e.get("type") == EventType.DIVERGED]
+        return steps[-1] if steps and isinstance(steps[-1], int) else None
 
     def _writer_lock_holder(self) -> str | None:
         """Who holds the run's checkpoint writer lock, when another process does (one node

@@ -193,6 +193,23 @@ def test_worker_bad_input_is_not_retried(tmp_path: Path) -> None:
     assert _types(tmp_path)[-1] == "fatal"
 
 
+def test_a_diverged_worker_stops_the_run_with_its_own_code_and_step(tmp_path: Path) -> None:
+    def diverge(runner: FakeRunner) -> None:
+        if not (tmp_path / "events.jsonl").read_text().count('"diverged"'):
+            # What the trainer's rank 0 appends to the supervisor's log before exiting 74.
+            with open(tmp_path / "events.jsonl", "a") as f:
+                f.write(json.dumps({"time": 1.0, "type": "diverged", "step": 13}) + "\n")
+
+    runner = FakeRunner([[crash(74)], [DONE]], on_poll=diverge)
+    sup, _ = _supervisor(tmp_path, runner, max_restarts=5)
+    assert sup.run() == exit_codes.DIVERGED
+    assert len(runner.started) == 1  # no restart: the same data would diverge again
+    fatal = read_events(tmp_path / "events.jsonl")[-1]
+    assert fatal["type"] == "fatal" and fatal["exit_code"] == 74 and fatal["step"] == 13
+    assert "diverged" in fatal["reason"] and sup.exit_reason.endswith("at step 13")
+    assert read_state(tmp_path)["restarts_used"] == 0
+
+
 def test_signal_while_running_forwards_sigterm_and_exits_interrupted(tmp_path: Path) -> None:
     polls = []
 
