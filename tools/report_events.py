@@ -151,6 +151,21 @@ class _Walk:
             if current.ended_at is None:
                 current.ended_at = t
 
+    def diverged(self, ev: dict[str, Any], t: float) -> None:
+        step = ev.get("step")
+        self.report.divergences.append(
+            (step if isinstance(step, int) else None, str(ev.get("action") or "stop"))
+        )
+
+    def data_skipped(self, ev: dict[str, Any], t: float) -> None:
+        ranges = ev.get("skipped")
+        if isinstance(ranges, list):
+            self.report.skipped = [
+                (r[0], r[1])
+                for r in ranges
+                if isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+            ]
+
     def gave_up(self, ev: dict[str, Any], t: float) -> None:
         what = str(ev["type"]).replace("_", " ")
         self.report.end_state = f"gave up: {what} ({ev.get('reason') or what})"
@@ -169,6 +184,8 @@ _HANDLERS: dict[EventType, Callable[[_Walk, dict[str, Any], float], None]] = {
     EventType.STOPPED: _Walk.stopped,
     EventType.DONE: _Walk.run_ended,
     EventType.INTERRUPTED: _Walk.run_ended,
+    EventType.DIVERGED: _Walk.diverged,
+    EventType.DATA_SKIPPED: _Walk.data_skipped,
     EventType.FATAL: _Walk.gave_up,
     EventType.CRASH_LOOP: _Walk.gave_up,
     EventType.BUDGET_EXHAUSTED: _Walk.gave_up,

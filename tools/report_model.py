@@ -114,6 +114,11 @@ class Report:
     """(step, loss) from metrics.jsonl."""
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
     faults_injected: int = 0
+    divergences: list[tuple[int | None, str]] = field(default_factory=list)
+    """(step, what the trainer did: ``rollback`` or ``stop``) per ``diverged`` event."""
+    skipped: list[tuple[int, int]] = field(default_factory=list)
+    """Ranges ``[start, end)`` of sampler positions the run skipped after divergences, as the
+    newest ``data_skipped`` event records them."""
     node: str | None = None
     """The node's tag on a multi-node run directory (its ``events-<tag>.jsonl``); None on one."""
 

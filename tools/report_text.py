@@ -29,7 +29,7 @@ def render_text(report: Report) -> str:
 def _summary_lines(report: Report) -> list[str]:
     title = f"run report: {report.run_dir}"
     ckpt = report.newest_checkpoint
-    return [
+    lines = [
         f"{title} (node {report.node})" if report.node else title,
         f"  outcome:     {report.end_state}; {len(report.attempts)} attempt(s), "
         f"{len(report.failures)} failure(s)"
@@ -43,6 +43,20 @@ def _summary_lines(report: Report) -> list[str]:
         if ckpt
         else "  checkpoint:  no valid checkpoint",
     ]
+    return lines + _divergence_lines(report)
+
+
+def _divergence_lines(report: Report) -> list[str]:
+    """The divergences and the data skipped after them; nothing when there were none."""
+    if not report.divergences:
+        return []
+    where = ", ".join(f"step {_n(step)} ({action})" for step, action in report.divergences)
+    lines = [f"  diverged:    {len(report.divergences)} time(s): {where}"]
+    if report.skipped:
+        ranges = ", ".join(f"[{a}, {b})" for a, b in report.skipped)
+        samples = sum(b - a for a, b in report.skipped)
+        lines.append(f"  skipped:     {samples} sample(s) never trained on: positions {ranges}")
+    return lines
 
 
 def _attempt_lines(report: Report) -> list[str]:
