@@ -42,6 +42,7 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--nproc", "100000", str(WORKER), "finish"], "--force-nproc"),
         (["--", "--stpes", "3"], "trainer flags: unrecognized arguments: --stpes"),
         (["--", "--steps", "-3"], "trainer flag --steps must be a positive integer"),
+        (["--", "--on-divergence", "rollback"], "trainer flag --on-divergence must be 'stop'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_launches_nothing(

@@ -144,6 +144,12 @@ class TrainConfig:
     ckpt_fail_fatal: bool = option(
         False, "exit 76 when a checkpoint write fails (off: report it and go on)"
     )
+    on_divergence: str = option(
+        "stop",
+        "when a step's loss or gradient norm is not finite: 'stop' (exit 74), or "
+        "'rollback-skip:N': go back to the newest valid checkpoint, skip the next N global "
+        "batches of data after it, and go on",
+    )
     sample_log: str = option("", "debug: directory where each rank logs the sample ids it consumed")
 
     def __post_init__(self) -> None:
@@ -193,6 +199,16 @@ class TrainConfig:
             bad("seq_len", f"must be at most the {self.model} preset's context ({block_size})")
         if not self.run_dir:
             bad("run_dir", "must not be empty")
+        if self.on_divergence != "stop" and self.rollback_skip is None:
+            bad("on_divergence", "must be 'stop' or 'rollback-skip:N' with a whole N >= 1")
+
+    @property
+    def rollback_skip(self) -> int | None:
+        """N of ``--on-divergence rollback-skip:N``; None for ``stop`` or a malformed value."""
+        mode, _, count = self.on_divergence.partition(":")
+        if mode != "rollback-skip" or not (count.isascii() and count.isdigit()) or int(count) < 1:
+            return None
+        return int(count)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model's shape for this run, given the data's vocabulary size."""

@@ -1,10 +1,11 @@
 """Train a GPT: alone (`python trainer/train.py`) or under `torchrun ... trainer/train.py`.
 
 Exit codes: ``runcontract.exit_codes.TrainerExit`` (0 finished, 2 bad flag / data / checkpoint,
-or ranks that loaded different corpora, 75 preempted with a checkpoint written, 76 checkpoint
-write failed with --ckpt-fail-fatal, 77 another process holds the checkpoint writer lock, 78 the
-checkpoint to resume from cannot be used: marked UNLOADABLE.txt, an older one may load), and 1
-for an unexpected error (with its traceback).
+or ranks that loaded different corpora, 74 diverged: a step's loss or gradient norm was not
+finite, 75 preempted with a checkpoint written, 76 checkpoint write failed with
+--ckpt-fail-fatal, 77 another process holds the checkpoint writer lock, 78 the checkpoint to
+resume from cannot be used: marked UNLOADABLE.txt, an older one may load), and 1 for an
+unexpected error (with its traceback).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from runcontract.env import DIVERGE_AT_STEP
 from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
@@ -55,7 +57,7 @@ from trainer.checkpoint import (
 )
 from trainer.checkpoint import manifest as ckpt_manifest
 from trainer.checkpoint.integrity import mark_unloadable
-from trainer.checkpoint.layout import UNLOADABLE_FILE
+from trainer.checkpoint.layout import UNLOADABLE_FILE, parse_step
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.data import Corpus, DataError, load_corpus
 from trainer.metrics import MetricsLog
@@ -67,6 +69,38 @@ from trainer.train_state import TrainState
 
 class UsageError(Exception):
     """Something the user must fix (a flag that cannot work here, an incompatible checkpoint)."""
+
+
+class Diverged(Exception):
+    """A step whose loss or gradient norm is not finite; its update was not applied."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, rank: int | None) -> None:
+        super().__init__(
+            f"diverged at step {step}: loss {loss}, grad_norm {grad_norm}"
+            + (f" (non-finite loss on rank {rank})" if rank is not None else "")
+        )
+        self.step, self.loss, self.grad_norm, self.rank = step, loss, grad_norm, rank
+
+
+class StepSummary(NamedTuple):
+    """What the step's one host read tells every rank alike."""
+
+    loss: float
+    """Mean loss over ranks and micro-steps."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    stop: bool
+    """Some rank was asked to stop (preemption)."""
+    bad_rank: int | None
+    """The lowest rank whose own loss was not finite; None when every rank's was."""
+
+
+# Exits where every rank arrives together: the process group is destroyed, not aborted, and
+# the process leaves with os._exit (see _exit).
+CLEAN_EXITS = frozenset({TrainerExit.OK, TrainerExit.PREEMPTED, TrainerExit.DIVERGED})
+
+# Rollbacks to one checkpoint, each skipping N more batches, before the run gives up (exit 74).
+MAX_ROLLBACKS_PER_CHECKPOINT = 3
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -163,7 +197,7 @@ class Trainer:
         marking it so; CheckpointIncompatible or UsageError when this run cannot continue it.
         """
         self.cfg, self.corpus, self.run_dir, self.d, self.device = cfg, corpus, run_dir, d, device
-        self.preemption = preemption
+        self.preemption, self.events = preemption, events
         self.beat = supervised.Heartbeat(d.rank)
         self.beat(0, phase=Phase.STARTUP)
         self.host_reads = HostReads()
@@ -177,12 +211,16 @@ class Trainer:
             micro_batch=cfg.micro_batch,
             grad_accum=cfg.grad_accum,
         )
-        self.step = 0
+        self.step = self.loaded_step = 0  # loaded_step: of the checkpoint loaded last
         self.position = 0  # global sampler position: samples consumed by all ranks so far
+        self.skipped: tuple[tuple[int, int], ...] = ()  # positions a rollback skipped
+        self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it so far
+        self.poison_step = _poison_step(d.rank)
         self.last_loss = float("nan")
         self.last_saved_step = -1
         # A fresh start empties metrics.jsonl; a resume cuts it back to its checkpoint.
         metrics_length = 0 if resume is None else self._resume_on_every_rank(Path(resume))
+        self.beat(self.step, phase=Phase.STARTUP)
         # DDP after loading: it broadcasts rank 0's parameters, which are the loaded ones.
         self.ddp = DDP(self.model) if d.enabled else None
         if self.ddp is not None:
@@ -206,15 +244,21 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         self.model_cfg = cfg.model_config(self.corpus.vocab_size)
-        # Same seed on every rank: identical initial weights (DDP would broadcast them anyway).
-        torch.manual_seed(derive_seed("init", cfg.seed))
-        self.model = GPT(self.model_cfg).to(self.device)
+        self.model = self._initial_model()
         self.optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
         )
-        # Disabled unless fp16: then scale, unscale_, step and update are plain pass-throughs.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.scaler = self._fresh_scaler()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    def _initial_model(self) -> GPT:
+        # Same seed on every rank: identical initial weights (DDP would broadcast them anyway).
+        torch.manual_seed(derive_seed("init", self.cfg.seed))
+        return GPT(self.model_cfg).to(self.device)
+
+    def _fresh_scaler(self) -> torch.amp.GradScaler:
+        # Disabled unless fp16: then scale, unscale_, step and update are plain pass-throughs.
+        return torch.amp.GradScaler(self.device.type, enabled=self.cfg.amp == "fp16")
 
     def _settle_buckets(self, ddp: DDP) -> None:
         """One throw-away forward and backward, so that every real step of every attempt
@@ -321,9 +365,8 @@ class Trainer:
                 )
         if state.global_batch != self.sampler.global_batch:
             self._keep_global_batch(state.global_batch, path)
-        self.step, self.position = state.step, state.position
-        self.last_saved_step = self.step
-        self.beat(self.step, phase=Phase.STARTUP)
+        self.step, self.position, self.skipped = state.step, state.position, state.skipped
+        self.last_saved_step = self.loaded_step = self.step
         self._log(f"resumed from {path} at step {self.step}")
         # The metrics cursor describes this run's metrics.jsonl only when the checkpoint is one
         # of this run's own; from another run directory, leave the file as it is.
@@ -354,12 +397,20 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Train to --steps; return the exit code (0 finished, 75 preempted)."""
-        cfg, model = self.cfg, self.ddp or self.model
+        """Train to --steps; return the exit code (0 finished, 74 diverged, 75 preempted)."""
+        model = self.ddp or self.model
         model.train()
-        while self.step < cfg.steps:
-            if self._one_step(model):
+        while self.step < self.cfg.steps:
+            try:
+                stop = self._one_step(model)
+            except Diverged as e:
+                code = self._on_divergence(e)
+                if code is not None:
+                    return code
+                continue
+            if stop:
                 return self._preempted()
+            cfg = self.cfg
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._eval()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
@@ -368,10 +419,16 @@ class Trainer:
 
     def _one_step(self, model: torch.nn.Module) -> bool:
         """One optimizer step, logged; True when some rank was asked to stop (every rank gets
-        the same answer, after the same step)."""
+        the same answer, after the same step). Raises Diverged, on every rank alike, when the
+        step's loss or gradient norm is not finite; its update is then not applied."""
         t0 = time.perf_counter()
-        loss_sum, grad_norm = self._train_step(model)
-        loss, grad_norm_value, stop = self._step_summary(loss_sum, grad_norm)
+        loss_sum, grad_norm = self._forward_backward(model)
+        # The step's one host read comes before the update, so that a non-finite step is
+        # caught before it reaches the weights and the optimizer state.
+        summary = self._step_summary(loss_sum, grad_norm)
+        self._check_finite(summary)
+        self._update()
+        loss, grad_norm_value, stop = summary.loss, summary.grad_norm, summary.stop
         dt = time.perf_counter() - t0
         self.step += 1
         self.position += self.sampler.global_batch
@@ -397,9 +454,10 @@ class Trainer:
             )
         return stop
 
-    def _train_step(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward and update; returns this rank's loss (summed over micro-steps, a
-        float64 scalar) and the gradient norm before clipping, both still on the device."""
+    def _forward_backward(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward, gradients unscaled and clipped; returns this rank's loss (summed
+        over micro-steps, a float64 scalar) and the gradient norm before clipping, both still on
+        the device."""
         cfg = self.cfg
         # Everything random inside the step (dropout) draws from a generator seeded by
         # (seed, rank, step): a resumed run replays it exactly without any saved RNG state.
@@ -430,10 +488,26 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.poison_step is not None:
+            first = (self.poison_step - 1) * self.sampler.global_batch
+            if self.position == first:  # test only: that step's data makes the loss NaN
+                loss_sum = loss_sum + float("nan")
+        return loss_sum, grad_norm
+
+    def _check_finite(self, summary: StepSummary) -> None:
+        """Raise Diverged when the step's loss or gradient norm is not finite, after dropping
+        its gradients. Under fp16 an infinite gradient norm is the grad scaler's overflow, which
+        it handles itself (it skips that update and lowers its scale): only the loss counts."""
+        norm_ok = math.isfinite(summary.grad_norm) or self.scaler.is_enabled()
+        if math.isfinite(summary.loss) and norm_ok:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        raise Diverged(self.step + 1, summary.loss, summary.grad_norm, summary.bad_rank)
+
+    def _update(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm
 
     def _next_ids(self, micro: int) -> list[int] | None:
         """The sample ids this rank reads after micro-step ``micro`` of the current step."""
@@ -448,27 +522,122 @@ class Trainer:
             record = {"step": self.step, "micro": micro, "ids": ids, "pid": os.getpid()}
             self.sample_log.write(json.dumps(record) + "\n")
 
-    def _step_summary(
-        self, loss_sum: torch.Tensor, grad_norm: torch.Tensor
-    ) -> tuple[float, float, bool]:
-        """The step's one all-reduce and one host read: (mean loss over ranks, gradient norm,
-        whether any rank was asked to stop).
+    def _step_summary(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> StepSummary:
+        """The step's one all-reduce and one host read.
 
         Gloo has no AVG, so everything is summed: the losses (then divided, as the metrics have
-        always been computed), the preemption flags (any non-zero sum stops every rank), and the
+        always been computed), the preemption flags (any non-zero sum stops every rank), the
         gradient norm of rank 0 alone — after DDP's all-reduce every rank holds the same
-        gradients, and adding zeros keeps rank 0's norm bit for bit."""
+        gradients, and adding zeros keeps rank 0's norm bit for bit — and 2**-rank from each
+        rank whose own loss is not finite: the sum's binary exponent is its largest term's, the
+        lowest such rank's (exact unless 53 ranks in a row diverge at once, when it may name the
+        one before; beyond rank 1074 the term is 0 and the rank goes unnamed)."""
         zero = torch.zeros_like(loss_sum)
         norm = grad_norm.detach().to(torch.float64) if self.d.is_main else zero
         stop = zero + (1.0 if self.preemption.requested else 0.0)
-        loss_total, norm_value, stops = self._sum_over_ranks(torch.stack([loss_sum, norm, stop]))
-        return loss_total / self.d.world_size, norm_value, stops > 0
+        bad = torch.where(torch.isfinite(loss_sum), zero, zero + 2.0**-self.d.rank)
+        loss_total, norm_value, stops, bads = self._sum_over_ranks(
+            torch.stack([loss_sum, norm, stop, bad])
+        )
+        lowest = 1 - math.frexp(bads)[1] if bads > 0 else None
+        return StepSummary(loss_total / self.d.world_size, norm_value, stops > 0, lowest)
 
     def _sum_over_ranks(self, t: torch.Tensor) -> list[float]:
         """``t`` summed over all ranks, read to the host (one host read)."""
         if self.d.enabled:
             dist.all_reduce(t)
         return self.host_reads.read(t)
+
+    # -- divergence ---------------------------------------------------------------------------
+
+    def _on_divergence(self, e: Diverged) -> int | None:
+        """After a step that diverged (its update not applied): roll back and return None to
+        train on, or stop and return 74. Every rank decides alike. A save in flight holds an
+        earlier, healthy step: it lands first, and no checkpoint of the diverged state is
+        written."""
+        self.store.wait()
+        refusal, target = self._rollback_target()
+        self._emit(
+            EventType.DIVERGED,
+            step=e.step,
+            loss=e.loss,
+            grad_norm=e.grad_norm,
+            rank=e.rank,
+            action="stop" if refusal else "rollback",
+            reason=refusal,
+        )
+        if refusal is None:
+            self._log(f"{e}; rolling back")
+            self._roll_back(target)
+            return None
+        print(f"train.py: error: {e}; {refusal}", file=sys.stderr, flush=True)
+        self._barrier()
+        # From here on a signal (torchrun's SIGTERM as a peer exits first) exits 74 at once.
+        self.preemption.checkpoint_written(TrainerExit.DIVERGED)
+        return TrainerExit.DIVERGED
+
+    def _rollback_target(self) -> tuple[str | None, Path | None]:
+        """(None, the checkpoint to roll back to: None for the initial weights), or (why not,
+        None)."""
+        if self.cfg.rollback_skip is None:
+            return "stopping (--on-divergence stop)", None
+        target = _newest_valid(self.run_dir, self.d, self.events)
+        if target is None and self.loaded_step:
+            return f"stopping: no valid checkpoint is left (step {self.loaded_step} was)", None
+        step = 0 if target is None else parse_step(target.name) or 0
+        if step > self.step:
+            return f"stopping: the newest valid checkpoint {target} is past this run", None
+        if self.rollbacks.get(step, 0) >= MAX_ROLLBACKS_PER_CHECKPOINT:
+            return (
+                f"stopping: rolled back to step {step} {MAX_ROLLBACKS_PER_CHECKPOINT} times",
+                None,
+            )
+        return None, target
+
+    def _roll_back(self, target: Path | None) -> None:
+        """Go back to ``target`` (None: the initial weights) and skip the N global batches that
+        follow it, N x the rollbacks to it so far: the data that diverged once is not trained on
+        again. The skipped positions are recorded (``skipped``) and reported (``data_skipped``).
+        """
+        self.beat(self.step, phase=Phase.CHECKPOINT)
+        offset = self._reset_to_start() if target is None else self._resume_on_every_rank(target)
+        self.metrics.close()
+        self.metrics.open(truncate_to=offset)
+        count = self.rollbacks[self.step] = self.rollbacks.get(self.step, 0) + 1
+        batches = count * (self.cfg.rollback_skip or 0)
+        start, self.position = self.position, self.position + batches * self.sampler.global_batch
+        self.skipped = (*self.skipped, (start, self.position))
+        self._emit(
+            EventType.DATA_SKIPPED,
+            step=self.step,
+            checkpoint=str(target) if target else None,
+            ranges=[[start, self.position]],
+            batches=batches,
+            samples=self.position - start,
+            skipped=[list(r) for r in self.skipped],
+        )
+        self._log(
+            f"rolled back to step {self.step}: skipped {batches} global batch(es), sampler "
+            f"positions {start} to {self.position}"
+        )
+        self.beat(self.step, phase=Phase.TRAIN)
+
+    def _reset_to_start(self) -> int:
+        """The initial weights, a fresh optimizer and scaler, the start of the data; returns
+        the length to cut metrics.jsonl back to."""
+        with torch.no_grad():
+            self.model.load_state_dict(self._initial_model().state_dict())
+        self.optimizer.state.clear()
+        self.scaler = self._fresh_scaler()
+        self.step = self.position = self.loaded_step = 0
+        self.skipped, self.last_saved_step = (), -1
+        return 0
+
+    def _emit(self, type_: EventType, **fields: Any) -> None:
+        if self.events is not None:
+            self.events({"type": type_, **fields})
+
+    # -- the end ------------------------------------------------------------------------------
 
     def _preempted(self) -> int:
         self._save(sync=True)
@@ -535,9 +704,10 @@ class Trainer:
             seq_len=self.cfg.seq_len,
             num_samples=self.sampler.num_samples,
             metrics_offset=self.metrics.offset,
+            skipped=self.skipped,
         )
         meta = {
-            "tokens_seen": self.position * self.cfg.seq_len,
+            "tokens_seen": (self.position - state.skipped_samples) * self.cfg.seq_len,
             "world_size": self.d.world_size,
             "config": {"model": dataclasses.asdict(self.model_cfg), "train": self.cfg.to_dict()},
             "data": self.corpus.name,
@@ -575,15 +745,39 @@ def _find_resume(
         return Path(cfg.resume_from)
     if cfg.resume != "auto":
         return None
+    latest = _newest_valid(run_dir, d)
+    if latest is None and d.is_main:
+        print(f"--resume auto: no valid checkpoint in {run_dir}; starting fresh", flush=True)
+    return latest
+
+
+def _newest_valid(
+    run_dir: Path, d: Dist, on_event: Callable[[dict[str, Any]], None] | None = None
+) -> Path | None:
+    """The newest valid checkpoint of ``run_dir`` on every rank: only rank 0 searches (the
+    search may quarantine), the others take its answer, so every rank loads the same step."""
     found: list[Any] = [None]
     if d.is_main:
-        latest = find_latest_valid(run_dir)
+        latest = find_latest_valid(run_dir, on_event=on_event)
         found[0] = str(latest) if latest is not None else None
-        if latest is None:
-            print(f"--resume auto: no valid checkpoint in {run_dir}; starting fresh", flush=True)
     if d.enabled:
         dist.broadcast_object_list(found, src=0)
     return Path(found[0]) if found[0] else None
+
+
+def _poison_step(rank: int) -> int | None:
+    """Test only (``ROSE_DIVERGE_AT_STEP=STEP[:RANK]``): the step whose data makes this rank's
+    loss NaN; None when unset, or set for another rank. Raises UsageError when malformed."""
+    raw = os.environ.get(DIVERGE_AT_STEP, "")
+    if not raw:
+        return None
+    step, _, only = raw.partition(":")
+    try:
+        if only and int(only) != rank:
+            return None
+        return int(step)
+    except ValueError:
+        raise UsageError(f"{DIVERGE_AT_STEP}={raw!r} is not STEP or STEP:RANK") from None
 
 
 def _agree_on_resume(chosen: Path | None, d: Dist) -> Path | None:
@@ -696,7 +890,7 @@ def _train(
         if trainer is not None:
             trainer.close()
         events.close()
-    _leave_process_group(d, clean=code in (TrainerExit.OK, TrainerExit.PREEMPTED))
+    _leave_process_group(d, clean=code in CLEAN_EXITS)
     return code
 
 
@@ -720,8 +914,8 @@ def _check_same_corpus(cfg: TrainConfig, corpus: Corpus, d: Dist) -> None:
 
 
 def _leave_process_group(d: Dist, *, clean: bool) -> None:
-    """Destroy the process group after a finished or preempted run, where every rank arrives
-    together, and only there: on an error path a peer may be waiting in a collective, and
+    """Destroy the process group after a finished, preempted or diverged run, where every rank
+    arrives together, and only there: on an error path a peer may be waiting in a collective, and
     destroying the group can then block in NCCL, so that this rank's exit code never reaches
     torchrun. There the group is aborted where the backend supports it, and left behind."""
     if not (d.enabled and dist.is_initialized()):
@@ -777,15 +971,16 @@ def _start(
 def _exit(code: int) -> None:
     """End the process with ``code``.
 
-    After the final or a preemption checkpoint the process leaves with os._exit: interpreter
-    teardown puts SIGTERM back to its default action, and torchrun SIGTERMs the ranks still
-    running as soon as the first one exits, so a normal exit could turn a finished run or a
-    clean preemption into a death by signal. Everything worth keeping is durable and closed.
-    An error path that left its process group behind leaves the same way: interpreter teardown
-    would destroy the group, which can block just as destroy_process_group can.
+    After the final or a preemption checkpoint, or a divergence, the process leaves with
+    os._exit: interpreter teardown puts SIGTERM back to its default action, and torchrun SIGTERMs
+    the ranks still running as soon as the first one exits, so a normal exit could turn a
+    finished run, a clean preemption or a divergence into a death by signal. Everything worth
+    keeping is durable and closed. An error path that left its process group behind leaves the
+    same way: interpreter teardown would destroy the group, which can block just as
+    destroy_process_group can.
     """
     left_behind = dist.is_available() and dist.is_initialized()
-    if code in (TrainerExit.OK, TrainerExit.PREEMPTED) or left_behind:
+    if code in CLEAN_EXITS or left_behind:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
