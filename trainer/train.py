@@ -560,8 +560,8 @@ class Trainer:
         self._emit(
             EventType.DIVERGED,
             step=e.step,
-            loss=e.loss,
-            grad_norm=e.grad_norm,
+            loss=_json_number(e.loss),
+            grad_norm=_json_number(e.grad_norm),
             rank=e.rank,
             action="stop" if refusal else "rollback",
             reason=refusal,
@@ -763,6 +763,12 @@ def _newest_valid(
     if d.enabled:
         dist.broadcast_object_list(found, src=0)
     return Path(found[0]) if found[0] else None
+
+
+def _json_number(x: float) -> float | str:
+    """``x``, or ``"nan"``, ``"inf"``, ``"-inf"``: strict JSON readers (jq) refuse the bare
+    ``NaN`` that Python writes."""
+    return x if math.isfinite(x) else str(x)
 
 
 def _poison_step(rank: int) -> int | None:
