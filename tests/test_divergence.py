@@ -64,6 +64,29 @@ def test_a_diverged_step_is_not_applied_and_the_trainer_stops_with_74(
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 7))
 
 
+def test_rollbacks_without_a_checkpoint_restart_from_the_initial_weights_and_give_up(
+    tmp_path: Path, data_cache: Path
+) -> None:
+    # With --lr 1e30 step 2 diverges whatever the data: each rollback goes back to the initial
+    # weights (no checkpoint yet) and skips one batch more; the fourth divergence stops the run.
+    trainer = in_process_trainer(
+        data_cache, tmp_path, "--lr", "1e30", "--ckpt-every", "0", "--on-divergence",
+        "rollback-skip:1",
+    )  # fmt: skip
+    initial = params_sha256(trainer.model)
+    try:
+        assert trainer.run() == TrainerExit.DIVERGED
+        assert trainer.rollbacks == {0: 3} and trainer.step == 1
+        assert trainer.skipped == ((0, 3 * 4),)  # the third rollback skipped 3 batches of 4
+        assert trainer.position == 3 * 4 + 4
+        trainer._reset_to_start()
+        assert params_sha256(trainer.model) == initial
+    finally:
+        trainer.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]  # cut back at every rollback
+    assert not _checkpoints(tmp_path)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_lr_1e30_under_launch_exits_12_and_keeps_the_finite_checkpoint(
