@@ -27,7 +27,10 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import torch
@@ -41,19 +44,26 @@ from trainer.checkpoint.fsio import dir_size
 from trainer.checkpoint.store import BACKGROUND_NICE
 
 CHUNK = 8 << 20
+T = TypeVar("T")
 
 
-def make_model(layers: int, width: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make_model(
+    layers: int, width: int, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, opt
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
-    model(x).square().mean().backward()
+    loss = model(x).square().mean()
+    loss.backward()
     opt.step()
+    # One host read per step, as the trainer makes: on a GPU the step is timed to its end, not
+    # to the moment its kernels were queued.
+    loss.item()
 
 
 def disk_bandwidth(directory: Path, nbytes: int) -> float:
@@ -74,7 +84,9 @@ def disk_bandwidth(directory: Path, nbytes: int) -> float:
     return seconds
 
 
-def baseline_step(model, opt, x, n: int = 5) -> float:
+def baseline_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, n: int = 5
+) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -83,7 +95,13 @@ def baseline_step(model, opt, x, n: int = 5) -> float:
     return statistics.median(times)
 
 
-def measure_stall(model, opt, x, start_save, in_flight) -> tuple[float, float]:
+def measure_stall(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    start_save: Callable[[], object],
+    in_flight: Callable[[], bool],
+) -> tuple[float, float]:
     """(save() call seconds, total loop stall seconds) of one async save."""
     base = baseline_step(model, opt, x)
     t0 = time.perf_counter()
@@ -95,6 +113,82 @@ def measure_stall(model, opt, x, start_save, in_flight) -> tuple[float, float]:
         steps += 1
     elapsed = time.perf_counter() - t0
     return blocked, max(blocked, elapsed - steps * base)
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of what a checkpoint saves: the parameters and the optimizer's tensors."""
+    return sum(p.nbytes for p in model.parameters()) + sum(
+        t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_host_growth(fn: Callable[[], T]) -> tuple[T, int | None]:
+    """Run ``fn``; return its result and how far this process's resident memory rose above its
+    level before the call at its peak (bytes; None where Linux's peak counter cannot be reset).
+
+    Exact rather than sampled: the kernel's high-water mark (VmHWM) is reset to the current
+    resident size first (``/proc/self/clear_refs``, Linux 4.0+)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        return fn(), None
+    result = fn()
+    return result, (_status_kb("VmHWM") - before) * 1024
+
+
+@dataclass
+class SyncSave:
+    """One synchronous save: its seconds, the checkpoint's bytes on disk, and the peak growth
+    of host memory while it ran (None where that cannot be measured)."""
+
+    seconds: float
+    ckpt_bytes: int
+    peak_host_bytes: int | None
+
+
+def sync_saves(
+    run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, steps: Iterable[int]
+) -> Iterator[SyncSave]:
+    """Save ``model`` and ``opt`` synchronously once per step of ``steps`` into ``run_dir``."""
+    with CheckpointStore(run_dir, is_writer=True, keep_last=1, async_save=False) as store:
+        for step in steps:
+
+            def save(step: int = step) -> float:
+                t0 = time.perf_counter()
+                store.save(step, model, opt, None, {}, {})
+                return time.perf_counter() - t0
+
+            seconds, peak = peak_host_growth(save)
+            assert store.last_path is not None
+            yield SyncSave(seconds, dir_size(store.last_path), peak)
+
+
+def thread_stalls(
+    run_dir: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    steps: Iterable[int],
+) -> Iterator[tuple[float, float]]:
+    """(save() call, loop stall) seconds of one save by the store's background thread per step
+    of ``steps``, training on ``x`` meanwhile."""
+    with CheckpointStore(run_dir, is_writer=True, keep_last=1) as store:
+        for step in steps:
+            yield measure_stall(
+                model,
+                opt,
+                x,
+                lambda s=step: store.save(s, model, opt, None, {}, {}),
+                lambda: store.in_flight,
+            )
 
 
 # -- the process writer, for comparison only ----------------------------------------------------
@@ -170,40 +264,26 @@ def main() -> None:
     model, opt = make_model(args.layers, args.width)
     x = torch.randn(args.batch, args.width)
     train_step(model, opt, x)  # AdamW moments exist from here on
-    state_mb = (
-        sum(p.nbytes for p in model.parameters())
-        + sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    ) / 1e6
+    state_mb = state_bytes(model, opt) / 1e6
     step = 0
     try:
-        sync_s, disk_s = [], []
+        sync_s, disk_s, peak_b = [], [], []
         sync_dir = base / "sync"
-        with CheckpointStore(sync_dir, is_writer=True, keep_last=1, async_save=False) as store:
-            for _ in range(args.repeats):
-                step += 1
-                t0 = time.perf_counter()
-                store.save(step, model, opt, None, {}, {})
-                sync_s.append(time.perf_counter() - t0)
-                ckpt_bytes = dir_size(store.last_path)
-                disk_s.append(disk_bandwidth(sync_dir / "checkpoints", ckpt_bytes))
-                print(
-                    f"sync save {sync_s[-1]:.2f} s, disk write+fsync {disk_s[-1]:.2f} s", flush=True
-                )
+        for save in sync_saves(sync_dir, model, opt, range(1, args.repeats + 1)):
+            ckpt_bytes = save.ckpt_bytes
+            sync_s.append(save.seconds)
+            peak_b.append(save.peak_host_bytes)
+            disk_s.append(disk_bandwidth(sync_dir / "checkpoints", ckpt_bytes))
+            print(f"sync save {sync_s[-1]:.2f} s, disk write+fsync {disk_s[-1]:.2f} s", flush=True)
+        step = args.repeats
 
         thread_block, thread_stall = [], []
-        with CheckpointStore(base / "thread", is_writer=True, keep_last=1) as store:
-            for _ in range(args.repeats):
-                step += 1
-                b, s = measure_stall(
-                    model,
-                    opt,
-                    x,
-                    lambda s=step: store.save(s, model, opt, None, {}, {}),
-                    lambda: store.in_flight,
-                )
-                thread_block.append(b)
-                thread_stall.append(s)
-                print(f"async thread: save() {b:.3f} s, stall {s:.3f} s", flush=True)
+        thread_steps = range(step + 1, step + args.repeats + 1)
+        for b, s in thread_stalls(base / "thread", model, opt, x, thread_steps):
+            thread_block.append(b)
+            thread_stall.append(s)
+            print(f"async thread: save() {b:.3f} s, stall {s:.3f} s", flush=True)
+        step += args.repeats
 
         proc_block, proc_stall = [], []
         writer = ProcessWriter(base / "process")
@@ -228,11 +308,14 @@ def main() -> None:
     med = statistics.median
     sync, disk = med(sync_s), med(disk_s)
     mb = ckpt_bytes / 1e6
+    peaks = [b for b in peak_b if b is not None]
+    peak_mb = f"{med(peaks) / 1e6:.0f} MB" if peaks else "-"
     rows = [
         ("saved state (params + AdamW)", f"{state_mb:.0f} MB", ""),
         ("checkpoint on disk", f"{mb:.0f} MB", ""),
         ("disk: sequential write + fsync", f"{disk:.2f} s", f"{mb / disk:.0f} MB/s"),
         ("sync save (serialise+hash+write+fsync+commit)", f"{sync:.2f} s", f"{mb / sync:.0f} MB/s"),
+        ("sync save: peak host memory growth", peak_mb, ""),
         ("async thread: save() call", f"{med(thread_block):.3f} s", ""),
         ("async thread: loop stall", f"{med(thread_stall):.3f} s", ""),
         ("async process: save() call", f"{med(proc_block):.3f} s", ""),

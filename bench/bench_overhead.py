@@ -21,21 +21,14 @@ from common import (
     fmt,
     job_args,
     machine_line,
-    read_jsonl,
     start_supervised,
     start_torchrun,
     stop_run,
+    tokens_per_s,
     wait_exit,
 )
 
 TARGET = 0.98
-
-
-def tokens_per_s(run_dir: Path, warmup: int) -> float | None:
-    """Median tokens/s over the steps after ``warmup`` (None when the run left too few)."""
-    records = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in m]
-    steady = [m["tokens_per_s"] for m in records if m["step"] > warmup]
-    return statistics.median(steady) if steady else None
 
 
 def one_run(kind: str, run_dir: Path, args: argparse.Namespace) -> float | None:

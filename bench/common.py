@@ -184,6 +184,14 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
+def tokens_per_s(run_dir: Path, warmup: int, first_step: int = 0) -> float | None:
+    """Median tokens/s of a run's metrics.jsonl over the steps after ``first_step + warmup``
+    (``first_step``: the step a resumed attempt started from); None when there are none."""
+    records = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in m]
+    steady = [m["tokens_per_s"] for m in records if m["step"] > first_step + warmup]
+    return statistics.median(steady) if steady else None
+
+
 def median(values: Iterable[float | None]) -> float | None:
     """Median of the known values (None when there is none)."""
     known = [v for v in values if v is not None]
