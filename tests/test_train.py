@@ -137,6 +137,18 @@ def test_single_process_trains_and_loss_falls(baseline_1: Baseline) -> None:
     assert f"done step=40 loss={train[-1]['loss']:.4f} host_reads=42 " in baseline_1.stdout
 
 
+@pytest.mark.timeout(900)
+def test_deterministic_flag_changes_no_bit_on_cpu(tmp_path: Path, run_train: Callable) -> None:
+    # --deterministic pins CUDA kernels; on CPU the run must stay the one it always was, so
+    # checkpoints of either kind resume each other. No dropout: with it CPU attention takes the
+    # math kernel anyway, and the fused kernel the flag must leave alone would go untested.
+    args = [*TINY_ARGS, "--steps", "10", "--amp", "bf16", "--ckpt-every", "0"]
+    plain = run_train([*args, "--run-dir", str(tmp_path / "plain")])
+    pinned = run_train([*args, "--run-dir", str(tmp_path / "pinned"), "--deterministic"])
+    assert plain.returncode == pinned.returncode == 0, plain.stderr + pinned.stderr
+    assert final_sha(pinned.stdout) == final_sha(plain.stdout)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_two_ranks_train_on_disjoint_samples(baseline_2: Baseline) -> None:

@@ -112,6 +112,11 @@ class TrainConfig:
     device: str = option(
         "auto", "where to train (auto: cuda if present)", choices=("auto", "cpu", "cuda")
     )
+    deterministic: bool = option(
+        False,
+        "CUDA: deterministic kernels only (math attention, fixed cuBLAS workspace), slower; "
+        "CPU runs are bitwise reproducible without it and unchanged by it",
+    )
     threads: int = option(0, "CPU threads per rank (0: $OMP_NUM_THREADS if set, else all cores)")
     data: str = option(
         "stdlib",

@@ -41,7 +41,7 @@ from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
 from runcontract.layout import CHECKPOINTS, METRICS, checkpoint_order
-from trainer import supervised
+from trainer import determinism, supervised
 from trainer.batches import Batches
 from trainer.checkpoint import (
     CheckpointError,
@@ -827,6 +827,9 @@ def main(argv: list[str] | None = None) -> int:
         env = supervised.from_env()
     except (ConfigError, ValueError) as e:
         return _fail(str(e), TrainerExit.USAGE)
+    if cfg.deterministic:
+        # Before the first CUDA call (torch.cuda.is_available in _resolve_device).
+        determinism.set_cublas_workspace()
     # Armed first: a worker whose supervisor dies during a slow start-up must not linger.
     supervised.guard_parent()
     run_dir = env.run_dir if env is not None else Path(cfg.run_dir)
@@ -847,7 +850,8 @@ def main(argv: list[str] | None = None) -> int:
     preemption = Preemption()
     preemption.install()
     try:
-        return _train(cfg, env, run_dir, d, corpus, device, preemption)
+        with determinism.deterministic(cfg.deterministic, device):
+            return _train(cfg, env, run_dir, d, corpus, device, preemption)
     finally:
         preemption.uninstall()
 
