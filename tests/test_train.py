@@ -240,6 +240,35 @@ def test_second_signal_exits_at_once(tmp_path: Path, start_train: Callable) -> N
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_second_signal_waits_for_a_blocked_collective(
+    tmp_path: Path, start_train: Callable
+) -> None:
+    # Python runs signal handlers between bytecodes: a rank blocked in a collective whose peer is
+    # frozen acts on no signal, not even a second one, until the collective returns.
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = start_train([*TINY_ARGS, "--steps", "100000", "--run-dir", str(run_dir)], nproc=2)
+    wait_for_step(run_dir, 2, proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    rank = {p.environ().get("RANK"): p for p in workers}
+    rank["1"].suspend()
+    try:
+        time.sleep(1.0)  # rank 0 now waits for rank 1 in the step's collectives
+        rank["0"].send_signal(signal.SIGUSR1)
+        rank["0"].send_signal(signal.SIGTERM)
+        with pytest.raises(psutil.TimeoutExpired):
+            rank["0"].wait(timeout=5)
+    finally:
+        rank["1"].resume()
+    # The collective returns, the handlers run, and the second signal ends rank 0 by itself.
+    rank["0"].wait(timeout=60)
+    _, err = proc.communicate(timeout=120)
+    assert re.search(r"rank\s*:\s*0\b.*?exitcode\s*:\s*-(10|15)\b", err, re.DOTALL), err
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigterm_to_one_rank_stops_both_after_the_same_step(

@@ -3,10 +3,15 @@
 The signal handler only sets a flag (acting inside a handler could interrupt a collective or a
 checkpoint write halfway). Once per step the trainer sums every rank's flag inside the step's one
 all-reduce (trainer/train.py), so every rank stops after the same step even when only one of them
-was signalled. A second signal means "now": the process dies of that signal at once — unless the
-emergency checkpoint is already written, in which case it exits at once with the preemption exit
-code (a peer that exits first makes torchrun SIGTERM the ranks still tearing down; that must not
-turn a clean preemption into a death by signal).
+was signalled. A second signal means "now": the process dies of that signal — unless the
+emergency checkpoint is already written, in which case it exits with the preemption exit code (a
+peer that exits first makes torchrun SIGTERM the ranks still tearing down; that must not turn a
+clean preemption into a death by signal).
+
+"Now" is when the handler runs: Python runs handlers in the main thread between bytecodes, so
+while that thread is blocked in one call into torch — a CUDA synchronisation, or a collective
+waiting for a frozen or dead peer — no signal acts until the call returns (the collective: when
+its peers join or its timeout expires). Only SIGKILL ends such a process at once.
 """
 
 from __future__ import annotations
