@@ -94,6 +94,18 @@ BENCHES = (
         "kill-torchrun, corrupt) from the chaos tool and must end with the parameters of an "
         "uninterrupted run.",
     ),
+    Bench(
+        "gpu",
+        "7. Device check",
+        "gpu_check.py",
+        (),
+        ("--quick",),
+        "Exact resume with and without `--deterministic` for each `--amp`, host reads and "
+        "tokens/s fresh against resumed, the checkpoint stall and a save's host memory, and how "
+        "fast a SIGKILLed process frees its GPU memory. CPU rows run everywhere; without a CUDA "
+        "device each CUDA row is one line saying it was skipped: those rows await a run on a GPU "
+        "(`python bench/gpu_check.py`, sized to finish within 10 minutes on one GPU).",
+    ),
 )
 
 KEPT = "## Other measurements"
