@@ -49,6 +49,7 @@ class EventType(str, enum.Enum):
     # trainer``) from the writer and the resume of rank 0
     CHECKPOINT_SAVED = "checkpoint_saved"
     CHECKPOINT_EXISTS = "checkpoint_exists"
+    CHECKPOINT_SAVE_SKIPPED = "checkpoint_save_skipped"
     CHECKPOINT_WRITE_FAILED = "checkpoint_write_failed"
     CHECKPOINT_PRUNED = "checkpoint_pruned"
     CHECKPOINT_PRUNE_FAILED = "checkpoint_prune_failed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,35 @@ def _rewrite_manifest(path, **changes):
 
     man["manifest_sha256"] = hashlib.sha256(mf._canonical(man)).hexdigest()
     (path / "manifest.json").write_bytes(mf.to_bytes(man))
+
+
+def test_a_periodic_save_is_skipped_not_waited_for_while_the_previous_one_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer is held inside its first write (a slow disk); the next save with
+    # skip_if_busy returns at once, says so, and commits nothing; the held write still lands.
+    events: list[dict] = []
+    model, opt = fresh()
+    store = CheckpointStore(tmp_path, is_writer=True, async_save=True, on_event=events.append)
+    release = threading.Event()
+    real_write = store._write
+
+    def slow_write(snap):  # type: ignore[no-untyped-def]
+        release.wait(30)
+        real_write(snap)
+
+    monkeypatch.setattr(store, "_write", slow_write)
+    try:
+        assert store.save(1, model, opt, None, {"step": 1}, {}) is True
+        assert store.save(2, model, opt, None, {"step": 2}, {}, skip_if_busy=True) is False
+        (skipped,) = [e for e in events if e["type"] == "checkpoint_save_skipped"]
+        assert (skipped["step"], skipped["writing"]) == (2, 1)
+        release.set()
+        store.wait()
+        assert [c.step for c in list_checkpoints(tmp_path)] == [1]
+        assert store.save(3, model, opt, None, {"step": 3}, {}, skip_if_busy=True) is True
+        store.wait()
+        assert [c.step for c in list_checkpoints(tmp_path)] == [3, 1]
+    finally:
+        release.set()
+        store.close()

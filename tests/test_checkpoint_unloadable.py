@@ -177,3 +177,24 @@ def test_unloadable_mark_makes_it_invalid_and_its_reason_reaches_the_quarantine(
     moved = tmp_path / "checkpoints" / "quarantine" / newest.name
     assert "unloadable: up.weight" in (moved / REASON_FILE).read_text()
     assert (moved / UNLOADABLE_FILE).is_file()
+
+
+def test_a_manifest_verified_elsewhere_is_not_hashed_again_but_the_parameters_are(
+    tmp_path: Path,
+) -> None:
+    # What a rank does with the verdict rank 0 shared: no second read and hash of every file,
+    # but its own check of the parameters it loaded.
+    ckpt = two_checkpoints(tmp_path)
+    manifest = verify(ckpt)
+    optim = ckpt / OPTIM_FILE
+    data = bytearray(optim.read_bytes())
+    data[-1] ^= 0x01  # a byte of tensor data: the file no longer hashes to its manifest entry
+    optim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointInvalid, match=OPTIM_FILE):
+        load(ckpt, fresh()[0], fresh()[1])
+    model, opt = fresh()
+    assert load(ckpt, model, opt, verified=manifest)["step"] == 2
+    # The parameters themselves are always checked: a manifest from another checkpoint fails.
+    other = verify(tmp_path / "checkpoints" / "step-00000001")
+    with pytest.raises(CheckpointUnloadable, match="params_sha256"):
+        load(ckpt, fresh()[0], verified=other)

@@ -142,6 +142,11 @@ class TrainConfig:
     )
     ckpt_every: int = option(40, "steps between checkpoints (0: only preemption checkpoints)")
     ckpt_sync: bool = option(False, "write checkpoints synchronously (off: in the background)")
+    ckpt_skip_busy: bool = option(
+        False,
+        "skip a periodic checkpoint while the previous one is still being written instead of "
+        "waiting for it: a slow disk never stalls training, checkpoints may land further apart",
+    )
     keep_last: int = option(3, "how many of the newest checkpoints to keep")
     keep_every: int = option(
         0, "also keep every checkpoint whose step is a multiple of this (0: none)"

@@ -54,6 +54,7 @@ from trainer.checkpoint import (
     find_latest_valid,
     load,
     params_sha256,
+    verify,
 )
 from trainer.checkpoint import manifest as ckpt_manifest
 from trainer.checkpoint.integrity import mark_unloadable
@@ -313,7 +314,15 @@ class Trainer:
         CheckpointUnloadable; one whose recorded model config differs from this run's stays
         CheckpointIncompatible (bad input: an older checkpoint would not fit either)."""
         try:
-            return load(path, self.model, self.optimizer, self.scaler, map_location=self.device)
+            manifest = self._verify_once(path)
+            return load(
+                path,
+                self.model,
+                self.optimizer,
+                self.scaler,
+                map_location=self.device,
+                verified=manifest,
+            )
         except CheckpointUnloadable:
             raise
         except CheckpointInvalid as e:
@@ -330,6 +339,28 @@ class Trainer:
                     path,
                 ) from e
             raise CheckpointIncompatible(f"{e} (it was saved by {differs})") from e
+
+    def _verify_once(self, path: Path) -> dict[str, Any]:
+        """Rank 0 verifies ``path`` (reads and hashes every file) and the others take its
+        verdict: at start-up a checkpoint on shared storage is read in full once, not once per
+        rank. Each rank still checks the parameters it loads against ``params_sha256``. Raises
+        what ``verify`` raised on rank 0, on every rank."""
+        verdict: list[Any] = [None]
+        if self.d.is_main:
+            try:
+                verdict[0] = ("ok", verify(path))
+            except CheckpointInvalid as e:
+                verdict[0] = ("invalid", e.reason)
+            except CheckpointIncompatible as e:
+                verdict[0] = ("incompatible", str(e))
+        if self.d.enabled:
+            dist.broadcast_object_list(verdict, src=0)
+        kind, value = verdict[0]
+        if kind == "invalid":
+            raise CheckpointInvalid(value, path)
+        if kind == "incompatible":
+            raise CheckpointIncompatible(value)
+        return value
 
     def _model_config_differs(self, manifest: dict[str, Any]) -> str | None:
         """How the model config a manifest records differs from this run's in the fields that
@@ -712,10 +743,16 @@ class Trainer:
             "config": {"model": dataclasses.asdict(self.model_cfg), "train": self.cfg.to_dict()},
             "data": self.corpus.name,
         }
-        self.store.save(self.step, self.model, self.optimizer, self.scaler, state.to_dict(), meta)
+        # With --ckpt-skip-busy a periodic save is skipped, not waited for, while the previous
+        # one is still being written (the final and emergency saves are synchronous: always made).
+        saved = self.store.save(
+            self.step, self.model, self.optimizer, self.scaler, state.to_dict(), meta,
+            skip_if_busy=self.cfg.ckpt_skip_busy and not sync,
+        )  # fmt: skip
         if sync:
             self.store.wait()
-        self.last_saved_step = self.step
+        if saved:
+            self.last_saved_step = self.step
         self.beat(self.step, phase=Phase.TRAIN)
 
     def _log(self, message: str) -> None:

@@ -75,8 +75,13 @@ def load(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: Any = None,
     map_location: Any = "cpu",
+    verified: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Verify checkpoint directory ``path``, load it into the objects given, return its manifest.
+
+    ``verified``: the manifest ``verify(path)`` returned, in this process or another (a peer
+    rank that verified for every rank): the files are then not read and hashed again; the loaded
+    parameters are still checked against its ``params_sha256``.
 
     ``model`` may be DDP-wrapped; its tensors are read onto ``map_location``. The optimizer's are
     read into host memory whatever ``map_location`` says: ``optimizer.load_state_dict`` moves
@@ -91,7 +96,7 @@ def load(
     the message names them — or a newer format version).
     """
     ckpt = Path(path)
-    man = verify(ckpt)
+    man = verify(ckpt) if verified is None else verified
     with invalid_on_error(ckpt, STATE_FILE), fsio.open_dir(ckpt) as dir_fd:
         size = man["files"][STATE_FILE]["size"]
         saved_state = json.loads(fsio.read_regular(STATE_FILE, dir_fd, size))

@@ -78,6 +78,8 @@ class CheckpointStore:
         self.on_event = on_event
         self.last_path: Path | None = None
         self._thread: threading.Thread | None = None
+        self._writing = -1
+        """The step the background writer is writing (while ``in_flight``)."""
         self._failure: CheckpointWriteFailed | None = None
         self._closed = False
         self._last_size: int | None = None
@@ -107,24 +109,44 @@ class CheckpointStore:
         scaler: Any,
         train_state: dict[str, Any] | None,
         meta: dict[str, Any] | None,
-    ) -> None:
+        *,
+        skip_if_busy: bool = False,
+    ) -> bool:
         """Checkpoint ``step``; returns once the state is in host memory (async) or committed.
 
-        Waits first for the previous save. Raises CheckpointWriteFailed (``fail_fatal`` only) for
-        this or an earlier failed write, ValueError when ``train_state``/``meta`` are not JSON,
+        Waits first for the previous save, unless ``skip_if_busy``: then, while the previous
+        save is still being written (``in_flight``), this one is skipped (event
+        ``checkpoint_save_skipped``) and False returned, so that a periodic save never stalls
+        the loop behind a slow disk. True when the save was made (or handed to the writer).
+        Raises CheckpointWriteFailed (``fail_fatal`` only) for this or an earlier failed write,
+        ValueError when ``train_state``/``meta`` are not JSON,
         CheckpointError when the store is closed.
         """
         if not self.is_writer:
-            return
+            return True
         if self._closed:
             raise CheckpointError("save() on a closed CheckpointStore")
         manifest.check_meta(meta or {})
+        if skip_if_busy and self.in_flight:
+            warn(
+                self.on_event,
+                f"checkpoint {step_name(step)} skipped: {step_name(self._writing)} is still "
+                "being written",
+                {
+                    "type": EventType.CHECKPOINT_SAVE_SKIPPED,
+                    "step": step,
+                    "writing": self._writing,
+                    "reason": "the previous save is still being written",
+                },
+            )
+            return False
         self.wait()
         snap = capture(step, model, optimizer, scaler, train_state, meta)
         if not self.async_save:
             self._write(snap)
             self._raise_failure()
-            return
+            return True
+        self._writing = step
         self._thread = threading.Thread(
             target=self._write_in_background,
             args=(snap,),
@@ -132,6 +154,7 @@ class CheckpointStore:
             daemon=False,
         )
         self._thread.start()
+        return True
 
     def wait(self) -> None:
         """Block until the in-flight save (if any) has committed or failed.
