@@ -333,7 +333,7 @@ class CheckpointStore:
             self.on_event,
             f"checkpoint {step_name(snap.step)} was not written: {shown} hold NaN or infinity; "
             "older checkpoints are intact",
-            {"type": "checkpoint_not_finite", "step": snap.step, "tensors": names[:20]},
+            {"type": EventType.CHECKPOINT_NOT_FINITE, "step": snap.step, "tensors": names[:20]},
         )
 
     def _report_failure(self, step: int, e: BaseException) -> None:
