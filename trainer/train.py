@@ -849,7 +849,10 @@ def _agree_on_resume(chosen: Path | None, d: Dist) -> Path | None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    # One write of the whole line: ranks that share a stderr (torchrun without --redirects)
+    # never glue their lines together, as print's separate newline write could.
+    sys.stderr.write(f"train.py: error: {message}\n")
+    sys.stderr.flush()
     return code
 
 
