@@ -92,10 +92,10 @@ class Supervisor:
         self.torchrun_pid: int | None = None
         self._signals: list[int] = []
         self.exit_reason = ""
+        """How the run ended, in words (set on exit; the CLI prints it)."""
         self.checkpoint_failures = 0
         """Checkpoint writes that failed since the last one that succeeded."""
         self.last_checkpoint_failure: str | None = None
-        """How the run ended, in words (set on exit; the CLI prints it)."""
         self._state_written_at = float("-inf")
         self._started_at = time.time()
 
