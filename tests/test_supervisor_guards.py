@@ -180,6 +180,16 @@ SLOW_SAVE_ARGS = [
 ]  # fmt: skip
 
 
+def _stopped_by_itself(run: Launched, pid: int, timeout: float = 240) -> psutil.Process:
+    """Worker ``pid`` of ``run`` once it has stopped itself (SIGSTOP) at its test hook."""
+    worker = psutil.Process(pid)
+    deadline = time.monotonic() + timeout
+    while worker.status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline and run.proc.poll() is None, run.stderr[-2000:]
+        time.sleep(0.1)
+    return worker
+
+
 @pytest.mark.slow
 def test_ranks_waiting_for_a_slow_checkpoint_are_not_called_hung(
     tmp_path: Path, train_env: dict[str, str]
@@ -196,11 +206,8 @@ def test_ranks_waiting_for_a_slow_checkpoint_are_not_called_hung(
     )  # fmt: skip
     try:
         started = run.wait_event("workers_started", 240)
-        writer = psutil.Process(int(started["workers"]["0"]))
+        writer = _stopped_by_itself(run, int(started["workers"]["0"]))
         deadline = time.monotonic() + 240
-        while writer.status() != psutil.STATUS_STOPPED:
-            assert time.monotonic() < deadline and run.proc.poll() is None, run.stderr[-2000:]
-            time.sleep(0.1)
         time.sleep(10.0)  # well past the hang timeout: nothing may be declared hung meanwhile
         assert "hang_detected" not in run.types(), run.stderr[-2000:]
         while run.proc.poll() is None and time.monotonic() < deadline:
@@ -291,11 +298,7 @@ def test_failing_checkpoint_writes_reach_the_console_the_state_and_status(
     )
     try:
         started = run.wait_event("workers_started", 240)
-        worker = psutil.Process(int(started["workers"]["0"]))
-        deadline = time.monotonic() + 240
-        while worker.status() != psutil.STATUS_STOPPED:
-            assert time.monotonic() < deadline and run.proc.poll() is None, run.stderr[-2000:]
-            time.sleep(0.1)
+        worker = _stopped_by_itself(run, int(started["workers"]["0"]))
         shutil.rmtree(run_dir / "checkpoints")  # where the store must write lies a plain file
         (run_dir / "checkpoints").write_text("not a directory")
         worker.send_signal(signal.SIGCONT)
