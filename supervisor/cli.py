@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from supervisor.policy import PolicyConfig
 from supervisor.proctree import set_child_subreaper
 from supervisor.runner import TorchrunRunner
 from supervisor.status import format_status, read_node_states, read_state
-from trainer.supervised import pid_alive
+from trainer.supervised import pid_alive, read_owner, write_owner
 
 PROG = "launch.py"
 
@@ -229,18 +227,8 @@ def prepare_run_dir(config: LaunchConfig) -> None:
 def _lock_holder(config: LaunchConfig) -> str:
     """ " (pid N)" of the supervisor that holds this node's lock, from the owner file it wrote
     when it took the lock; "" when that is unknown or names a process that is gone."""
-    try:
-        pid = int(json.loads(config.lock_owner_file.read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f" (pid {pid})" if pid_alive(pid) else ""
-
-
-def _write_lock_owner(config: LaunchConfig) -> None:
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    tmp = config.lock_owner_file.with_name(f".{config.lock_owner_file.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(owner))
-    os.replace(tmp, config.lock_owner_file)
+    owner = read_owner(config.lock_owner_file)
+    return f" (pid {owner[0]})" if owner is not None and pid_alive(owner[0]) else ""
 
 
 def _previous_attempt(config: LaunchConfig) -> int:
@@ -316,7 +304,7 @@ def run(argv: Sequence[str]) -> int:
         )
         return exit_codes.RUN_DIR_LOCKED
     try:
-        _write_lock_owner(config)
+        write_owner(config.lock_owner_file)
         set_child_subreaper()
         try:
             events = EventLog(config.events_file)

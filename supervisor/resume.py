@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import filelock
 
 from runcontract import layout
+from trainer.supervised import read_owner
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -51,11 +51,8 @@ def writer_lock_holder(run_dir: Path) -> str | None:
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        try:
-            owner = json.loads((ckpt_dir / layout.WRITER_OWNER).read_text())
-            return f"pid {owner['pid']} on {owner['host']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "an unknown process"
+        owner = read_owner(ckpt_dir / layout.WRITER_OWNER)
+        return f"pid {owner[0]} on {owner[1]}" if owner is not None else "an unknown process"
     except OSError:
         return None  # an unreadable directory is the checkpoint choice's to report
     lock.release()

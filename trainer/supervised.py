@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -301,3 +302,22 @@ class Heartbeat:
         return True
 
     beat = __call__
+
+
+def write_owner(path: Path) -> None:
+    """Record this process as a lock's holder in ``path`` (``{pid, host, since}``), replaced
+    atomically: the supervisor's lock and the checkpoint writer lock each keep one, so that a
+    process refused the lock can name who holds it."""
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(owner))
+    os.replace(tmp, path)
+
+
+def read_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, host) that ``write_owner`` recorded in ``path``; None when it is missing or torn."""
+    try:
+        info = json.loads(path.read_text())
+        return int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

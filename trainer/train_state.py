@@ -10,6 +10,17 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+INTEGER_MINIMUM = {
+    "step": 0,
+    "position": 0,
+    "global_batch": 1,
+    "seq_len": 1,
+    "num_samples": 1,
+    "metrics_offset": 0,
+}
+"""The least value of each integer field: the one rule for the trainer here and for ``verify``
+(trainer/checkpoint/schema.py), which judges a stored state without building one."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
@@ -34,18 +45,12 @@ class TrainState:
     """Ranges ``[start, end)`` of global sampler positions that a rollback after a divergence
     skipped: their samples were never trained on (``--on-divergence rollback-skip:N``)."""
 
-    _MINIMUM = {"global_batch": 1, "seq_len": 1, "num_samples": 1}
-
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            if field.name == "skipped":
-                continue
-            value, low = getattr(self, field.name), self._MINIMUM.get(field.name, 0)
+        for name, low in INTEGER_MINIMUM.items():
+            value = getattr(self, name)
             # bool is an int in Python, but a flag in a counter's place is a corrupt state.
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(
-                    f"train_state.{field.name} must be an integer >= {low}, got {value!r}"
-                )
+                raise ValueError(f"train_state.{name} must be an integer >= {low}, got {value!r}")
         object.__setattr__(self, "skipped", skipped_ranges(self.skipped, self.position))
 
     @property
@@ -90,13 +95,13 @@ def skipped_ranges(value: Any, position: Any = None) -> tuple[tuple[int, int], .
     integer): skipped data lies behind the position reached. Raises ValueError naming the
     first bad range."""
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"train_state.skipped must be a list of ranges, got {_short(value)}")
+        raise ValueError(f"train_state.skipped must be a list of ranges, got {short_repr(value)}")
     ranges: list[tuple[int, int]] = []
     last_end = 0
     for item in value:
         ints = isinstance(item, (list, tuple)) and len(item) == 2
         if not ints or not all(type(v) is int for v in item):
-            raise ValueError(f"train_state.skipped range {_short(item)} is not [start, end]")
+            raise ValueError(f"train_state.skipped range {short_repr(item)} is not [start, end]")
         start, end = item
         behind = type(position) is not int or end <= position
         if not last_end <= start < end or not behind:
@@ -109,6 +114,7 @@ def skipped_ranges(value: Any, position: Any = None) -> tuple[tuple[int, int], .
     return tuple(ranges)
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to 40 characters for an error message."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..supervised import read_owner, write_owner
 from .errors import CheckpointLocked
 from .layout import LOCK_FILE, OWNER_FILE
 
@@ -31,21 +28,13 @@ class WriterLock:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            holder = ""
-            try:
-                info = json.loads(self._owner.read_text())
-                holder = f" (pid {info['pid']} on {info['host']})"
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
+            owner = read_owner(self._owner)
+            holder = f" (pid {owner[0]} on {owner[1]})" if owner is not None else ""
             raise CheckpointLocked(
                 f"another process{holder} is writing checkpoints into {self.path.parent}; "
                 "stop it first, or give this run its own run directory"
             ) from None
-        tmp = self._owner.with_name(f"{OWNER_FILE}.{os.getpid()}")
-        tmp.write_text(
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-        )
-        os.replace(tmp, self._owner)
+        write_owner(self._owner)
 
     def release(self) -> None:
         """Release the lock (idempotent)."""

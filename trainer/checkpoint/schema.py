@@ -13,29 +13,21 @@ import json
 import math
 from typing import Any
 
-from ..train_state import skipped_ranges
+from ..train_state import INTEGER_MINIMUM, short_repr, skipped_ranges
 from . import fsio
 
-#: ``train_state`` fields the built-in trainer records, with the least value each may take. They
-#: must be integers when present; ``skipped`` must be ranges of positions (``skipped_ranges``);
+#: ``train_state`` fields the built-in trainer records must be integers of at least their
+#: ``INTEGER_MINIMUM`` when present; ``skipped`` must be ranges of positions (``skipped_ranges``);
 #: any other key is the saver's own and is not judged here.
-TRAIN_STATE_MINIMUM = {
-    "step": 0,
-    "position": 0,
-    "metrics_offset": 0,
-    "global_batch": 1,
-    "seq_len": 1,
-    "num_samples": 1,
-}
 
 
 def check_train_state(manifest: dict[str, Any]) -> None:
     """Raise ValueError when a known ``train_state`` field has the wrong type or range, or its
     ``step`` is not the manifest's."""
     state = manifest["train_state"]
-    for key, least in TRAIN_STATE_MINIMUM.items():
+    for key, least in INTEGER_MINIMUM.items():
         if key in state and (type(state[key]) is not int or state[key] < least):
-            shown = _short(state[key])
+            shown = short_repr(state[key])
             raise ValueError(f"train_state {key} is {shown}, not an integer >= {least}")
     if "skipped" in state:
         skipped_ranges(state["skipped"], state.get("position"))
@@ -115,11 +107,6 @@ def _check_step(step: Any, where: object) -> None:
     if isinstance(step, dict) and set(step) == {"__float__"}:  # how encode writes inf and nan
         step = math.nan
     if not isinstance(step, (int, float)) or isinstance(step, bool) or not step >= 0:
-        raise ValueError(f"optimizer step of {where} is {_short(step)}, not a number >= 0")
+        raise ValueError(f"optimizer step of {where} is {short_repr(step)}, not a number >= 0")
     if not math.isfinite(step):
         raise ValueError(f"optimizer step of {where} is {step}, not a finite number")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
