@@ -140,7 +140,7 @@ class TrainConfig:
         "'auto': resume from the newest valid checkpoint in the run directory",
         choices=("none", "auto"),
     )
-    ckpt_every: int = option(40, "steps between checkpoints (0: only the preemption and final ones)")
+    ckpt_every: int = option(40, "steps between checkpoints (0: only emergency and final ones)")
     ckpt_sync: bool = option(False, "write checkpoints synchronously (off: in the background)")
     ckpt_skip_busy: bool = option(
         False,
