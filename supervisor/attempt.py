@@ -85,6 +85,9 @@ class Observation:
     hang: Hang | None = None
     step: int | None = None
     """Highest step any rank reported (None before the first heartbeat)."""
+    hang_detector: str = ""
+    """What judges hangs now: ``heartbeats``, ``process`` (the process table, for a script that
+    has written none) or ``off``; empty when not known."""
     notes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     """Events the loop should log (``workers_started``, ``hang_timeout``, …)."""
 

@@ -332,6 +332,7 @@ class Supervisor:
             resume_step=resume_step,
             restarts_left=self.policy.restarts_left(),
         )
+        self.events.emit(EventType.HANG_DETECTION, attempt=self.attempt, **self._hang_detection())
         if not self.config.single_node:
             self.events.emit(
                 EventType.RENDEZVOUS_WAIT,
@@ -346,6 +347,28 @@ class Supervisor:
         self.step = resume_step if self.resume_from else None
         self._transition(State.RUNNING)
         return launched_at
+
+    def _hang_detection(self) -> dict[str, Any]:
+        """Which hang detector this attempt starts with, said at launch."""
+        hang = self.config.hang
+        if hang.require_heartbeats:
+            return {
+                "detector": "heartbeats",
+                "reason": "the script keeps the heartbeat contract: a rank silent past its "
+                "phase's allowance is hung (--require-heartbeats)",
+            }
+        if hang.process_hang == "no":
+            return {
+                "detector": "heartbeats",
+                "reason": "heartbeats if the script writes them; without them only crashes are "
+                "detected (--process-hang no)",
+            }
+        return {
+            "detector": "process",
+            "timeout": hang.process_timeout,
+            "reason": "until a rank writes a heartbeat, the process table: a rank stopped, or "
+            f"every rank idle (no CPU, no output), for {hang.process_timeout:g} s is a hang",
+        }
 
     def _stop_failed(self, obs: Observation, launched_at: float) -> AttemptResult:
         detected_at = self._clock()

@@ -20,6 +20,7 @@ from typing import Any
 from runcontract import env as env_names
 from runcontract.events import EventType
 from runcontract.heartbeat import Phase
+from supervisor.activity import ActivityMonitor
 from supervisor.attempt import Failure, Hang, Observation, Outcome, StopReport
 from supervisor.config import PROJECT_ROOT, LaunchConfig
 from supervisor.heartbeat import HeartbeatMonitor
@@ -46,6 +47,8 @@ class TorchrunRunner:
         self.clock = clock
         self.tree: AttemptTree | None = None
         self.monitor: HeartbeatMonitor | None = None
+        self.activity: ActivityMonitor | None = None
+        """Watches the process table while no rank has written a heartbeat."""
         self.attempt = 0
         self._failure: Failure | None = None
         self._early_leaver: Worker | None = None
@@ -148,6 +151,12 @@ class TorchrunRunner:
         self.monitor = HeartbeatMonitor(
             self.config.heartbeat_dir, attempt, self.config.hang, started, clock=self.clock
         )
+        hang = self.config.hang
+        self.activity = None
+        if hang.process_hang == "yes" and not hang.require_heartbeats:
+            self.activity = ActivityMonitor(
+                hang.process_timeout, output_dir=log_dir / "ranks", clock=self.clock
+            )
         self._next_heartbeat_read = started
         self._next_tree_walk = started
         self._next_log_check = started + LOG_CHECK_INTERVAL
@@ -185,9 +194,20 @@ class TorchrunRunner:
         if failure is not None:
             return Observation(Outcome.FAILED, failure=failure, step=step, notes=notes)
         hang = self._detect_hang(notes) if read_heartbeats else None
+        detector = self.hang_detector()
         if hang is not None:
-            return Observation(Outcome.HUNG, hang=hang, step=step, notes=notes)
-        return Observation(Outcome.RUNNING, step=step, notes=notes)
+            return Observation(
+                Outcome.HUNG, hang=hang, step=step, hang_detector=detector, notes=notes
+            )
+        return Observation(Outcome.RUNNING, step=step, hang_detector=detector, notes=notes)
+
+    def hang_detector(self) -> str:
+        """What judges hangs now: ``heartbeats`` (the script beats, or must), ``process`` (the
+        process table, while no rank has beaten) or ``off``."""
+        beating = self.monitor is not None and bool(self.monitor.ranks)
+        if beating or self.config.hang.require_heartbeats:
+            return "heartbeats"
+        return "process" if self.activity is not None else "off"
 
     def _discover(self, now: float, notes: list[tuple[str, dict[str, Any]]]) -> list[Worker]:
         """Find new workers and those that exited since the last look; announce the workers
@@ -289,17 +309,41 @@ class TorchrunRunner:
             time.sleep(0.05)
 
     def _detect_hang(self, notes: list[tuple[str, dict[str, Any]]]) -> Hang | None:
-        """A rank stuck past its phase's allowance; notes once that hang detection is off for
-        a script that never beats."""
+        """A rank stuck past its phase's allowance, judged by the heartbeats once any rank
+        beats and by the process table until then; notes when a script never beats."""
         tree, monitor = self.tree, self.monitor
         assert tree is not None and monitor is not None
-        hang = monitor.check([w.pid for w in tree.live_workers()])
+        live = tree.live_workers()
+        hang = monitor.check([w.pid for w in live])
+        if hang is None and self.activity is not None:
+            if monitor.ranks:
+                self.activity = None  # the script beats: its heartbeats judge from now on
+                notes.append(
+                    (
+                        EventType.HANG_DETECTION,
+                        {
+                            "attempt": self.attempt,
+                            "detector": "heartbeats",
+                            "reason": "a rank wrote a heartbeat: hangs are judged by the "
+                            "heartbeats from now on",
+                        },
+                    )
+                )
+            else:
+                hang = self.activity.look(live, tree.others.values())
         if hang is None and monitor.silent() and not self._announced_silent:
             self._announced_silent = True
+            if self.activity is not None:
+                how = (
+                    "hangs are judged from the process table (a stopped rank, or every rank "
+                    f"idle, for {self.activity.timeout:g} s)"
+                )
+            else:
+                how = "hang detection is off for this attempt (--process-hang no)"
             fields = {
                 "attempt": self.attempt,
-                "reason": "no heartbeat within the start-up timeout: hang detection is off "
-                "for this attempt (crashes are still detected)",
+                "reason": f"no heartbeat within the start-up timeout: {how}; crashes are "
+                "still detected",
             }
             notes.append((EventType.HEARTBEATS_ABSENT, fields))
         return hang
