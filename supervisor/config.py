@@ -10,7 +10,7 @@ from pathlib import Path
 
 from runcontract import layout
 from runcontract.cli import option
-from supervisor.flag_groups import DETECTION, MULTI_NODE, WORKERS
+from supervisor.flag_groups import DETECTION, MULTI_NODE, OWN_SCRIPT, WORKERS
 from supervisor.heartbeat import HangConfig
 from supervisor.policy import PolicyConfig
 
@@ -67,6 +67,24 @@ class LaunchConfig:
         "kept as <file>.prev and the file starts again (0: no cap)",
         group=WORKERS,
     )
+    ckpt_path: str | None = option(
+        None,
+        "glob of the script's own checkpoint files (relative to the working directory; ** spans "
+        "folders): one written during an attempt counts as progress for the crash-loop guard "
+        "(default: checkpoint-like files in the run dir and the working directory)",
+        metavar="GLOB",
+        group=OWN_SCRIPT,
+    )
+    """Where a script that keeps its own checkpoints writes them (a glob)."""
+    done_marker: str | None = option(
+        None,
+        "a file the script creates once the job is finished (relative to the working "
+        "directory): an attempt that fails after creating it (a rank aborting at exit) counts "
+        "as finished",
+        metavar="PATH",
+        group=OWN_SCRIPT,
+    )
+    """A file whose creation during an attempt means the job finished."""
     poll_interval: float = 0.1
     """Seconds between cheap process checks."""
     heartbeat_interval: float = 0.5

@@ -33,11 +33,12 @@ class PolicyConfig:
     """When > 0: at most ``max_restarts`` restarts within this many seconds (sliding window)."""
     crash_loop: int = option(
         3,
-        "give up after K consecutive failed attempts without a new valid checkpoint (0 turns "
-        "the guard off)",
+        "give up after K consecutive failed attempts without progress: a new valid checkpoint, "
+        "or for a script that keeps its own, a file under --ckpt-path, steps in its heartbeats "
+        "or a run past --healthy-after (0 turns the guard off)",
         group=RESTARTS,
     )
-    """Give up after this many failed attempts in a row without a new valid checkpoint (0: off)."""
+    """Give up after this many failed attempts in a row without progress (0: off)."""
     backoff_initial: float = option(
         0.5, "first backoff of a failure streak, seconds; doubles", group=RESTARTS
     )
@@ -130,8 +131,8 @@ class RestartPolicy:
     def on_failure(self, *, attempt_runtime: float, progressed: bool) -> Decision:
         """Record one failed attempt and decide.
 
-        ``attempt_runtime`` is how long it ran (seconds); ``progressed`` says whether a newer
-        valid checkpoint exists than the one it started from.
+        ``attempt_runtime`` is how long it ran (seconds); ``progressed`` says whether it achieved
+        anything a restart keeps (a newer valid checkpoint, for the built-in trainer).
         """
         cfg = self.config
         self.failures_without_progress = 0 if progressed else self.failures_without_progress + 1
@@ -140,8 +141,8 @@ class RestartPolicy:
         if cfg.crash_loop and self.failures_without_progress >= cfg.crash_loop:
             return self._give_up(
                 exit_codes.CRASH_LOOP,
-                f"{self.failures_without_progress} consecutive failed attempts without a new "
-                f"valid checkpoint (--crash-loop {cfg.crash_loop})",
+                f"{self.failures_without_progress} consecutive failed attempts without progress "
+                f"(--crash-loop {cfg.crash_loop})",
             )
         if self.restarts_left() <= 0:
             window = f" within {cfg.restart_window:g} s" if cfg.restart_window else ""

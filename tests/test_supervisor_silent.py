@@ -3,12 +3,16 @@ a finish that a teardown abort does not undo, and progress that the crash-loop g
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from runcontract import exit_codes
-from tests.scripts.harness import FAST, Launched
+from tests.scripts.harness import FAST, WORKER, Launched
 
 pytestmark = pytest.mark.distributed
 
@@ -82,5 +86,98 @@ def test_process_hang_no_leaves_a_silent_script_to_its_crashes(tmp_path: Path) -
         said = next(e for e in run.events() if e["type"] == "hang_detection")
         assert said["detector"] == "heartbeats" and "--process-hang no" in said["reason"]
         assert "hang_detected" not in run.types()
+    finally:
+        run.kill_all()
+
+
+def _kill_rank_1_after(run: Launched, attempt: int, saved: Path | None) -> None:
+    """Wait for attempt ``attempt``'s workers (and, when given, for ``saved`` to be written in
+    it), then SIGKILL rank 1."""
+    started = run.wait_event("workers_started", ATTEMPT_TIMEOUT, count=attempt)
+    if saved is not None:
+        deadline = time.monotonic() + ATTEMPT_TIMEOUT
+        while not (saved.exists() and saved.read_text().strip() == f"attempt {attempt}"):
+            assert time.monotonic() < deadline, f"attempt {attempt} never wrote {saved}"
+            time.sleep(0.05)
+    os.kill(int(started["workers"]["1"]), signal.SIGKILL)
+
+
+def test_a_script_that_writes_its_own_checkpoints_is_not_a_crash_loop(tmp_path: Path) -> None:
+    # Three kills, each after the script rewrote its snapshot; the guard allows only two
+    # failures without progress, and each attempt is far shorter than --healthy-after.
+    snapshot = tmp_path / "run" / "snapshot.pt"  # found in the run dir with no flag
+    run = _run(
+        tmp_path, "--crash-loop", "2", "--healthy-after", "600", "--max-restarts", "5",
+        str(SILENT), "save,save,save,work", "--seconds", "0.5", "--save-to", str(snapshot),
+    )  # fmt: skip
+    try:
+        for attempt in (1, 2, 3):
+            _kill_rank_1_after(run, attempt, snapshot)
+        assert run.wait(2 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        events = run.events()
+        backoffs = [e for e in events if e["type"] == "backoff"]
+        assert len(backoffs) == 3 and all(e["progressed"] for e in backoffs)
+        assert all(str(snapshot) in e["progress"] for e in backoffs)
+        # Not a claim of a restart from step 0: the script resumes from its own state.
+        selected = [e for e in events if e["type"] == "checkpoint_selected"]
+        assert len(selected) == 4 and all(e["step"] is None for e in selected)
+        assert all(e["resume_step"] is None for e in events if e["type"] == "launch")
+        state = json.loads((run.run_dir / "supervisor.json").read_text())
+        assert state["failures_without_progress"] == 0 and state["restarts_left"] == 2
+    finally:
+        run.kill_all()
+
+
+def test_failures_without_anything_written_are_a_crash_loop(tmp_path: Path) -> None:
+    run = _run(
+        tmp_path, "--crash-loop", "2", "--healthy-after", "600", "--max-restarts", "5",
+        str(SILENT), "save", "--seconds", "0.5",
+    )  # fmt: skip
+    try:
+        for attempt in (1, 2):
+            _kill_rank_1_after(run, attempt, None)
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.CRASH_LOOP, run.stderr[-3000:]
+        backoff = next(e for e in run.events() if e["type"] == "backoff")
+        assert not backoff["progressed"] and backoff["progress"].startswith("none")
+        assert "without progress" in run.wait_event("crash_loop", 5)["reason"]
+    finally:
+        run.kill_all()
+
+
+def test_an_abort_after_the_done_marker_is_a_finish(tmp_path: Path) -> None:
+    marker = tmp_path / "finished"
+    marker.write_text("from an earlier run\n")  # older than the attempt: not evidence
+    os.utime(marker, (0, 0))
+    run = _run(
+        tmp_path, "--max-restarts", "1", "--done-marker", str(marker),
+        str(SILENT), "talk,work", "--seconds", "0.3", "--abort", "--done-marker", str(marker),
+    )  # fmt: skip
+    try:
+        assert run.wait(2 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        events = run.events()
+        accepted = [e for e in events if e["type"] == "exit_after_done"]
+        assert len(accepted) == 1 and "done marker" in accepted[0]["reason"]
+        assert accepted[0]["exit_code"] == -signal.SIGABRT
+        assert run.types()[-1] == "done"
+    finally:
+        run.kill_all()
+
+
+def test_an_abort_without_evidence_of_a_finish_is_a_failure(tmp_path: Path) -> None:
+    run = _run(tmp_path, "--max-restarts", "0", str(SILENT), "work", "--seconds", "0.3", "--abort")
+    try:
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.BUDGET_EXHAUSTED, run.stderr[-3000:]
+        assert "exit_after_done" not in run.types()
+    finally:
+        run.kill_all()
+
+
+def test_an_abort_after_every_rank_reported_done_is_a_finish(tmp_path: Path) -> None:
+    run = _run(tmp_path, "--max-restarts", "0", str(WORKER), "finish", "--abort-at-exit", "1")
+    try:
+        assert run.wait(ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        accepted = run.wait_event("exit_after_done", 5)
+        assert "every rank reported done" in accepted["reason"]
+        assert accepted["rank"] == 1 and accepted["exit_code"] == -signal.SIGABRT
     finally:
         run.kill_all()

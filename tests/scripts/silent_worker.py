@@ -7,6 +7,7 @@ MODE (one per attempt, from ``ROSE_ATTEMPT``; the last one repeats):
 - ``work``: every rank burns CPU for ``--seconds`` seconds, then exits 0;
 - ``sleep``: every rank sleeps ``--seconds`` seconds without a word, then exits 0;
 - ``talk``: every rank sleeps ``--seconds`` seconds, printing a line every 0.2 s, then exits 0;
+- ``save``: every rank burns CPU until stopped; rank 0 rewrites ``--save-to`` every 0.2 s;
 - ``stop``: rank R sends itself SIGSTOP; the others burn CPU until stopped;
 - ``stuck``: rank R sleeps forever; the others wait for it in a gloo barrier that never ends.
 
@@ -26,6 +27,7 @@ p.add_argument("--rank", type=int, default=1)
 p.add_argument("--seconds", type=float, default=2.0)
 p.add_argument("--done-marker", default="")
 p.add_argument("--abort", action="store_true")
+p.add_argument("--save-to", default="")
 args = p.parse_args()
 
 rank = int(os.environ.get("RANK", "0"))
@@ -51,6 +53,12 @@ elif mode == "talk":
     while time.monotonic() < end:
         print(f"rank {rank} still here", flush=True)
         time.sleep(0.2)
+elif mode == "save":
+    while True:
+        burn(0.2)
+        if rank == 0 and args.save_to:
+            with open(args.save_to, "w") as f:
+                f.write(f"attempt {attempt}\n")
 elif mode == "stop":
     if rank == args.rank:
         os.kill(os.getpid(), signal.SIGSTOP)
