@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from runcontract import exit_codes
-from tests.scripts.harness import FAST, WORKER, Launched
+from tests.scripts.harness import FAST, LAUNCH, WORKER, Launched
 
 pytestmark = pytest.mark.distributed
 
@@ -179,5 +181,60 @@ def test_an_abort_after_every_rank_reported_done_is_a_finish(tmp_path: Path) -> 
         accepted = run.wait_event("exit_after_done", 5)
         assert "every rank reported done" in accepted["reason"]
         assert accepted["rank"] == 1 and accepted["exit_code"] == -signal.SIGABRT
+    finally:
+        run.kill_all()
+
+
+def _chaos(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(LAUNCH), "chaos", str(run_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=2 * ATTEMPT_TIMEOUT,
+    )
+
+
+def _launch_py(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(LAUNCH), *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_chaos_tool_works_on_a_script_without_heartbeats(tmp_path: Path) -> None:
+    run = _run(
+        tmp_path, "--hang-timeout", "3", str(SILENT), "save,save,work", "--seconds", "0.5",
+    )  # fmt: skip
+    try:
+        run.wait_event("workers_started", ATTEMPT_TIMEOUT)
+        killed = _chaos(run.run_dir, "--fault", "kill-worker", "--count", "1", "--seed", "1")
+        assert killed.returncode == 0, killed.stderr
+        run.wait_event("workers_started", ATTEMPT_TIMEOUT, count=2)
+        # Attempt 2 saves until stopped. With no checkpoint of the store to damage: one line
+        # and exit 2, not a wait until the timeout.
+        corrupt = _chaos(run.run_dir, "--fault", "corrupt", "--count", "1")
+        assert corrupt.returncode == 2 and "needs the checkpoints" in corrupt.stderr
+        assert len(corrupt.stderr.strip().splitlines()) == 1
+        at_steps = _chaos(run.run_dir, "--at-steps", "5")
+        assert at_steps.returncode == 2 and "use --every" in at_steps.stderr
+        stopped = _chaos(run.run_dir, "--fault", "hang", "--count", "1", "--seed", "1")
+        assert stopped.returncode == 0, stopped.stderr
+        assert run.wait(2 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        events = run.events()
+        injected = [e for e in events if e["type"] == "fault_injected"]
+        assert [(e["kind"], e["attempt"], e["step"]) for e in injected] == [
+            ("kill-worker", 1, None),
+            ("hang", 2, None),
+        ]
+        assert [e["attempt"] for e in events if e["type"] == "worker_failed"] == [1]
+        hangs = [e for e in events if e["type"] == "hang_detected"]
+        assert [(e["attempt"], e["phase"]) for e in hangs] == [(2, "stopped")]
+        # status and report say what they know, and "unknown" for the rest, never 0.
+        status = _launch_py("status", str(run.run_dir))
+        assert "step:         unknown" in status and "process table" in status
+        report = _launch_py("report", str(run.run_dir), "--no-png")
+        assert "3 attempt(s), 2 failure(s), 2 fault(s) injected" in report
+        assert "steps:       unknown" in report and "goodput:     unknown" in report
     finally:
         run.kill_all()

@@ -34,16 +34,29 @@ def _summary_lines(report: Report) -> list[str]:
         f"  outcome:     {report.end_state}; {len(report.attempts)} attempt(s), "
         f"{len(report.failures)} failure(s)"
         + (f", {report.faults_injected} fault(s) injected" if report.faults_injected else ""),
-        f"  steps:       {_n(report.start_step)} -> {_n(report.final_step)} "
-        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)",
-        f"  goodput:     {_s(report.goodput)} useful steps/s over "
-        f"{_s(report.wall_seconds, 1)} s wall clock",
+        *_step_lines(report),
         f"  cold start:  {_s(report.cold_start)} s (launch -> first step)",
         f"  checkpoint:  newest valid step {ckpt.step} ({ckpt.path})"
         if ckpt
         else "  checkpoint:  no valid checkpoint",
     ]
     return lines + _divergence_lines(report)
+
+
+def _step_lines(report: Report) -> list[str]:
+    """Steps and goodput; "unknown" for a script that reports no steps (no heartbeats, no
+    metrics), never a made-up 0."""
+    wall = f"{_s(report.wall_seconds, 1)} s wall clock"
+    if report.final_step is None:
+        return [
+            "  steps:       unknown (the script reported no steps: no heartbeats, no metrics)",
+            f"  goodput:     unknown over {wall}",
+        ]
+    return [
+        f"  steps:       {_n(report.start_step)} -> {_n(report.final_step)} "
+        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)",
+        f"  goodput:     {_s(report.goodput)} useful steps/s over {wall}",
+    ]
 
 
 def _divergence_lines(report: Report) -> list[str]:
@@ -65,7 +78,7 @@ def _attempt_lines(report: Report) -> list[str]:
     for a in report.attempts:
         ran = gap(a.launched_at, a.ended_at)
         lines.append(
-            f"  {a.number:>3} {a.launched_at - t0:>8.2f} {a.resume_step:>6} "
+            f"  {a.number:>3} {a.launched_at - t0:>8.2f} {_n(a.resume_step):>6} "
             f"{_n(a.last_step):>9} {_s(ran):>7}  {a.outcome}"
         )
     return lines
