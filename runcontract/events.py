@@ -35,6 +35,9 @@ class EventType(str, enum.Enum):
     HANG_TIMEOUT = "hang_timeout"
     HEARTBEATS_ABSENT = "heartbeats_absent"
     HANG_DETECTION = "hang_detection"
+    STANDBY_STARTED = "standby_started"
+    STANDBY_READY = "standby_ready"
+    STANDBY_LOST = "standby_lost"
     LOG_TRUNCATED = "log_truncated"
     FIRST_STEP = "first_step"
     # A failure and its recovery

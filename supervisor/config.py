@@ -85,6 +85,22 @@ class LaunchConfig:
         group=OWN_SCRIPT,
     )
     """A file whose creation during an attempt means the job finished."""
+    standby: str = option(
+        "on",
+        "prepare the next attempt while this one trains (a torchrun whose workers import torch "
+        "and the script's modules, then wait), so a recovery skips the cold start",
+        choices=("on", "off"),
+        group=WORKERS,
+    )
+    """``on``: keep a standby attempt waiting (``supervisor.standby``); one node only."""
+    standby_import: str = option(
+        "",
+        "comma-separated modules a standby's workers import besides torch (your script's "
+        "heavy imports); none may open a process group or a GPU context at import",
+        metavar="MODULES",
+        group=WORKERS,
+    )
+    """Modules a standby imports before its gate, besides torch (and the built-in trainer)."""
     poll_interval: float = 0.1
     """Seconds between cheap process checks."""
     heartbeat_interval: float = 0.5
@@ -123,8 +139,17 @@ class LaunchConfig:
             raise ValueError(f"--stop-grace {self.stop_grace}: must be >= 0")
         if self.log_max_mb < 0:
             raise ValueError(f"--log-max-mb {self.log_max_mb}: must be >= 0 (0: no cap)")
+        if self.standby not in ("on", "off"):
+            raise ValueError(f"--standby {self.standby!r}: expected on or off")
+        bad = [m for m in self.standby_modules() if not all(p.isidentifier() for p in m.split("."))]
+        if bad:
+            raise ValueError(f"--standby-import {bad[0]!r}: not a module name")
         if self.term_timeout < 0:
             raise ValueError(f"--term-timeout {self.term_timeout}: must be >= 0")
+
+    def standby_modules(self) -> tuple[str, ...]:
+        """``standby_import`` as a tuple of module names."""
+        return tuple(m.strip() for m in self.standby_import.split(",") if m.strip())
 
     @property
     def single_node(self) -> bool:

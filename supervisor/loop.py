@@ -45,6 +45,16 @@ _FATAL_REASONS: dict[int, str] = {
 }
 
 
+# Notes from the runner after which supervisor.json is rewritten at once.
+_STATE_CHANGING_NOTES = frozenset(
+    {
+        EventType.WORKERS_STARTED,
+        EventType.STANDBY_STARTED,
+        EventType.STANDBY_READY,
+        EventType.STANDBY_LOST,
+    }
+)
+
 # Allowed state changes (runcontract.states draws them).
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.INIT: frozenset({State.STARTING, State.INTERRUPTED, State.FAILED}),
@@ -142,6 +152,7 @@ class Supervisor:
             "failures_without_progress": self.policy.failures_without_progress,
             "crash_loop": self.config.policy.crash_loop,
             "hang_detector": self.hang_detector or None,
+            "standby": self.runner.standby_state(),
             "started_at": self._started_at,
             "updated_at": time.time(),
         }
@@ -341,7 +352,7 @@ class Supervisor:
             self._follow_workers_events()
             for type_, fields in obs.notes:
                 self.events.emit(type_, **fields)
-                if type_ == EventType.WORKERS_STARTED:
+                if type_ in _STATE_CHANGING_NOTES:
                     self._write_state()
             if obs.hang_detector and obs.hang_detector != self.hang_detector:
                 self.hang_detector = obs.hang_detector
@@ -413,6 +424,7 @@ class Supervisor:
             resume_from=str(self.resume_from) if self.resume_from else None,
             resume_step=resume_step,
             restarts_left=self.policy.restarts_left(),
+            **self.runner.launch_info(),
         )
         self.events.emit(EventType.HANG_DETECTION, attempt=self.attempt, **self._hang_detection())
         if not self.config.single_node:
@@ -479,7 +491,9 @@ class Supervisor:
             )
             reason = "hang"
         self._transition(State.STOPPING)
-        grace = self.config.stop_grace
+        # The survivors of a failure hold nothing a restart needs (it resumes from a
+        # checkpoint), unless one is writing a checkpoint: only then do they get the grace.
+        grace = self.config.stop_grace if self.runner.checkpointing() else 0.0
         self.events.emit(EventType.STOPPING, attempt=self.attempt, reason=reason, grace=grace)
         report = self.runner.stop(grace)
         root: dict[str, Any] = {}

@@ -48,9 +48,13 @@ class PolicyConfig:
     backoff_jitter: float = 0.5
     """Up to this many random seconds added to each backoff."""
     healthy_after: float = option(
-        60.0, "an attempt healthy this long resets the backoff", group=RESTARTS
+        60.0,
+        "an attempt that ran this long (or made progress) before failing restarts at once and "
+        "resets the backoff",
+        group=RESTARTS,
     )
-    """An attempt that ran this long before failing resets the backoff streak."""
+    """An attempt that ran this long before failing (or made progress) restarts without a
+    backoff and resets the streak."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -136,7 +140,10 @@ class RestartPolicy:
         """
         cfg = self.config
         self.failures_without_progress = 0 if progressed else self.failures_without_progress + 1
-        if attempt_runtime >= cfg.healthy_after:
+        # A failure after progress or a healthy stretch restarts at once; only failures in a
+        # row that achieved nothing back off, longer each time.
+        healthy = progressed or attempt_runtime >= cfg.healthy_after
+        if healthy:
             self.streak = 0
         if cfg.crash_loop and self.failures_without_progress >= cfg.crash_loop:
             return self._give_up(
@@ -150,10 +157,12 @@ class RestartPolicy:
                 exit_codes.BUDGET_EXHAUSTED,
                 f"restart budget spent: {cfg.max_restarts} restarts{window} (--max-restarts)",
             )
-        self.streak += 1
-        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        state.attempt_number = self.streak
-        delay = float(self._wait(state))
+        delay = 0.0
+        if not healthy:
+            self.streak += 1
+            state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+            state.attempt_number = self.streak
+            delay = float(self._wait(state))
         self.restarts_used += 1
         self._restart_times.append(self._clock())
         return Decision(

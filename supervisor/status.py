@@ -72,6 +72,7 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
         f"hangs:        {_HANG_DETECTORS.get(str(state.get('hang_detector')), 'not known yet')}",
         f"torchrun:     pid {state.get('torchrun_pid') or '-'}",
         f"workers:      {worker_text}",
+        *_standby(state),
         f"checkpoint:   {state.get('newest_valid_checkpoint') or 'none'} (chosen at the last "
         f"launch); newest on disk: {_newest_on_disk(run_dir) or 'none'}",
         f"restarts:     {state.get('restarts_used', 0)} used, "
@@ -96,6 +97,22 @@ _HANG_DETECTORS = {
     "rank, or every rank idle",
     "off": "not detected (--process-hang no, and the script writes no heartbeats)",
 }
+
+
+def _standby(state: dict[str, Any]) -> list[str]:
+    """The waiting standby attempt: for which attempt, ready or importing, its memory."""
+    standby = state.get("standby")
+    if not isinstance(standby, dict):
+        return []
+    if standby.get("off"):
+        return [f"standby:      off ({standby['off']})"]
+    rss = standby.get("rss_mb") or {}
+    memory = ", ".join(f"rank {r}: {mb} MB" for r, mb in rss.items())
+    how = "ready" if standby.get("ready") else "importing"
+    return [
+        f"standby:      {how} for attempt {standby.get('for_attempt')} (torchrun pid "
+        f"{standby.get('torchrun_pid')})" + (f"; resident memory {memory}" if memory else "")
+    ]
 
 
 def _step(state: dict[str, Any]) -> str:

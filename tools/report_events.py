@@ -73,6 +73,7 @@ class _Walk:
             launched_at=t,
             resume_step=resume_step,
             last_step=resume_step,
+            standby=bool(ev.get("standby")),
         )
         if not report.attempts:
             report.start_step = resume_step
@@ -304,5 +305,6 @@ def _add_recoveries(report: Report, sources: dict[int, str]) -> None:
                 next_attempt=nxt.number,
                 phases=phases,
                 first_step_source=sources.get(nxt.number, "none"),
+                standby=nxt.standby,
             )
         )

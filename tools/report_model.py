@@ -33,6 +33,8 @@ class Attempt:
     """``succeeded``, ``failed``, ``hung``, ``interrupted``, or ``unknown`` (log ends mid-way)."""
     last_step: int | None = None
     """The highest step known to have been reached in this attempt."""
+    standby: bool = False
+    """Started by opening a standby's gate rather than by a cold start."""
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Recovery:
     """Seconds per phase of ``PHASES``; None when an event the phase needs is missing."""
     first_step_source: str
     """``metrics`` or ``event``: where the first step's time came from."""
+    standby: bool = False
+    """The next attempt was a standby: its ``launch`` phase is the gate opening."""
 
     @property
     def total(self) -> float | None:

@@ -108,15 +108,16 @@ def _recovery_lines(report: Report) -> list[str]:
     if not report.recoveries:
         return ["  none"]
     head = "".join(f"{p:>11}" for p in PHASES)
-    lines = [f"  {'attempts':>9}{head}{'total':>9}  first step from"]
+    lines = [f"  {'attempts':>9}{head}{'total':>9}  {'start':<8} first step from"]
     for r in report.recoveries:
         cells = "".join(f"{_s(r.phases[p], 3):>11}" for p in PHASES)
         lines.append(
             f"  {f'{r.failed_attempt}->{r.next_attempt}':>9}{cells}"
-            f"{_s(r.total, 3):>9}  {r.first_step_source}"
+            f"{_s(r.total, 3):>9}  {'standby' if r.standby else 'cold':<8} {r.first_step_source}"
         )
     return [
         *lines,
         "  detect: fault -> detected (only when the fault was logged); stop: -> tree down;",
-        "  backoff: -> relaunch; launch: -> workers up; first_step: -> first step completed",
+        "  backoff: -> relaunch; launch: -> workers up (start standby: a waiting standby's",
+        "  gate opened; cold: a new torchrun); first_step: -> first step completed",
     ]
