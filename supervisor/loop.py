@@ -72,11 +72,13 @@ class Supervisor:
         sleep: Callable[[float], None] = time.sleep,
         first_attempt: int = 1,
         restarts_carried: int = 0,
+        on_poll: Callable[[Observation], None] | None = None,
     ) -> None:
         """``first_attempt`` continues the numbering of an earlier supervisor of the same run
         directory, so that its logs and heartbeats are never mistaken for this one's;
         ``restarts_carried`` are the restarts that earlier supervisor already spent (a relaunch
-        or a SLURM requeue does not refill the budget)."""
+        or a SLURM requeue does not refill the budget). ``on_poll`` sees each look at a running
+        attempt (the console's status line)."""
         self.config = config
         self.runner = runner
         self.events = events
@@ -98,6 +100,7 @@ class Supervisor:
         self.last_checkpoint_failure: str | None = None
         self._state_written_at = float("-inf")
         self._started_at = time.time()
+        self._on_poll = on_poll
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -285,6 +288,8 @@ class Supervisor:
             if obs.step is not None and obs.step != self.step:
                 self.step = obs.step
                 self._write_state(force=False)
+            if self._on_poll is not None:
+                self._on_poll(obs)
             if not first_step_seen and obs.step is not None and obs.step > resume_step:
                 first_step_seen = True
                 self.events.emit(
