@@ -22,7 +22,14 @@ from typing import Any
 import filelock
 
 from runcontract import exit_codes, layout
-from runcontract.cli import Parser, UsageError, add_flag, flag_fields, flag_names
+from runcontract.cli import (
+    Parser,
+    UsageError,
+    add_flag,
+    finite_float,
+    flag_fields,
+    flag_names,
+)
 from runcontract.events import EventType
 from supervisor import flag_groups, slurm
 from supervisor.config import BUILTIN_TRAINER, LaunchConfig
@@ -426,7 +433,9 @@ def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], No
 
 
 def status(argv: Sequence[str]) -> int:
-    """``launch.py status RUN_DIR [--json]``: print the run's state; exit 2 when there is none."""
+    """``launch.py status RUN_DIR [--json | --watch [--interval S]]``: print the run's state;
+    exit 2 when there is none. With ``--watch``, refresh it until the run ends: exit 0, or 1 when
+    a supervisor vanished before its run reached a final state."""
     p = Parser(prog=f"{PROG} status", description="Show a supervised run's state.")
     p.add_argument("run_dir")
     p.add_argument(
@@ -434,9 +443,33 @@ def status(argv: Sequence[str]) -> int:
         action="store_true",
         help="print supervisor.json as it is (several nodes: an object by node)",
     )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh the view (in place on a terminal) until the run ends; exit 0 then, 1 when "
+        "its supervisor is gone first",
+    )
+    p.add_argument(
+        "--interval",
+        type=finite_float,
+        default=1.0,
+        metavar="S",
+        help="with --watch: seconds between looks (default 1)",
+    )
     args = p.parse_args(list(argv))
     run_dir = Path(args.run_dir).absolute()
+    if args.interval <= 0:
+        raise UsageError(f"--interval {args.interval:g}: must be > 0")
+    if args.watch and args.json:
+        raise UsageError("--watch and --json: choose one")
     try:
+        if args.watch:
+            from supervisor.watch import watch
+
+            try:
+                return watch(run_dir, args.interval)
+            except KeyboardInterrupt:
+                return exit_codes.INTERRUPTED
         states = read_node_states(run_dir)
     except FileNotFoundError:
         raise UsageError(
