@@ -55,6 +55,7 @@ class Progress:
             self.attempt = _int(record.get("attempt"))
             self.restarts_left = _int(record.get("restarts_left"))
             self.phase = "starting"
+            self.step = None
             self._samples.clear()
         elif kind == EventType.FIRST_STEP:
             self.phase = "training"
@@ -70,8 +71,8 @@ class Progress:
 
     def on_step(self, step: int | None, now: float) -> None:
         """The highest step the heartbeats report (None: none yet, or a script without)."""
-        if step is None:
-            return
+        if step is None or (self.step is not None and step < self.step):
+            return  # within an attempt the step only rises (the heartbeats lag the metrics)
         if self.phase == "starting" and step > self.resume_step:
             self.phase = "training"
         if self.step != step:
