@@ -50,20 +50,16 @@ _ROUTINE = frozenset(
         EventType.CHECKPOINT_TMP_REMOVED,
     }
 )
-# What --quiet still prints: a failure, its recovery, and every reason a run stops badly.
+# What --quiet still prints: a failure, its recovery (_RECOVERY, while one is under way), and
+# every reason a run stops badly.
 _FAILURES = frozenset(
     {
         EventType.WORKER_FAILED,
         EventType.HANG_DETECTED,
-        EventType.STOPPED,
-        EventType.BACKOFF,
-        EventType.CHECKPOINT_SELECTED,
-        EventType.FIRST_STEP,
         EventType.FATAL,
         EventType.BUDGET_EXHAUSTED,
         EventType.CRASH_LOOP,
         EventType.FINAL_STATE_UNSAVED,
-        EventType.EMERGENCY_CHECKPOINT,
         EventType.WARNING,
         EventType.INTERNAL_ERROR,
         EventType.CHECKPOINT_WRITE_FAILED,
@@ -72,6 +68,9 @@ _FAILURES = frozenset(
         EventType.CHECKPOINT_QUARANTINED,
         EventType.DIVERGED,
     }
+)
+_RECOVERY = frozenset(
+    {EventType.STOPPED, EventType.BACKOFF, EventType.CHECKPOINT_SELECTED, EventType.FIRST_STEP}
 )
 # Field order for an event's one line; the rest follow alphabetically.
 _LINE_FIRST = ("attempt", "rank", "pid", "exit_code", "signal", "step", "reason")
@@ -168,7 +167,7 @@ class Console:
             self._write(self.tee.drain())  # the failing rank's last words before the block
         if kind == EventType.STOPPED:
             self.tee.stop()
-        if not self.config.quiet or kind in _FAILURES:
+        if not self.config.quiet or self._is_failure(record):
             text = self._describe(record)
             if text:
                 self._write(text.splitlines(), style=_style(kind))
@@ -205,6 +204,15 @@ class Console:
         self._write(text.splitlines())
 
     # -- what an event says -----------------------------------------------------------------
+
+    def _is_failure(self, record: dict[str, Any]) -> bool:
+        """What --quiet still shows: a failure and its recovery, and every bad end."""
+        kind = record.get("type")
+        if kind in _RECOVERY:
+            return self._failure is not None
+        if kind == EventType.EMERGENCY_CHECKPOINT:
+            return not record.get("durable")
+        return kind in _FAILURES
 
     def _describe(self, record: dict[str, Any]) -> str | None:
         kind = record.get("type")
@@ -246,8 +254,6 @@ class Console:
     ) -> str | None:
         since = record.get("since_launch")
         if failure is None:
-            if self.config.quiet:
-                return None
             return (
                 f"{stamp} attempt {record.get('attempt')}: first step {record.get('step')} "
                 f"{since} s after the launch"

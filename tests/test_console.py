@@ -172,12 +172,20 @@ def test_a_failure_and_its_recovery_make_one_block() -> None:
 
 def test_quiet_keeps_the_failure_block_only() -> None:
     console, out = _console(quiet=True)
-    for record in _recovery_story(time.time()):
+    t = time.time()
+    resumed = [
+        {"time": t, "type": "checkpoint_selected", "attempt": 1, "path": "/c/step-4", "step": 4},
+        {"time": t, "type": "first_step", "attempt": 1, "step": 5, "since_launch": 3.0},
+        {"time": t, "type": "checkpoint_saved", "step": 8, "source": "trainer"},
+    ]
+    for record in [*resumed, *_recovery_story(t)[1:]]:
         console.event(record)
     console.poll(12)
     text = out.getvalue()
     assert "supervising" not in text and "progress" not in text
-    assert "FAILURE in attempt 1" in text and "RECOVERED" in text
+    assert "step-4" not in text and "first step 5" not in text  # a resume is no failure
+    assert text.startswith("[rose ") and text.split("] ", 1)[1].startswith("FAILURE in attempt 1")
+    assert "resumes from checkpoint step 8" in text and "RECOVERED" in text
 
 
 def test_without_a_terminal_progress_is_a_plain_line_every_n_seconds() -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from runcontract import exit_codes
 from tests.conftest import kill_tree
-from tests.scripts.harness import FAST, LAUNCH, ROOT, Launched
+from tests.scripts.harness import FAST, LAUNCH, ROOT, WORKER, Launched
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -219,5 +219,32 @@ def test_quiet_shows_no_progress_and_no_worker_output(
         assert run.stderr.strip().splitlines() == [
             f"launch.py: success (exit 0); run dir {run.run_dir}"
         ]
+    finally:
+        run.kill_all()
+
+
+def test_status_watch_follows_a_run_until_it_ends(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    """``status --watch`` started while a run goes on refreshes until the run ends, then exits
+    0; without a terminal it prints a block each time the state changes."""
+    run = Launched(
+        tmp_path / "run",
+        ["--nproc", "2", *FAST, str(WORKER), "exit", "--rank", "1", "--steps", "20",
+         "--step-time", "0.05", "--until-attempt", "2"],
+        env=train_env,
+    )  # fmt: skip
+    try:
+        run.wait_event("launch", TIMEOUT)
+        watcher = subprocess.run(
+            [sys.executable, str(LAUNCH), "status", str(run.run_dir), "--watch",
+             "--interval", "0.1"],
+            capture_output=True, text=True, cwd=ROOT, env=_env(train_env), timeout=TIMEOUT,
+        )  # fmt: skip
+        assert watcher.returncode == 0, watcher.stderr
+        assert run.wait(TIMEOUT) == exit_codes.SUCCESS
+        states = re.findall(r"^state:\s+(\S+)", watcher.stdout, re.M)
+        assert states[-1] == "succeeded" and len(states) >= 2, watcher.stdout
+        assert "\x1b" not in watcher.stdout
     finally:
         run.kill_all()
