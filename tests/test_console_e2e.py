@@ -112,11 +112,9 @@ def recovered(tmp_path_factory: pytest.TempPathFactory, train_env: dict[str, str
     )  # fmt: skip
     try:
         run.wait_event("checkpoint_saved", TIMEOUT)
-        state = json.loads((run_dir / "supervisor.json").read_text())
-        while not state.get("workers"):  # written when the workers are announced
-            run.wait_event("workers_started", TIMEOUT)
-            state = json.loads((run_dir / "supervisor.json").read_text())
-        victim = int(state["workers"]["1"])
+        # The state file names the workers from their announcement (before any checkpoint).
+        workers = json.loads((run_dir / "supervisor.json").read_text())["workers"]
+        victim = int(workers["1"])
         run.seen_pids.add(victim)
         os.kill(victim, signal.SIGKILL)
         assert run.wait(TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
