@@ -79,6 +79,10 @@ class EventType(str, enum.Enum):
         return self.value
 
 
+CHAOS_SOURCE = "chaos"
+"""The ``source`` of the chaos tool's events (the trainer's are ``trainer``)."""
+
+
 class EventWriter:
     """Appends events to an events file, for the supervisor and the tools alike.
 

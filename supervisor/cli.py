@@ -22,10 +22,18 @@ from typing import Any
 import filelock
 
 from runcontract import exit_codes, layout
-from runcontract.cli import Parser, UsageError, add_flag, flag_fields, flag_names
+from runcontract.cli import (
+    Parser,
+    UsageError,
+    add_flag,
+    finite_float,
+    flag_fields,
+    flag_names,
+)
 from runcontract.events import EventType
 from supervisor import flag_groups, slurm
 from supervisor.config import BUILTIN_TRAINER, LaunchConfig
+from supervisor.console import Console, ConsoleConfig
 from supervisor.events import EventLog, RunDirUnwritable, read_events
 from supervisor.heartbeat import HangConfig
 from supervisor.loop import Supervisor
@@ -49,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{PROG} status RUN_DIR  |  {PROG} chaos RUN_DIR [...]  |  {PROG} report RUN_DIR",
     )
     groups = {name: p.add_argument_group(name) for name in flag_groups.ORDER}
-    for cls in (LaunchConfig, PolicyConfig, HangConfig):
+    for cls in (LaunchConfig, PolicyConfig, HangConfig, ConsoleConfig):
         for f, hint in flag_fields(cls):
             add_flag(groups[f.metadata["group"]], f, hint)
     workers, detection = groups[flag_groups.WORKERS], groups[flag_groups.DETECTION]
@@ -284,6 +292,10 @@ def run(argv: Sequence[str]) -> int:
     """Supervise a script; returns the exit code (see ``runcontract.exit_codes``)."""
     args = build_parser().parse_args(list(argv))
     config = config_from_args(args)
+    try:
+        shown = ConsoleConfig(**_fields_of(ConsoleConfig, args))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.chaos is not None:
         from tools import chaos
 
@@ -306,31 +318,73 @@ def run(argv: Sequence[str]) -> int:
     try:
         write_owner(config.lock_owner_file)
         set_child_subreaper()
+        runner = TorchrunRunner(config)
+        console = _console(config, shown, runner)
         try:
-            events = EventLog(config.events_file)
+            events = EventLog(config.events_file, console=console)
         except OSError as e:
             raise UsageError(f"cannot write {config.events_file}: {e.strerror or e}") from None
         try:
-            code = _supervise(config, events, args.chaos)
+            code, reason = _supervise(config, runner, events, console, args.chaos)
         finally:
             events.close()
-        if code != exit_codes.RUN_DIR_UNWRITABLE:
-            _write_text_report(config.run_dir, config.node_tag or None)
+        if code == exit_codes.RUN_DIR_UNWRITABLE:
+            return code
+        final = f"{PROG}: {reason} (exit {code}); run dir {config.run_dir}"
+        summary = _end_of_run(config, code, reason, plot=not shown.no_plot)
+        if shown.quiet and code == exit_codes.SUCCESS:
+            summary = []
+        for line in [*summary, final]:
+            console.print(line)
         return code
     finally:
         lock.release()
 
 
-def _supervise(config: LaunchConfig, events: EventLog, chaos_spec: str | None) -> int:
+def _console(config: LaunchConfig, shown: ConsoleConfig, runner: TorchrunRunner) -> Console:
+    """The console of this run: the status line knows the built-in trainer's last step, and
+    ``--tee`` prefixes each rank's output with its global rank once the runner knows it."""
+    total = None
+    if config.script == BUILTIN_TRAINER:
+        from trainer.config import parse_args
+
+        with contextlib.suppress(Exception):  # checked before: a failure here is only cosmetic
+            total = parse_args(list(config.script_args)).steps
+
+    def rank_of(local_rank: int) -> int | None:
+        tree = runner.tree
+        if tree is None:
+            return None
+        ranks = [w.rank for w in tree.workers.values() if w.local_rank == local_rank]
+        return ranks[-1] if ranks else None
+
+    return Console(
+        shown,
+        total_steps=total,
+        nproc=config.nproc,
+        ranks_dir=lambda attempt: config.attempt_log_dir(attempt) / "ranks",
+        metrics_path=config.run_dir / layout.METRICS,
+        rank_of=rank_of,
+    )
+
+
+def _supervise(
+    config: LaunchConfig,
+    runner: TorchrunRunner,
+    events: EventLog,
+    console: Console,
+    chaos_spec: str | None,
+) -> tuple[int, str]:
     """Run the supervisor (and the chaos tool beside it, when asked) until the run ends; the
-    workers never outlive it, whatever goes wrong. Returns the exit code."""
-    runner = TorchrunRunner(config)
+    workers never outlive it, whatever goes wrong. Returns the exit code and how the run
+    ended, in words."""
     supervisor = Supervisor(
         config,
         runner,
         events,
         first_attempt=_previous_attempt(config) + 1,
         restarts_carried=_previous_restarts(config),
+        on_poll=lambda obs: console.poll(obs.step),
     )
     restore = _install_signal_handlers(supervisor.request_stop)
     injector = None
@@ -342,29 +396,27 @@ def _supervise(config: LaunchConfig, events: EventLog, chaos_spec: str | None) -
             injector = chaos.spawn(config.run_dir, chaos_spec, config.node_tag or None)
         code = supervisor.run()
     except RunDirUnwritable as e:  # the workers must not outlive the supervisor's story
+        console.finish()
         if runner.tree is not None:
             runner.stop(config.stop_grace)
         print(f"{PROG}: error: {e}; the workers were stopped", file=sys.stderr)
-        return exit_codes.RUN_DIR_UNWRITABLE
+        return exit_codes.RUN_DIR_UNWRITABLE, str(e)
     except Exception as e:  # a bug in the supervisor must not leave the workers running
+        console.finish()
         if runner.tree is not None:
             runner.stop(0.0)
         with contextlib.suppress(OSError, ValueError, RunDirUnwritable):
             events.emit(EventType.INTERNAL_ERROR, error=repr(e), attempt=supervisor.attempt)
         raise
     finally:
+        console.finish()
         runner.close()  # the standby, if one waits
         if injector is not None:
             from tools import chaos
 
             chaos.stop_spawned(injector)
         restore()
-    print(
-        f"{PROG}: {supervisor.exit_reason or exit_codes.describe(code)} (exit {code}); "
-        f"run dir {config.run_dir}",
-        file=sys.stderr,
-    )
-    return code
+    return code, supervisor.exit_reason or exit_codes.describe(code)
 
 
 def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], None]:
@@ -382,7 +434,9 @@ def _install_signal_handlers(callback: Callable[[int], None]) -> Callable[[], No
 
 
 def status(argv: Sequence[str]) -> int:
-    """``launch.py status RUN_DIR [--json]``: print the run's state; exit 2 when there is none."""
+    """``launch.py status RUN_DIR [--json | --watch [--interval S]]``: print the run's state;
+    exit 2 when there is none. With ``--watch``, refresh it until the run ends: exit 0, or 1 when
+    a supervisor vanished before its run reached a final state."""
     p = Parser(prog=f"{PROG} status", description="Show a supervised run's state.")
     p.add_argument("run_dir")
     p.add_argument(
@@ -390,9 +444,33 @@ def status(argv: Sequence[str]) -> int:
         action="store_true",
         help="print supervisor.json as it is (several nodes: an object by node)",
     )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh the view (in place on a terminal) until the run ends; exit 0 then, 1 when "
+        "its supervisor is gone first",
+    )
+    p.add_argument(
+        "--interval",
+        type=finite_float,
+        default=1.0,
+        metavar="S",
+        help="with --watch: seconds between looks (default 1)",
+    )
     args = p.parse_args(list(argv))
     run_dir = Path(args.run_dir).absolute()
+    if args.interval <= 0:
+        raise UsageError(f"--interval {args.interval:g}: must be > 0")
+    if args.watch and args.json:
+        raise UsageError("--watch and --json: choose one")
     try:
+        if args.watch:
+            from supervisor.watch import watch
+
+            try:
+                return watch(run_dir, args.interval)
+            except KeyboardInterrupt:
+                return exit_codes.INTERRUPTED
         states = read_node_states(run_dir)
     except FileNotFoundError:
         raise UsageError(
@@ -410,24 +488,33 @@ def status(argv: Sequence[str]) -> int:
     return exit_codes.SUCCESS
 
 
-def _write_text_report(run_dir: Path, node: str | None = None) -> None:
-    """Leave ``RUN_DIR/report.txt`` (a node's ``report-<tag>.txt`` on several nodes) behind and
-    say where; the plot is rendered on request only, since matplotlib costs seconds that every
-    run would pay."""
+def _end_of_run(config: LaunchConfig, code: int, reason: str, plot: bool = True) -> list[str]:
+    """Leave ``RUN_DIR/report.txt`` (a node's ``report-<tag>.txt`` on several nodes) and, when
+    matplotlib is installed and ``plot``, ``report.png`` behind; returns the summary to print."""
     from tools import report
 
-    path = run_dir / layout.per_node_name(layout.REPORT, node)
+    node = config.node_tag or None
+    stamp = time.strftime("%H:%M:%S")
+    path = config.run_dir / layout.per_node_name(layout.REPORT, node)
     try:
-        text = report.render_text(report.build_report(run_dir, node))
-        path.write_text(text + "\n", encoding="utf-8")
+        built = report.build_report(config.run_dir, node)
+        path.write_text(report.render_text(built) + "\n", encoding="utf-8")
     except (report.ReportError, OSError) as e:
-        print(f"{PROG}: no run report: {e}", file=sys.stderr)
-        return
-    node_flag = f" --node {node}" if node else ""
-    print(
-        f"{PROG}: report {path} (with the plot: {PROG} report {run_dir}{node_flag})",
-        file=sys.stderr,
-    )
+        return [f"{PROG}: no run report: {e}"]
+    files = [str(path)]
+    if plot:
+        png = report.png_path(built)
+        try:
+            drawn = report.render_png(built, png)
+        except (OSError, ValueError) as e:
+            files.append(f"no plot ({e})")
+        else:
+            files.append(str(png) if drawn else "no plot (matplotlib is not installed)")
+    return [
+        f"[rose {stamp}] run summary: {reason} (exit {code})",
+        *report.render_summary(built),
+        f"  report:      {', '.join(files)}",
+    ]
 
 
 def report_command(argv: Sequence[str]) -> int:

@@ -13,14 +13,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, runtime_checkable
 
-from runcontract.events import EventType, EventWriter, read_events
+from runcontract.events import CHAOS_SOURCE, EventType, EventWriter, read_events
 
-__all__ = ["EventLog", "RunDirUnwritable", "read_events"]
+__all__ = ["EventLog", "EventSink", "RunDirUnwritable", "read_events"]
 
-# Field order for the console line; the rest follow alphabetically.
-_CONSOLE_FIRST = ("attempt", "rank", "pid", "exit_code", "signal", "step", "reason")
+
+@runtime_checkable
+class EventSink(Protocol):
+    """What shows the events (``supervisor.console.Console``)."""
+
+    def event(self, record: dict[str, Any]) -> None: ...
 
 
 class RunDirUnwritable(Exception):
@@ -30,13 +34,18 @@ class RunDirUnwritable(Exception):
 
 class EventLog:
     """Appends the supervisor's events to ``events.jsonl`` (``runcontract.events.EventWriter``)
-    and prints a concise line for each to the console."""
+    and hands each one to the console, which decides what to show."""
 
-    def __init__(self, path: Path, console: TextIO | None = sys.stderr) -> None:
-        """Open ``path`` for appending (created with its parent). Raises OSError if it cannot."""
+    def __init__(self, path: Path, console: EventSink | TextIO | None = sys.stderr) -> None:
+        """Open ``path`` for appending (created with its parent). Raises OSError if it cannot.
+        ``console`` is an EventSink, or a stream that gets one line per event."""
         self.path = path
         self._writer = EventWriter(path)
-        self._console = console
+        self._console: EventSink | None
+        if console is None or isinstance(console, EventSink):
+            self._console = console
+        else:
+            self._console = _Lines(console)
         self._lock = threading.Lock()
         self._read_to = path.stat().st_size  # others' events are followed from here on
 
@@ -45,19 +54,20 @@ class EventLog:
         and print it. Raises RunDirUnwritable when the line cannot be written; it is printed
         anyway."""
         with self._lock:
+            record = {"time": time.time(), "mono": time.monotonic(), "type": type_, **fields}
             try:
                 record = self._writer.write(type_, **fields)
             except (OSError, ValueError) as e:
                 raise RunDirUnwritable(f"cannot write {self.path}: {e}") from e
             finally:
-                self._print({"time": time.time(), "type": type_, **fields})
+                self._show(record)
         return record
 
     def follow(self) -> list[dict[str, Any]]:
         """The events other processes appended since the last call (the workers' and the chaos
-        tool's, marked with a ``source``); the workers' are also printed to the console (the
-        chaos tool prints its own). Cheap when nothing was added: one ``stat``. A line still
-        being written is left for the next call."""
+        tool's, marked with a ``source``); each is also handed to the console. Cheap when
+        nothing was added: one ``stat``. A line still being written is left for the next
+        call."""
         try:
             size = self.path.stat().st_size
             if size <= self._read_to:
@@ -77,18 +87,15 @@ class EventLog:
                 continue
             if isinstance(record, dict) and record.get("source"):
                 records.append(record)
-                if record["source"] == "trainer":
-                    self._print(record)
+                # The supervisor's own worker_failed has a source too (the failed process's
+                # kind): it was shown when it was emitted.
+                if record.get("type") != EventType.WORKER_FAILED:
+                    self._show(record)
         return records
 
-    def _print(self, record: dict[str, Any]) -> None:
-        if self._console is None:
-            return
-        try:
-            self._console.write(_console_line(record) + "\n")
-            self._console.flush()
-        except (OSError, ValueError):
-            pass
+    def _show(self, record: dict[str, Any]) -> None:
+        if self._console is not None:
+            self._console.event(record)
 
     def close(self) -> None:
         """Close the file; later emits raise ValueError."""
@@ -96,26 +103,19 @@ class EventLog:
             self._writer.close()
 
 
-def _console_line(record: dict[str, Any]) -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(record["time"]))
-    if record["type"] == EventType.WORKERS_STARTED:
-        workers = ", ".join(f"rank {r} pid {p}" for r, p in (record.get("workers") or {}).items())
-        return (
-            f"[rose {stamp}] attempt {record.get('attempt')} running: {workers or 'no workers'} "
-            f"(torchrun pid {record.get('torchrun_pid')})\n"
-            f"    run dir {record.get('run_dir')}; worker output in "
-            f"{record.get('log_dir') or 'logs/attempt-' + str(record.get('attempt'))}/"
-        )
-    parts = []
-    keys = [k for k in _CONSOLE_FIRST if k in record]
-    keys += sorted(k for k in record if k not in keys and k not in ("time", "mono", "type"))
-    for key in keys:
-        value = record[key]
-        if key == "log_tail" or value is None or value == "":
-            continue
-        parts.append(f"{key}={value}")
-    line = f"[rose {stamp}] {record['type']}: " + " ".join(parts)
-    tail = record.get("log_tail")
-    if tail:
-        line += "\n    " + "\n    ".join(str(tail).splitlines()[-8:])
-    return line
+class _Lines:
+    """A plain stream as a console: one line per event of the supervisor or of a worker."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def event(self, record: dict[str, Any]) -> None:
+        if record.get("source") == CHAOS_SOURCE:
+            return  # the chaos tool prints its own
+        from supervisor.console import event_line
+
+        try:
+            self.stream.write(event_line(record) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass

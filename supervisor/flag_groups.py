@@ -6,4 +6,5 @@ RESTARTS = "restarts"
 DETECTION = "detection and stopping"
 MULTI_NODE = "multi-node (passed to torchrun)"
 OWN_SCRIPT = "a script that keeps its own checkpoints"
-ORDER = (WORKERS, RESTARTS, DETECTION, OWN_SCRIPT, MULTI_NODE)
+CONSOLE = "console"
+ORDER = (WORKERS, RESTARTS, DETECTION, OWN_SCRIPT, MULTI_NODE, CONSOLE)

@@ -22,8 +22,8 @@ from supervisor.attempt import AttemptResult, Failure, Observation, Outcome, Run
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog, read_events
 from supervisor.policy import RestartPolicy
-from supervisor.progress import files_written_since, state_left_behind
 from supervisor.resume import checkpoint_step, select_checkpoint, writer_lock_holder
+from supervisor.script_files import files_written_since, state_left_behind
 from supervisor.status import write_state
 
 # Worker exit codes that no restart can fix (see the trainer's exit codes).
@@ -83,11 +83,13 @@ class Supervisor:
         sleep: Callable[[float], None] = time.sleep,
         first_attempt: int = 1,
         restarts_carried: int = 0,
+        on_poll: Callable[[Observation], None] | None = None,
     ) -> None:
         """``first_attempt`` continues the numbering of an earlier supervisor of the same run
         directory, so that its logs and heartbeats are never mistaken for this one's;
         ``restarts_carried`` are the restarts that earlier supervisor already spent (a relaunch
-        or a SLURM requeue does not refill the budget)."""
+        or a SLURM requeue does not refill the budget). ``on_poll`` sees each look at a running
+        attempt (the console's status line)."""
         self.config = config
         self.runner = runner
         self.events = events
@@ -115,6 +117,7 @@ class Supervisor:
         """When the current attempt was launched, seconds since the epoch."""
         self._steps_seen: tuple[int, int] | None = None
         """The first and the highest step the current attempt's ranks reported."""
+        self._on_poll = on_poll
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -366,6 +369,8 @@ class Supervisor:
             if obs.step is not None and obs.step != self.step:
                 self.step = obs.step
                 self._write_state(force=False)
+            if self._on_poll is not None:
+                self._on_poll(obs)
             if not first_step_seen and obs.step is not None and obs.step > resume_step:
                 first_step_seen = True
                 self.events.emit(

@@ -43,6 +43,9 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         (["--", "--stpes", "3"], "trainer flags: unrecognized arguments: --stpes"),
         (["--", "--steps", "-3"], "trainer flag --steps must be a positive integer"),
         (["--", "--on-divergence", "rollback"], "trainer flag --on-divergence must be 'stop'"),
+        (["--tee", "zero", str(WORKER), "finish"], "--tee 'zero': expected local ranks"),
+        (["--progress-every", "-1", str(WORKER), "finish"], "--progress-every -1.0: must be >= 0"),
+        (["--progress-every", "nan", str(WORKER)], "--progress-every: invalid finite number"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_launches_nothing(
@@ -134,6 +137,18 @@ def test_status_flags_a_dead_supervisor(tmp_path: Path, capsys) -> None:
 def test_status_of_a_non_run_dir_is_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["status", str(tmp_path)]) == exit_codes.BAD_INPUT
     assert "no supervisor.json" in _error_line(capsys)
+    assert main(["status", str(tmp_path), "--watch"]) == exit_codes.BAD_INPUT
+    assert "no supervisor.json" in _error_line(capsys)
+    write_state(tmp_path, {"state": "succeeded", "supervisor_pid": 1})
+    assert main(["status", str(tmp_path), "--watch", "--json"]) == exit_codes.BAD_INPUT
+    assert "choose one" in _error_line(capsys)
+
+
+def test_status_watch_of_an_ended_run_shows_it_once_and_exits_0(tmp_path: Path, capsys) -> None:
+    write_state(tmp_path, {"state": "failed", "supervisor_pid": 1, "exit_code": 3})
+    assert main(["status", str(tmp_path), "--watch"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("state:        failed") == 1 and "exit code:    3" in out
 
 
 def test_the_built_in_trainers_help_is_shown_and_nothing_launched(

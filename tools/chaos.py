@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from runcontract.cli import UsageError
-from runcontract.events import EventType, EventWriter
+from runcontract.events import CHAOS_SOURCE, EventType, EventWriter
 from tools.chaos_config import (
     HOSTILE_MODES,
     PROG,
@@ -97,7 +97,7 @@ class ChaosLog:
     def emit(self, type_: EventType | str, **fields: Any) -> dict[str, Any]:
         """Append one event and print it. Raises OSError."""
         if self._writer is None:  # opened at the first event: the run may start after the tool
-            self._writer = EventWriter(self.path, source="chaos")
+            self._writer = EventWriter(self.path, source=CHAOS_SOURCE)
         record = self._writer.write(type_, **fields)
         if self.console is not None:
             stamp = time.strftime("%H:%M:%S", time.localtime(record["time"]))

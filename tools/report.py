@@ -39,7 +39,7 @@ from runcontract.events import read_jsonl
 from tools.report_events import use_metrics, walk_events
 from tools.report_model import PHASES, Checkpoint, Report
 from tools.report_plot import render_png
-from tools.report_text import render_text
+from tools.report_text import render_summary, render_text
 
 __all__ = [
     "PHASES",
@@ -51,6 +51,7 @@ __all__ = [
     "node_tags",
     "png_path",
     "render_png",
+    "render_summary",
     "render_text",
 ]
 
@@ -81,10 +82,11 @@ def _newest_valid(run_dir: Path) -> Checkpoint | None:
             found.append((step, entry))
     for step, path in sorted(found, reverse=True):
         try:
-            verify(path)
+            manifest = verify(path)
         except (CheckpointInvalid, CheckpointIncompatible, OSError):
             continue
-        return Checkpoint(step, path)
+        sha = manifest.get("params_sha256")
+        return Checkpoint(step, path, sha if isinstance(sha, str) else None)
     return None
 
 

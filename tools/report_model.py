@@ -95,6 +95,8 @@ class Checkpoint:
 
     step: int
     path: Path
+    params_sha256: str | None = None
+    """The hash of its parameters, as its manifest records it."""
 
 
 @dataclass

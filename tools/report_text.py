@@ -40,6 +40,8 @@ def _summary_lines(report: Report) -> list[str]:
         if ckpt
         else "  checkpoint:  no valid checkpoint",
     ]
+    if ckpt and ckpt.params_sha256:
+        lines.append(f"  params:      params_sha256={ckpt.params_sha256}")
     return lines + _divergence_lines(report)
 
 
@@ -57,6 +59,33 @@ def _step_lines(report: Report) -> list[str]:
         f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)",
         f"  goodput:     {_s(report.goodput)} useful steps/s over {wall}",
     ]
+
+
+def render_summary(report: Report) -> list[str]:
+    """The short summary the launcher prints when a run ends: steps, wall time and goodput,
+    each failure with its recovery time, the newest checkpoint and its parameters' hash."""
+    lines = _step_lines(report)
+    recovered = {r.failed_attempt: r for r in report.recoveries}
+    for f in report.failures:
+        rec = recovered.get(f.attempt)
+        if rec is None:
+            after = "not recovered"
+        else:
+            after = f"recovered in {_s(rec.total, 1)} s, resumed from step {_n(f.resumed_from)}"
+        where = f"rank {f.rank}" if f.rank is not None else "no rank"
+        lines.append(
+            f"  failure:     attempt {f.attempt}, {where}: {f.cause} at step {_n(f.step)}; {after}"
+        )
+    if not report.failures:
+        lines.append("  failures:    none")
+    ckpt = report.newest_checkpoint
+    if ckpt is None:
+        lines.append("  checkpoint:  no valid checkpoint")
+    else:
+        lines.append(f"  checkpoint:  step {ckpt.step} ({ckpt.path})")
+        if ckpt.params_sha256:
+            lines.append(f"  params:      params_sha256={ckpt.params_sha256}")
+    return lines
 
 
 def _divergence_lines(report: Report) -> list[str]:
