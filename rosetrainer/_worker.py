@@ -1,0 +1,106 @@
+"""Where the run lives, what to resume, heartbeats and the ``done`` marker: the supervisor's
+environment contract seen from a user's script (thin over ``trainer.supervised``; no torch)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from runcontract import env as env_names
+from runcontract.heartbeat import Phase
+from trainer.supervised import Heartbeat, from_env
+
+# One heartbeat per process, rebuilt when the environment it was made for changes (tests, or a
+# script that re-executes itself with another rank).
+_beat: Heartbeat | None = None
+_beat_key: tuple[str, ...] = ()
+
+
+def is_supervised() -> bool:
+    """True when the supervisor started this process (``ROSE_RUN_DIR`` is set)."""
+    return from_env() is not None
+
+
+def resume_from() -> Path | None:
+    """The checkpoint directory the supervisor chose for this attempt (the same for every rank),
+    or None for a fresh start or when not supervised.
+
+    The supervisor verified it and quarantined anything newer that did not verify; load it with
+    :func:`rosetrainer.load_checkpoint`. Raises ValueError when a ``ROSE_*`` variable is malformed.
+    """
+    env = from_env()
+    return env.resume_from if env is not None else None
+
+
+def run_dir(default: str | os.PathLike[str] = ".") -> Path:
+    """The run directory: ``ROSE_RUN_DIR`` when supervised, else ``default`` (your own choice,
+    the working directory unless named). Pass it to :func:`rosetrainer.save_checkpoint`, and keep
+    any other state of the script under it, so a fresh run never picks up another run's files."""
+    env = from_env()
+    return env.run_dir if env is not None else Path(default)
+
+
+def _heartbeat() -> Heartbeat | None:
+    global _beat, _beat_key
+    key = tuple(
+        os.environ.get(name, "")
+        for name in (env_names.RUN_DIR, env_names.ATTEMPT, env_names.HEARTBEAT_DIR, "RANK")
+    )
+    if key != _beat_key:
+        env = from_env()
+        rank = int(os.environ.get("RANK") or 0)  # torchrun's global rank
+        _beat, _beat_key = (Heartbeat(rank, env=env) if env is not None else None), key
+    return _beat
+
+
+def heartbeat(step: int, phase: str = "train") -> bool:
+    """Report ``step`` completed optimizer steps to the supervisor's hang detection.
+
+    Call it from the training loop itself, every step (throttled to one write per 0.2 s, so it
+    costs nothing measurable); never from a background thread, which would keep beating while
+    the loop is stuck. ``phase`` is ``train`` or ``eval`` (an eval gets the longer
+    ``--checkpoint-timeout``). Returns True when a heartbeat was written; False when throttled
+    or not supervised. Raises ValueError for an unknown phase.
+    """
+    beat = _heartbeat()
+    return beat(step, phase) if beat is not None else False
+
+
+def done(step: int) -> bool:
+    """Mark this rank finished at ``step``: waits for background checkpoint saves, flushes the
+    script's output, and writes the ``done`` heartbeat phase. Once every rank reported it, an
+    abort at exit (gloo sometimes raises SIGABRT while tearing down) does not restart the job.
+
+    Call it on every rank after the last step and the last save. Returns True when written;
+    False when not supervised. Raises CheckpointWriteFailed when a background save failed.
+    """
+    api = sys.modules.get("trainer.checkpoint.api")
+    if api is not None:  # only when checkpoints were used: no torch import for nothing
+        api.wait_checkpoints()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # closed or replaced streams: the marker matters more than the output
+    beat = _heartbeat()
+    return beat(step, Phase.DONE.value) if beat is not None else False
+
+
+@contextmanager
+def checkpoint_phase(step: int) -> Iterator[None]:
+    """The ``checkpoint`` phase around a save, then back to the phase before it: the supervisor
+    gives a saving rank (and its waiting peers) ``--checkpoint-timeout`` instead of the hang
+    timeout, and the next step is judged as a step again even when this rank never beats."""
+    beat = _heartbeat()
+    if beat is None:
+        yield
+        return
+    before = beat._last_phase or Phase.STARTUP.value
+    beat(step, Phase.CHECKPOINT.value)
+    try:
+        yield
+    finally:
+        beat(step, before)
