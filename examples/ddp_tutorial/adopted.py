@@ -67,8 +67,8 @@ class Trainer:
         self.model = DDP(model)
 
     def _load_snapshot(self, path: str) -> None:
-        self.step, snapshot = load_checkpoint(path, self.model, self.optimizer)
-        self.epochs_run = snapshot["epochs_run"]
+        _, snapshot = load_checkpoint(path, self.model, self.optimizer)
+        self.epochs_run, self.step = snapshot["epochs_run"], snapshot["step"]
         print(f"[rank {self.rank}] resuming from snapshot at epoch {self.epochs_run}", flush=True)
 
     def _run_batch(self, source: torch.Tensor, targets: torch.Tensor) -> float:
@@ -87,7 +87,7 @@ class Trainer:
         print(f"[rank {self.rank}] epoch {epoch} | steps {self.step} | loss {mean:.5f}", flush=True)
 
     def _save_snapshot(self, epoch: int) -> None:
-        extra = {"epochs_run": epoch + 1}
+        extra = {"epochs_run": epoch + 1, "step": self.step}
         save_checkpoint(run_dir(), self.model, self.optimizer, self.step, extra=extra)
         print(f"epoch {epoch}: snapshot saved at step {self.step}", flush=True)
 

@@ -86,8 +86,9 @@ class Trainer:
         print(f"[rank {self.rank}] epoch {epoch} | steps {self.step} | loss {mean:.5f}", flush=True)
 
     def _save_snapshot(self, epoch: int) -> None:
+        extra = {"epochs_run": epoch + 1, "step": self.step}
         state = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-        torch.save({**state, "epochs_run": epoch + 1, "step": self.step}, self.snapshot_path)
+        torch.save({**state, **extra}, self.snapshot_path)
         print(f"epoch {epoch}: snapshot saved at step {self.step}", flush=True)
 
     def train(self, max_epochs: int) -> None:
