@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import subprocess
@@ -244,3 +245,27 @@ def test_a_ddp_style_module_prefix_loads(tmp_path: Path) -> None:
     model2, _ = fresh(seed=5)
     rosetrainer.load_checkpoint(tmp_path, model2)
     assert params_sha256(model2) == params_sha256(model)
+
+
+# -- the examples' pairs and their diffs in the docs ---------------------------------------------
+
+USES = ("from rosetrainer import", "resume_from(", "load_checkpoint(", "save_checkpoint(")
+USES += ("heartbeat(", "done(")
+
+
+def _changed(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if ln[:1] in "+-" and not ln.startswith(("+++ ", "--- "))]
+
+
+@pytest.mark.parametrize("pair", ["ddp_tutorial", "nanogpt"])
+def test_adopted_is_plain_plus_the_rosetrainer_lines_and_the_docs_show_them(pair: str) -> None:
+    """Editing one file of a pair without the other, or without the docs, fails here."""
+    plain = (ROOT / "examples" / pair / "plain.py").read_text().splitlines()
+    adopted = (ROOT / "examples" / pair / "adopted.py").read_text().splitlines()
+    changed = _changed(list(difflib.unified_diff(plain, adopted, lineterm="", n=1))[2:])
+    added = [ln[1:] for ln in changed if ln.startswith("+")]
+    assert all(not ln.strip() or any(use in ln for use in USES) for ln in added), added
+    assert len(added) <= 10
+    docs = (ROOT / "docs" / "supervisor.md").read_text()
+    block = docs.split(f"examples/{pair}/adopted.py`:\n\n```diff\n", 1)[1].split("```", 1)[0]
+    assert _changed(block.splitlines()) == changed
