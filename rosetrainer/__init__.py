@@ -26,15 +26,19 @@ from typing import TYPE_CHECKING, Any
 from rosetrainer._worker import done, heartbeat, is_supervised, resume_from, run_dir
 
 if TYPE_CHECKING:
-    from rosetrainer._checkpoint import load_checkpoint, params_sha256, save_checkpoint
-    from trainer.checkpoint.api import wait_checkpoints
+    from rosetrainer._checkpoint import (
+        load_checkpoint,
+        params_sha256,
+        save_checkpoint,
+        wait_checkpoints,
+    )
 
 # Names that need torch, imported on first use.
 _LAZY = {
     "save_checkpoint": "rosetrainer._checkpoint",
     "load_checkpoint": "rosetrainer._checkpoint",
     "params_sha256": "rosetrainer._checkpoint",
-    "wait_checkpoints": "trainer.checkpoint.api",
+    "wait_checkpoints": "rosetrainer._checkpoint",
 }
 
 __all__ = [

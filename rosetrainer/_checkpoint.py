@@ -10,11 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from rosetrainer._ours import trainer_module
 from rosetrainer._worker import checkpoint_phase
-from trainer.checkpoint import api
-from trainer.checkpoint.state import params_sha256
 
-__all__ = ["load_checkpoint", "params_sha256", "save_checkpoint"]
+api = trainer_module("checkpoint.api")
+params_sha256 = trainer_module("checkpoint.state").params_sha256
+wait_checkpoints = api.wait_checkpoints
+
+__all__ = ["load_checkpoint", "params_sha256", "save_checkpoint", "wait_checkpoints"]
 
 
 def save_checkpoint(
@@ -42,7 +45,7 @@ def save_checkpoint(
     process writes into ``run_dir``, ValueError when ``extra`` is not JSON-able.
     """
     with checkpoint_phase(step):
-        return api.save_checkpoint(
+        path: Path | None = api.save_checkpoint(
             run_dir,
             model,
             optimizer,
@@ -52,6 +55,7 @@ def save_checkpoint(
             keep_last=keep_last,
             async_save=async_save,
         )
+    return path
 
 
 def load_checkpoint(
@@ -70,4 +74,7 @@ def load_checkpoint(
     A DDP-wrapped model and an unwrapped one load alike. Raises FileNotFoundError when there is
     no valid checkpoint, CheckpointInvalid when it does not verify.
     """
-    return api.load_checkpoint(path, model, optimizer, scaler=scaler, map_location=map_location)
+    step, extra = api.load_checkpoint(
+        path, model, optimizer, scaler=scaler, map_location=map_location
+    )
+    return int(step), extra

@@ -8,10 +8,23 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rosetrainer._ours import loaded, trainer_module
 from runcontract import env as env_names
 from runcontract.heartbeat import Phase
-from trainer.supervised import Heartbeat, from_env
+
+if TYPE_CHECKING:
+    from trainer.supervised import Heartbeat, SupervisedEnv
+
+_supervised = trainer_module("supervised")
+
+
+def from_env() -> SupervisedEnv | None:
+    """What the supervisor told this process (``trainer.supervised.from_env``)."""
+    env: SupervisedEnv | None = _supervised.from_env()
+    return env
+
 
 # One heartbeat per process, rebuilt when the environment it was made for changes (tests, or a
 # script that re-executes itself with another rank).
@@ -52,7 +65,8 @@ def _heartbeat() -> Heartbeat | None:
     if key != _beat_key:
         env = from_env()
         rank = int(os.environ.get("RANK") or 0)  # torchrun's global rank
-        _beat, _beat_key = (Heartbeat(rank, env=env) if env is not None else None), key
+        _beat = _supervised.Heartbeat(rank, env=env) if env is not None else None
+        _beat_key = key
     return _beat
 
 
@@ -77,7 +91,7 @@ def done(step: int) -> bool:
     Call it on every rank after the last step and the last save. Returns True when written;
     False when not supervised. Raises CheckpointWriteFailed when a background save failed.
     """
-    api = sys.modules.get("trainer.checkpoint.api")
+    api = loaded("checkpoint.api")
     if api is not None:  # only when checkpoints were used: no torch import for nothing
         api.wait_checkpoints()
     for stream in (sys.stdout, sys.stderr):

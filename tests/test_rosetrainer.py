@@ -78,6 +78,31 @@ def test_import_and_the_torch_free_functions_do_not_import_torch(
         assert read_heartbeat(tmp_path, 0)["phase"] == "done"
 
 
+@pytest.mark.parametrize("theirs_first", [False, True])
+def test_a_scripts_own_trainer_module_shadows_nothing(tmp_path: Path, theirs_first: bool) -> None:
+    """A user's ``trainer.py`` beside the script (first on sys.path) stays the script's, and
+    rosetrainer still finds its own package, checkpoints included."""
+    (tmp_path / "trainer.py").write_text("OWN = 'theirs'\n")
+    first, second = (
+        ("import trainer", "import rosetrainer")
+        if theirs_first
+        else ("import rosetrainer", "import trainer")
+    )
+    (tmp_path / "script.py").write_text(
+        f"{first}\n{second}\nimport torch\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "rosetrainer.save_checkpoint(rosetrainer.run_dir('.'), model, None, 3, extra={'e': 1})\n"
+        "print(trainer.OWN, rosetrainer.load_checkpoint('.', torch.nn.Linear(2, 2)))\n"
+    )
+    env = unsupervised(os.environ)
+    env["PYTHONPATH"] = str(ROOT)  # as the supervisor sets it: after the script's own directory
+    out = subprocess.run(
+        [sys.executable, "script.py"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "theirs (3, {'e': 1})"
+
+
 def test_unknown_names_are_attribute_errors() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         rosetrainer.nope  # noqa: B018
