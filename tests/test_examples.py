@@ -46,10 +46,12 @@ class Example:
     args: Callable[[Path], list[str]]
     """The script's arguments for a run directory."""
     saved: str
-    """What rank 0 prints once its state is saved (plain), or None: a committed checkpoint."""
+    """What rank 0 prints once the plain script saved its state (the adopted one has saved once
+    a committed checkpoint exists)."""
     resumed: str
     """A regex over rank 0's output whose group is where the plain script resumed."""
     total_steps: int
+    """Optimizer steps in the whole run."""
 
     @property
     def script(self) -> Path:
