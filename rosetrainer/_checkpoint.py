@@ -25,10 +25,11 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     step: int,
-    *,
-    extra: Any = None,
     scaler: Any = None,
+    extra: Any = None,
+    *,
     keep_last: int = 3,
+    keep_every: int = 0,
     async_save: bool = False,
 ) -> Path | None:
     """Commit ``model`` and ``optimizer`` at ``step`` as ``run_dir/checkpoints/step-XXXXXXXX``:
@@ -39,7 +40,8 @@ def save_checkpoint(
     :func:`rosetrainer.heartbeat` does. ``extra`` is your own JSON-able state (epoch, sampler
     position, …), given back by :func:`load_checkpoint`. Call it from rank 0 or from every rank:
     only global rank 0 writes. Returns the checkpoint directory (None on other ranks, or with
-    ``async_save=True``, where the write finishes in the background).
+    ``async_save=True``, where the write finishes in the background). The arguments are those of
+    ``trainer.checkpoint.save_checkpoint`` (docs/checkpoints.md), ``keep_every`` included.
 
     Raises CheckpointWriteFailed (older checkpoints stay intact), CheckpointLocked when another
     process writes into ``run_dir``, ValueError when ``extra`` is not JSON-able.
@@ -53,6 +55,7 @@ def save_checkpoint(
             scaler=scaler,
             extra=extra,
             keep_last=keep_last,
+            keep_every=keep_every,
             async_save=async_save,
         )
     return path
@@ -62,7 +65,6 @@ def load_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    *,
     scaler: Any = None,
     map_location: Any = None,
 ) -> tuple[int, Any]:
