@@ -11,6 +11,7 @@ rank stopped, or every rank idle, for ``--hang-timeout``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -162,6 +163,9 @@ def _check_recovered(run: Launched, ex: Example, reference: str) -> None:
         assert resumed and int(resumed[0]) > 0, _rank0_output(run.run_dir, 2)[-2000:]
     # Both kinds hold everything exact resume needs: the weights equal an uninterrupted run's.
     assert _final_sha(run) == reference
+    if ex.adopted:  # and the final checkpoint holds those weights
+        final = run.run_dir / "checkpoints" / f"step-{ex.total_steps:08d}" / "manifest.json"
+        assert json.loads(final.read_text())["params_sha256"] == reference
 
 
 @pytest.fixture(scope="module")

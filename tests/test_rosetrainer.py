@@ -278,19 +278,21 @@ USES = ("from rosetrainer import", "resume_from(", "load_checkpoint(", "save_che
 USES += ("heartbeat(", "done(")
 
 
-def _changed(lines: list[str]) -> list[str]:
-    return [ln for ln in lines if ln[:1] in "+-" and not ln.startswith(("+++ ", "--- "))]
+def example_diff(pair: str) -> str:
+    """``diff -U1`` of a pair, as docs/supervisor.md shows it."""
+    plain, adopted = (f"examples/{pair}/{name}.py" for name in ("plain", "adopted"))
+    lines = [(ROOT / p).read_text().splitlines(keepends=True) for p in (plain, adopted)]
+    return "".join(difflib.unified_diff(*lines, plain, adopted, n=1))
 
 
 @pytest.mark.parametrize("pair", ["ddp_tutorial", "nanogpt"])
 def test_adopted_is_plain_plus_the_rosetrainer_lines_and_the_docs_show_them(pair: str) -> None:
-    """Editing one file of a pair without the other, or without the docs, fails here."""
-    plain = (ROOT / "examples" / pair / "plain.py").read_text().splitlines()
-    adopted = (ROOT / "examples" / pair / "adopted.py").read_text().splitlines()
-    changed = _changed(list(difflib.unified_diff(plain, adopted, lineterm="", n=1))[2:])
-    added = [ln[1:] for ln in changed if ln.startswith("+")]
+    """Editing one file of a pair without the other, or without the docs, fails here (print
+    ``example_diff(pair)`` for the docs' new block)."""
+    diff = example_diff(pair)
+    added = [ln[1:] for ln in diff.splitlines()[2:] if ln.startswith("+")]
     assert all(not ln.strip() or any(use in ln for use in USES) for ln in added), added
     assert len(added) <= 10
     docs = (ROOT / "docs" / "supervisor.md").read_text()
     block = docs.split(f"examples/{pair}/adopted.py`:\n\n```diff\n", 1)[1].split("```", 1)[0]
-    assert _changed(block.splitlines()) == changed
+    assert block == diff

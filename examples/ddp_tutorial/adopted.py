@@ -119,8 +119,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(args.seed)
     dataset = SyntheticRegression(args.dataset_size, dim=32, seed=args.seed)
-    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
-    model.append(nn.Linear(128, 1))
+    model = nn.Sequential(
+        nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed)
     train_data = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
