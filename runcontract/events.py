@@ -34,6 +34,10 @@ class EventType(str, enum.Enum):
     WORKERS_STARTED = "workers_started"
     HANG_TIMEOUT = "hang_timeout"
     HEARTBEATS_ABSENT = "heartbeats_absent"
+    HANG_DETECTION = "hang_detection"
+    STANDBY_STARTED = "standby_started"
+    STANDBY_READY = "standby_ready"
+    STANDBY_LOST = "standby_lost"
     LOG_TRUNCATED = "log_truncated"
     FIRST_STEP = "first_step"
     # A failure and its recovery
@@ -42,6 +46,7 @@ class EventType(str, enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     BACKOFF = "backoff"
+    EXIT_AFTER_DONE = "exit_after_done"
     FATAL = "fatal"
     CRASH_LOOP = "crash_loop"
     BUDGET_EXHAUSTED = "budget_exhausted"

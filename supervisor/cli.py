@@ -353,6 +353,7 @@ def _supervise(config: LaunchConfig, events: EventLog, chaos_spec: str | None) -
             events.emit(EventType.INTERNAL_ERROR, error=repr(e), attempt=supervisor.attempt)
         raise
     finally:
+        runner.close()  # the standby, if one waits
         if injector is not None:
             from tools import chaos
 

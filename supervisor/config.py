@@ -10,7 +10,7 @@ from pathlib import Path
 
 from runcontract import layout
 from runcontract.cli import option
-from supervisor.flag_groups import DETECTION, MULTI_NODE, WORKERS
+from supervisor.flag_groups import DETECTION, MULTI_NODE, OWN_SCRIPT, WORKERS
 from supervisor.heartbeat import HangConfig
 from supervisor.policy import PolicyConfig
 
@@ -67,6 +67,40 @@ class LaunchConfig:
         "kept as <file>.prev and the file starts again (0: no cap)",
         group=WORKERS,
     )
+    ckpt_path: str | None = option(
+        None,
+        "glob of the script's own checkpoint files (relative to the working directory; ** spans "
+        "folders): one written during an attempt counts as progress for the crash-loop guard "
+        "(default: checkpoint-like files in the run dir and the working directory)",
+        metavar="GLOB",
+        group=OWN_SCRIPT,
+    )
+    """Where a script that keeps its own checkpoints writes them (a glob)."""
+    done_marker: str | None = option(
+        None,
+        "a file the script creates once the job is finished (relative to the working "
+        "directory): an attempt that fails after creating it (a rank aborting at exit) counts "
+        "as finished",
+        metavar="PATH",
+        group=OWN_SCRIPT,
+    )
+    """A file whose creation during an attempt means the job finished."""
+    standby: str = option(
+        "on",
+        "prepare the next attempt while this one trains (a torchrun whose workers import torch "
+        "and the script's modules, then wait), so a recovery skips the cold start",
+        choices=("on", "off"),
+        group=WORKERS,
+    )
+    """``on``: keep a standby attempt waiting (``supervisor.standby``); one node only."""
+    standby_import: str = option(
+        "",
+        "comma-separated modules a standby's workers import besides torch (your script's "
+        "heavy imports); none may open a process group or a GPU context at import",
+        metavar="MODULES",
+        group=WORKERS,
+    )
+    """Modules a standby imports before its gate, besides torch (and the built-in trainer)."""
     poll_interval: float = 0.1
     """Seconds between cheap process checks."""
     heartbeat_interval: float = 0.5
@@ -105,8 +139,17 @@ class LaunchConfig:
             raise ValueError(f"--stop-grace {self.stop_grace}: must be >= 0")
         if self.log_max_mb < 0:
             raise ValueError(f"--log-max-mb {self.log_max_mb}: must be >= 0 (0: no cap)")
+        if self.standby not in ("on", "off"):
+            raise ValueError(f"--standby {self.standby!r}: expected on or off")
+        bad = [m for m in self.standby_modules() if not all(p.isidentifier() for p in m.split("."))]
+        if bad:
+            raise ValueError(f"--standby-import {bad[0]!r}: not a module name")
         if self.term_timeout < 0:
             raise ValueError(f"--term-timeout {self.term_timeout}: must be >= 0")
+
+    def standby_modules(self) -> tuple[str, ...]:
+        """``standby_import`` as a tuple of module names."""
+        return tuple(m.strip() for m in self.standby_import.split(",") if m.strip())
 
     @property
     def single_node(self) -> bool:

@@ -5,4 +5,5 @@ WORKERS = "workers"
 RESTARTS = "restarts"
 DETECTION = "detection and stopping"
 MULTI_NODE = "multi-node (passed to torchrun)"
-ORDER = (WORKERS, RESTARTS, DETECTION, MULTI_NODE)
+OWN_SCRIPT = "a script that keeps its own checkpoints"
+ORDER = (WORKERS, RESTARTS, DETECTION, OWN_SCRIPT, MULTI_NODE)

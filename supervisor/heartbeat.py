@@ -50,12 +50,29 @@ class HangConfig:
         group=DETECTION,
     )
     """Seconds a rank may stay in ``checkpoint`` or ``eval``."""
+    process_hang: str = option(
+        "yes",
+        "for a script that writes no heartbeats: a rank stopped (state T), or every rank idle "
+        "(under 1 %% of a core, no output), for the hang timeout (or --hang-floor) is a hang",
+        choices=("yes", "no"),
+        group=DETECTION,
+    )
+    """``yes``: a script without heartbeats is watched through the process table
+    (``supervisor.activity``); ``no``: only its crashes are detected."""
     require_heartbeats: bool = False
     """True: a worker with no heartbeat after ``startup_timeout`` hangs, even when no rank beats
     (right for scripts known to beat, such as the built-in trainer). False: a script whose ranks
     never beat is taken not to beat, and only crashes are detected."""
 
+    @property
+    def process_timeout(self) -> float:
+        """Seconds a rank may stay stopped, or every rank idle, in a script without
+        heartbeats."""
+        return self.hang_timeout if self.hang_timeout is not None else self.hang_floor
+
     def __post_init__(self) -> None:
+        if self.process_hang not in ("yes", "no"):
+            raise ValueError(f"--process-hang {self.process_hang!r}: expected yes or no")
         if self.hang_timeout is not None and self.hang_timeout <= 0:
             raise ValueError(f"hang_timeout={self.hang_timeout!r} must be > 0")
         for name in ("hang_floor", "hang_factor", "startup_timeout", "checkpoint_timeout"):

@@ -22,6 +22,7 @@ from supervisor.attempt import AttemptResult, Failure, Observation, Outcome, Run
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog, read_events
 from supervisor.policy import RestartPolicy
+from supervisor.progress import files_written_since, state_left_behind
 from supervisor.resume import checkpoint_step, select_checkpoint, writer_lock_holder
 from supervisor.status import write_state
 
@@ -43,6 +44,16 @@ _FATAL_REASONS: dict[int, str] = {
     "again",
 }
 
+
+# Notes from the runner after which supervisor.json is rewritten at once.
+_STATE_CHANGING_NOTES = frozenset(
+    {
+        EventType.WORKERS_STARTED,
+        EventType.STANDBY_STARTED,
+        EventType.STANDBY_READY,
+        EventType.STANDBY_LOST,
+    }
+)
 
 # Allowed state changes (runcontract.states draws them).
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -98,6 +109,12 @@ class Supervisor:
         self.last_checkpoint_failure: str | None = None
         self._state_written_at = float("-inf")
         self._started_at = time.time()
+        self.hang_detector = ""
+        """What judges hangs in the running attempt (the runner says)."""
+        self._launched_wall = 0.0
+        """When the current attempt was launched, seconds since the epoch."""
+        self._steps_seen: tuple[int, int] | None = None
+        """The first and the highest step the current attempt's ranks reported."""
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -132,6 +149,10 @@ class Supervisor:
             "restarts_used": self.policy.restarts_used,
             "restarts_left": self.policy.restarts_left(),
             "max_restarts": self.config.policy.max_restarts,
+            "failures_without_progress": self.policy.failures_without_progress,
+            "crash_loop": self.config.policy.crash_loop,
+            "hang_detector": self.hang_detector or None,
+            "standby": self.runner.standby_state(),
             "started_at": self._started_at,
             "updated_at": time.time(),
         }
@@ -175,6 +196,7 @@ class Supervisor:
             crash_loop=self.config.policy.crash_loop,
         )
         self.resume_from = self._choose_checkpoint()
+        self._warn_of_state_left_behind()
         while True:
             if self.interrupted:
                 return self._interrupted_idle()
@@ -186,6 +208,8 @@ class Supervisor:
             outcome = result.outcome
             if outcome == Outcome.INTERRUPTED and self.runner.all_done():
                 outcome = Outcome.SUCCEEDED  # every rank had finished: the signal came late
+            if outcome in (Outcome.FAILED, Outcome.HUNG) and self._finished_anyway(result):
+                outcome = Outcome.SUCCEEDED
             if outcome == Outcome.SUCCEEDED:
                 return self._finish_success()
             if outcome == Outcome.INTERRUPTED:
@@ -193,6 +217,54 @@ class Supervisor:
             code = self._after_failure(result)
             if code is not None:
                 return code
+
+    def _warn_of_state_left_behind(self) -> None:
+        """A script that keeps its own checkpoints in the working directory would resume an
+        earlier run's state there and call it this run's: say so before the first launch."""
+        if self.config.uses_checkpoint_store() or self.resume_from is not None:
+            return
+        old = state_left_behind(Path.cwd(), self.config.run_dir, self._started_at)
+        if old:
+            shown = ", ".join(old[:5]) + (f" and {len(old) - 5} more" if len(old) > 5 else "")
+            self.events.emit(
+                EventType.WARNING,
+                files=old[:20],
+                reason=f"the working directory holds checkpoint-like files from before this "
+                f"run ({shown}): a script that resumes from its working directory takes them "
+                "for its own; keep each run's state under ROSE_RUN_DIR",
+            )
+
+    def _finished_anyway(self, result: AttemptResult) -> bool:
+        """Whether the job had finished before the attempt failed: every rank reported
+        ``done``, or the script created its ``--done-marker`` during the attempt. A rank that
+        aborts at exit (gloo teardown) then does not restart a finished job."""
+        if self.runner.all_done():
+            evidence = "every rank reported done"
+        elif self._done_marker_written():
+            evidence = f"the script created its done marker {self.config.done_marker}"
+        else:
+            return False
+        failure = result.failure
+        self.events.emit(
+            EventType.EXIT_AFTER_DONE,
+            attempt=self.attempt,
+            rank=failure.rank if failure else None,
+            exit_code=failure.exit_code if failure else None,
+            outcome=result.outcome.value,
+            reason=f"{evidence} before the attempt {result.outcome.value}: the job is finished "
+            "and is not restarted",
+        )
+        return True
+
+    def _done_marker_written(self) -> bool:
+        """Whether the ``--done-marker`` file was written during this attempt (an older one is
+        another attempt's, or another run's)."""
+        if not self.config.done_marker:
+            return False
+        try:
+            return os.stat(self.config.done_marker).st_mtime >= self._launched_wall
+        except OSError:
+            return False
 
     def _durable(self) -> tuple[Path | None, int]:
         """The newest valid checkpoint now, and its step (0 for none)."""
@@ -280,8 +352,17 @@ class Supervisor:
             self._follow_workers_events()
             for type_, fields in obs.notes:
                 self.events.emit(type_, **fields)
-                if type_ == EventType.WORKERS_STARTED:
+                if type_ in _STATE_CHANGING_NOTES:
                     self._write_state()
+            if obs.hang_detector and obs.hang_detector != self.hang_detector:
+                self.hang_detector = obs.hang_detector
+                self._write_state(force=False)
+            if obs.step is not None:
+                first = self._steps_seen[0] if self._steps_seen else obs.step
+                self._steps_seen = (
+                    first,
+                    max(obs.step, self._steps_seen[1] if self._steps_seen else obs.step),
+                )
             if obs.step is not None and obs.step != self.step:
                 self.step = obs.step
                 self._write_state(force=False)
@@ -314,15 +395,27 @@ class Supervisor:
 
     def _launch(self) -> float:
         """Start the attempt from ``resume_from``; returns the launch time (monotonic)."""
-        resume_step = checkpoint_step(self.resume_from)
+        resume_step: int | None = checkpoint_step(self.resume_from)
+        selected: dict[str, Any] = {}
+        if self.resume_from is None and not self.config.uses_checkpoint_store():
+            # Not a fresh start from step 0 for all we know: the script may resume from its
+            # own state, which only it can read.
+            resume_step = None
+            selected["reason"] = (
+                "no checkpoint of ours: the script resumes from its own state, if it keeps any"
+            )
         self.events.emit(
             EventType.CHECKPOINT_SELECTED,
             attempt=self.attempt,
             path=str(self.resume_from) if self.resume_from else None,
             step=resume_step,
+            **selected,
         )
         self._transition(State.STARTING)
         launched_at = self._clock()
+        self._launched_wall = time.time()
+        self._steps_seen = None
+        self.hang_detector = ""
         self.torchrun_pid = self.runner.start(self.attempt, self.resume_from)
         self.events.emit(
             EventType.LAUNCH,
@@ -331,7 +424,9 @@ class Supervisor:
             resume_from=str(self.resume_from) if self.resume_from else None,
             resume_step=resume_step,
             restarts_left=self.policy.restarts_left(),
+            **self.runner.launch_info(),
         )
+        self.events.emit(EventType.HANG_DETECTION, attempt=self.attempt, **self._hang_detection())
         if not self.config.single_node:
             self.events.emit(
                 EventType.RENDEZVOUS_WAIT,
@@ -346,6 +441,28 @@ class Supervisor:
         self.step = resume_step if self.resume_from else None
         self._transition(State.RUNNING)
         return launched_at
+
+    def _hang_detection(self) -> dict[str, Any]:
+        """Which hang detector this attempt starts with, said at launch."""
+        hang = self.config.hang
+        if hang.require_heartbeats:
+            return {
+                "detector": "heartbeats",
+                "reason": "the script keeps the heartbeat contract: a rank silent past its "
+                "phase's allowance is hung (--require-heartbeats)",
+            }
+        if hang.process_hang == "no":
+            return {
+                "detector": "heartbeats",
+                "reason": "heartbeats if the script writes them; without them only crashes are "
+                "detected (--process-hang no)",
+            }
+        return {
+            "detector": "process",
+            "timeout": hang.process_timeout,
+            "reason": "until a rank writes a heartbeat, the process table: a rank stopped, or "
+            f"every rank idle (no CPU, no output), for {hang.process_timeout:g} s is a hang",
+        }
 
     def _stop_failed(self, obs: Observation, launched_at: float) -> AttemptResult:
         detected_at = self._clock()
@@ -374,7 +491,9 @@ class Supervisor:
             )
             reason = "hang"
         self._transition(State.STOPPING)
-        grace = self.config.stop_grace
+        # The survivors of a failure hold nothing a restart needs (it resumes from a
+        # checkpoint), unless one is writing a checkpoint: only then do they get the grace.
+        grace = self.config.stop_grace if self.runner.checkpointing() else 0.0
         self.events.emit(EventType.STOPPING, attempt=self.attempt, reason=reason, grace=grace)
         report = self.runner.stop(grace)
         root: dict[str, Any] = {}
@@ -394,10 +513,9 @@ class Supervisor:
             return self._next_older_checkpoint()
         previous = self.resume_from
         newest = self._choose_checkpoint()
-        progressed = newest is not None and (
-            previous is None or checkpoint_step(newest) > checkpoint_step(previous)
-        )
         self.resume_from = newest
+        progress = self._progress(previous, newest, result)
+        progressed = progress is not None
         decision = self.policy.on_failure(attempt_runtime=result.runtime, progressed=progressed)
         if not decision.restart:
             assert decision.exit_code is not None
@@ -418,6 +536,9 @@ class Supervisor:
             restarts_used=decision.restarts_used,
             restarts_left=decision.restarts_left,
             progressed=progressed,
+            progress=progress
+            or f"none: {self.policy.failures_without_progress} failed attempt(s) in a row "
+            f"without progress (--crash-loop {self.config.policy.crash_loop})",
         )
         self._transition(State.BACKOFF)
         deadline = self._clock() + decision.delay
@@ -425,6 +546,33 @@ class Supervisor:
             if self.interrupted:
                 return self._interrupted_idle()
             self._sleep(min(self.config.poll_interval, max(0.0, deadline - self._clock())))
+        return None
+
+    def _progress(
+        self, previous: Path | None, newest: Path | None, result: AttemptResult
+    ) -> str | None:
+        """What the failed attempt achieved that a restart keeps, in words; None for nothing.
+
+        On the checkpoint store only a newer valid checkpoint counts: steps trained past it are
+        lost. A script that keeps its own checkpoints is judged by what the supervisor can see:
+        files written under ``--ckpt-path``, steps its heartbeats reported, or failing late."""
+        if newest is not None and (
+            previous is None or checkpoint_step(newest) > checkpoint_step(previous)
+        ):
+            return f"a new valid checkpoint, {newest.name}"
+        if self.config.uses_checkpoint_store():
+            return None
+        roots = [self.config.run_dir, Path.cwd()]
+        written = files_written_since(self.config.ckpt_path, roots, self._launched_wall)
+        if written:
+            how = "--ckpt-path" if self.config.ckpt_path else "a checkpoint-like file"
+            return f"the script wrote {written[0]} ({how})"
+        if self._steps_seen is not None and self._steps_seen[1] > self._steps_seen[0]:
+            first, last = self._steps_seen
+            return f"its heartbeats went from step {first} to {last}"
+        healthy = self.config.policy.healthy_after
+        if result.runtime >= healthy:
+            return f"it ran {result.runtime:.0f} s before failing (--healthy-after {healthy:g})"
         return None
 
     def _next_older_checkpoint(self) -> int | None:

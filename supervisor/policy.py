@@ -33,11 +33,12 @@ class PolicyConfig:
     """When > 0: at most ``max_restarts`` restarts within this many seconds (sliding window)."""
     crash_loop: int = option(
         3,
-        "give up after K consecutive failed attempts without a new valid checkpoint (0 turns "
-        "the guard off)",
+        "give up after K consecutive failed attempts without progress: a new valid checkpoint, "
+        "or for a script that keeps its own, a file under --ckpt-path, steps in its heartbeats "
+        "or a run past --healthy-after (0 turns the guard off)",
         group=RESTARTS,
     )
-    """Give up after this many failed attempts in a row without a new valid checkpoint (0: off)."""
+    """Give up after this many failed attempts in a row without progress (0: off)."""
     backoff_initial: float = option(
         0.5, "first backoff of a failure streak, seconds; doubles", group=RESTARTS
     )
@@ -47,9 +48,13 @@ class PolicyConfig:
     backoff_jitter: float = 0.5
     """Up to this many random seconds added to each backoff."""
     healthy_after: float = option(
-        60.0, "an attempt healthy this long resets the backoff", group=RESTARTS
+        60.0,
+        "an attempt that ran this long (or made progress) before failing restarts at once and "
+        "resets the backoff",
+        group=RESTARTS,
     )
-    """An attempt that ran this long before failing resets the backoff streak."""
+    """An attempt that ran this long before failing (or made progress) restarts without a
+    backoff and resets the streak."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -130,18 +135,21 @@ class RestartPolicy:
     def on_failure(self, *, attempt_runtime: float, progressed: bool) -> Decision:
         """Record one failed attempt and decide.
 
-        ``attempt_runtime`` is how long it ran (seconds); ``progressed`` says whether a newer
-        valid checkpoint exists than the one it started from.
+        ``attempt_runtime`` is how long it ran (seconds); ``progressed`` says whether it achieved
+        anything a restart keeps (a newer valid checkpoint, for the built-in trainer).
         """
         cfg = self.config
         self.failures_without_progress = 0 if progressed else self.failures_without_progress + 1
-        if attempt_runtime >= cfg.healthy_after:
+        # A failure after progress or a healthy stretch restarts at once; only failures in a
+        # row that achieved nothing back off, longer each time.
+        healthy = progressed or attempt_runtime >= cfg.healthy_after
+        if healthy:
             self.streak = 0
         if cfg.crash_loop and self.failures_without_progress >= cfg.crash_loop:
             return self._give_up(
                 exit_codes.CRASH_LOOP,
-                f"{self.failures_without_progress} consecutive failed attempts without a new "
-                f"valid checkpoint (--crash-loop {cfg.crash_loop})",
+                f"{self.failures_without_progress} consecutive failed attempts without progress "
+                f"(--crash-loop {cfg.crash_loop})",
             )
         if self.restarts_left() <= 0:
             window = f" within {cfg.restart_window:g} s" if cfg.restart_window else ""
@@ -149,10 +157,12 @@ class RestartPolicy:
                 exit_codes.BUDGET_EXHAUSTED,
                 f"restart budget spent: {cfg.max_restarts} restarts{window} (--max-restarts)",
             )
-        self.streak += 1
-        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        state.attempt_number = self.streak
-        delay = float(self._wait(state))
+        delay = 0.0
+        if not healthy:
+            self.streak += 1
+            state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+            state.attempt_number = self.streak
+            delay = float(self._wait(state))
         self.restarts_used += 1
         self._restart_times.append(self._clock())
         return Decision(

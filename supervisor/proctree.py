@@ -24,6 +24,10 @@ from trainer.supervised import PR_SET_PDEATHSIG, prctl
 
 _PR_SET_CHILD_SUBREAPER = 36
 
+_torchruns: set[int] = set()
+"""Pids of the torchruns whose exit status a ``Popen`` of ours will read (an attempt's and a
+standby's may live side by side): never reaped by the blanket reap of adopted workers."""
+
 
 def set_child_subreaper() -> bool:
     """Make orphaned descendants of this process re-parent to it (Linux). True when set."""
@@ -131,6 +135,7 @@ class AttemptTree:
     """Descendants that are not workers (torchrun helpers, the workers' own children)."""
 
     def __post_init__(self) -> None:
+        _torchruns.add(self.root.pid)
         try:
             self._root_proc: psutil.Process | None = psutil.Process(self.root.pid)
         except psutil.Error:
@@ -273,9 +278,11 @@ class AttemptTree:
     def _reap_adopted(self) -> None:
         # Workers re-parented to us stay zombies until waited for. Some die only after this
         # stop has returned (they notice their dead torchrun a moment later), so every stop
-        # reaps all adopted zombies, not just this attempt's. torchrun is left to its Popen,
-        # which expects to read its exit status itself.
-        reap_zombie_children(exclude={self.root.pid})
+        # reaps all adopted zombies, not just this attempt's. Each torchrun is left to its
+        # Popen, which expects to read its exit status itself.
+        if self.root.poll() is not None:
+            _torchruns.discard(self.root.pid)
+        reap_zombie_children(exclude={self.root.pid, *_torchruns})
 
 
 def reap_zombie_children(exclude: set[int]) -> int:

@@ -19,12 +19,16 @@ from typing import Any
 
 from runcontract import env as env_names
 from runcontract.events import EventType
+from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
+from supervisor.activity import ActivityMonitor
 from supervisor.attempt import Failure, Hang, Observation, Outcome, StopReport
-from supervisor.config import PROJECT_ROOT, LaunchConfig
+from supervisor.config import BUILTIN_TRAINER, PROJECT_ROOT, LaunchConfig
 from supervisor.heartbeat import HeartbeatMonitor
 from supervisor.logcap import LogCap
 from supervisor.proctree import AttemptTree, Worker, start_in_new_session
+from supervisor.standby import BASE_PRELOAD, STANDBY_DIR, Standby
+from supervisor.standby import TRAINER_PRELOAD as BUILTIN_PRELOAD
 
 # torchrun reaps its workers on this interval. The supervisor polls faster, so it usually sees
 # a dead worker as a zombie and reads its exit status before torchrun reaps it.
@@ -33,6 +37,11 @@ TORCHRUN_MONITOR_INTERVAL = "1"
 TREE_WALK_INTERVAL = 1.0
 # Seconds between looks at the size of the workers' log files.
 LOG_CHECK_INTERVAL = 1.0
+# A script without heartbeats: seconds after its workers started before the next attempt's
+# standby starts (a beating script's standby starts at its first training heartbeat).
+SETTLE = 3.0
+# Standbys that may die while waiting before the run gives up on them.
+MAX_STANDBY_LOSSES = 2
 
 _EXITCODE_PID = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 _FAILED_LINE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
@@ -46,6 +55,8 @@ class TorchrunRunner:
         self.clock = clock
         self.tree: AttemptTree | None = None
         self.monitor: HeartbeatMonitor | None = None
+        self.activity: ActivityMonitor | None = None
+        """Watches the process table while no rank has written a heartbeat."""
         self.attempt = 0
         self._failure: Failure | None = None
         self._early_leaver: Worker | None = None
@@ -56,12 +67,27 @@ class TorchrunRunner:
         self.logcap: LogCap | None = None
         self._announced_workers = False
         self._announced_silent = False
+        self._workers_seen_at: float | None = None
+        self.standby: Standby | None = None
+        """The next attempt, prepared and waiting at its gate (see ``supervisor.standby``)."""
+        self._standby_off: str | None = (
+            None if config.single_node else "several nodes: each attempt joins a new rendezvous"
+        )
+        """Why no standby is used any more (None: it is)."""
+        self._standby_losses = 0
+        self._standby_lost: str | None = None
+        """Why the current attempt's standby is gone (the next start is cold)."""
+        self._next_standby_check = 0.0
+        self._first_attempt: int | None = None
+        self._launch_info: dict[str, Any] = {}
+        self._first_beat_step: int | None = None
 
     # -- start -------------------------------------------------------------------------------
 
-    def command(self) -> list[str]:
-        """The torchrun command line for one attempt."""
+    def command(self, attempt: int | None = None) -> list[str]:
+        """The torchrun command line for attempt ``attempt`` (default: the current one)."""
         cfg = self.config
+        attempt = self.attempt if attempt is None else attempt
         cmd = [sys.executable, "-m", "torch.distributed.run"]
         if cfg.single_node:
             # --standalone: a fresh c10d store on a free local port for every attempt.
@@ -95,7 +121,7 @@ class TorchrunRunner:
             "--redirects",
             "3",
             "--log-dir",
-            str(self.config.attempt_log_dir(self.attempt) / "ranks"),
+            str(self.config.attempt_log_dir(attempt) / "ranks"),
             # Without "--", torchrun's parser would take a script flag such as --signal for an
             # abbreviation of one of its own.
             "--",
@@ -104,13 +130,13 @@ class TorchrunRunner:
         ]
         return cmd
 
-    def environment(self, resume_from: Path | None) -> dict[str, str]:
+    def environment(self, resume_from: Path | None, attempt: int | None = None) -> dict[str, str]:
         """The workers' environment: ours plus the ``ROSE_*`` contract."""
         env = dict(os.environ)
         env.update(
             {
                 env_names.RUN_DIR: str(self.config.run_dir),
-                env_names.ATTEMPT: str(self.attempt),
+                env_names.ATTEMPT: str(self.attempt if attempt is None else attempt),
                 env_names.RESUME_FROM: str(resume_from) if resume_from else "",
                 env_names.HEARTBEAT_DIR: str(self.config.heartbeat_dir),
                 env_names.SUPERVISOR_PID: str(os.getpid()),
@@ -126,33 +152,207 @@ class TorchrunRunner:
         return env
 
     def start(self, attempt: int, resume_from: Path | None) -> int:
-        """Launch attempt ``attempt``; returns torchrun's pid. Raises OSError if it cannot start."""
+        """Launch attempt ``attempt``, through the standby when one can serve; returns
+        torchrun's pid. Raises OSError if it cannot start."""
         self.attempt = attempt
         self._failure = None
         self._early_leaver = None
         self._announced_workers = False
         self._announced_silent = False
+        self._workers_seen_at = None
+        self._first_beat_step = None
+        if self._first_attempt is None:
+            self._first_attempt = attempt
         log_dir = self.config.attempt_log_dir(attempt)
-        if log_dir.exists():  # left by an earlier supervisor of this run dir that died mid-attempt
-            shutil.rmtree(log_dir, ignore_errors=True)
-        log_dir.mkdir(parents=True, exist_ok=True)
         self.config.heartbeat_dir.mkdir(parents=True, exist_ok=True)
+        standby, why_not = self._take_standby(attempt)
         started = self.clock()
-        proc = start_in_new_session(
-            self.command(),
-            self.environment(resume_from),
-            log_dir / "torchrun.log",
-            parent_death_signal=signal.SIGTERM,
-        )
-        self.tree = AttemptTree(proc)
+        if standby is not None:
+            ready = standby.ready()
+            standby.open({env_names.RESUME_FROM: str(resume_from) if resume_from else ""})
+            self.tree = standby.tree
+            self._launch_info = {
+                "standby": True,
+                "standby_ready": ready,
+                "standby_age": round(started - standby.started_at, 3),
+            }
+        else:
+            if log_dir.exists():  # an earlier supervisor's, or a discarded standby's
+                shutil.rmtree(log_dir, ignore_errors=True)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            proc = start_in_new_session(
+                self.command(),
+                self.environment(resume_from),
+                log_dir / "torchrun.log",
+                parent_death_signal=signal.SIGTERM,
+            )
+            self.tree = AttemptTree(proc)
+            self._launch_info = {"standby": False}
+            if why_not is not None:
+                self._launch_info["standby_reason"] = why_not
         self.monitor = HeartbeatMonitor(
             self.config.heartbeat_dir, attempt, self.config.hang, started, clock=self.clock
         )
+        hang = self.config.hang
+        self.activity = None
+        if hang.process_hang == "yes" and not hang.require_heartbeats:
+            self.activity = ActivityMonitor(
+                hang.process_timeout, output_dir=log_dir / "ranks", clock=self.clock
+            )
         self._next_heartbeat_read = started
         self._next_tree_walk = started
         self._next_log_check = started + LOG_CHECK_INTERVAL
         self.logcap = LogCap(log_dir / "ranks", int(self.config.log_max_mb * 1e6))
-        return proc.pid
+        return self.tree.torchrun_pid
+
+    # -- the standby -------------------------------------------------------------------------
+
+    def launch_info(self) -> dict[str, Any]:
+        """How the current attempt was started, for its ``launch`` event: ``standby`` (true
+        when a standby served it) and, when one could not, ``standby_reason``."""
+        return dict(self._launch_info)
+
+    def _standby_wanted(self) -> bool:
+        return self.config.standby == "on" and self.config.single_node and not self._standby_off
+
+    def _take_standby(self, attempt: int) -> tuple[Standby | None, str | None]:
+        """The standby to serve ``attempt``, or None and why not (None: standby is off)."""
+        standby, self.standby = self.standby, None
+        if not self._standby_wanted():
+            if standby is not None:
+                standby.discard()
+            return None, self._standby_off
+        lost, self._standby_lost = self._standby_lost, None
+        if standby is None:
+            if attempt == self._first_attempt:
+                return None, None  # the first attempt of a run is always a cold start
+            return None, lost or "no standby had been started (the attempt before failed early)"
+        problem = (
+            standby.problem() if standby.attempt == attempt else "prepared for another attempt"
+        )
+        if problem is not None:
+            standby.discard()
+            return None, f"the standby cannot serve: {problem}"
+        self._standby_losses = 0
+        return standby, None
+
+    def _prepare_standby(self, now: float, notes: list[tuple[str, dict[str, Any]]]) -> None:
+        """Start the next attempt's standby once this attempt trains (so that the standby's
+        imports do not slow this attempt's start), and watch the one waiting."""
+        if not self._standby_wanted():
+            return
+        standby = self.standby
+        if standby is not None:
+            if now < self._next_standby_check:
+                return
+            self._next_standby_check = now + TREE_WALK_INTERVAL
+            problem = standby.problem()
+            if problem is not None:
+                # Not replaced within this attempt: the next start is cold, and says why.
+                self.standby = None
+                standby.discard()
+                self._standby_losses += 1
+                self._standby_lost = f"the standby died while waiting: {problem}"
+                fields: dict[str, Any] = {"attempt": self.attempt, "reason": problem}
+                if self._standby_losses >= MAX_STANDBY_LOSSES:
+                    self._standby_off = (
+                        f"{self._standby_losses} standbys died while waiting: standby is off "
+                        "for the rest of this run"
+                    )
+                    fields["reason"] += f"; {self._standby_off}"
+                notes.append((EventType.STANDBY_LOST, fields))
+            elif not standby.announced_ready and standby.ready():
+                standby.announced_ready = True
+                notes.append(
+                    (
+                        EventType.STANDBY_READY,
+                        {
+                            "attempt": self.attempt,
+                            "for_attempt": standby.attempt,
+                            "torchrun_pid": standby.torchrun_pid,
+                            "workers": {
+                                str(r): int(i["pid"]) for r, i in standby.read_ready().items()
+                            },
+                            "rss_mb": standby.rss_mb(),
+                            "seconds": round(now - standby.started_at, 3),
+                        },
+                    )
+                )
+            return
+        if self._standby_lost is not None:
+            return
+        monitor = self.monitor
+        assert monitor is not None
+        # After a step completed in this attempt, so that the standby's imports do not slow
+        # this attempt's own start; a script that writes no heartbeats, a moment after its
+        # workers started.
+        steps = [r.step for r in monitor.ranks.values()]
+        if steps and self._first_beat_step is None:
+            self._first_beat_step = min(steps)
+        if steps or self.config.hang.require_heartbeats:
+            due = bool(steps) and max(steps) > (self._first_beat_step or 0)
+        else:
+            due = self._workers_seen_at is not None and now - self._workers_seen_at >= SETTLE
+        if not due:
+            return
+        nxt = self.attempt + 1
+        log_dir = self.config.attempt_log_dir(nxt)
+        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        preload = self._preload()
+        try:
+            self.standby = Standby.launch(
+                self.command(nxt),
+                self.environment(None, attempt=nxt),
+                nxt,
+                self.config.run_dir,
+                log_dir,
+                self.config.nproc,
+                preload,
+                now,
+            )
+        except OSError as e:
+            self._standby_off = f"a standby could not start: {e}"
+            notes.append((EventType.STANDBY_LOST, {"attempt": self.attempt, "reason": str(e)}))
+            return
+        self._next_standby_check = now + TREE_WALK_INTERVAL
+        notes.append(
+            (
+                EventType.STANDBY_STARTED,
+                {
+                    "attempt": self.attempt,
+                    "for_attempt": nxt,
+                    "torchrun_pid": self.standby.torchrun_pid,
+                    "preload": list(preload),
+                },
+            )
+        )
+
+    def _preload(self) -> tuple[str, ...]:
+        extra = BUILTIN_PRELOAD if self.config.script == BUILTIN_TRAINER else ()
+        return (*BASE_PRELOAD, *extra, *self.config.standby_modules())
+
+    def standby_state(self) -> dict[str, Any] | None:
+        """The waiting standby, for ``supervisor.json``: its attempt, whether it is ready, its
+        workers' resident memory."""
+        standby = self.standby
+        if standby is None:
+            return {"off": self._standby_off} if self._standby_off else None
+        return {
+            "for_attempt": standby.attempt,
+            "torchrun_pid": standby.torchrun_pid,
+            "ready": standby.announced_ready,
+            "rss_mb": standby.rss_mb(),
+        }
+
+    def close(self) -> None:
+        """Stop the standby, if one waits (the run is over)."""
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            standby.discard()
+            # Its logs are of an attempt that never ran.
+            shutil.rmtree(self.config.attempt_log_dir(standby.attempt), ignore_errors=True)
+        shutil.rmtree(self.config.run_dir / STANDBY_DIR, ignore_errors=True)
 
     # -- watch -------------------------------------------------------------------------------
 
@@ -177,6 +377,7 @@ class TorchrunRunner:
             for fields in self.logcap.check():
                 notes.append((EventType.LOG_TRUNCATED, {"attempt": self.attempt, **fields}))
         read_heartbeats = self._read_heartbeats(now, bool(exited), notes)
+        self._prepare_standby(now, notes)
         step = self.monitor.max_step()
         failure = self._detect_failure(exited)
         if failure is None and self.tree.root.poll() == 0:
@@ -185,9 +386,20 @@ class TorchrunRunner:
         if failure is not None:
             return Observation(Outcome.FAILED, failure=failure, step=step, notes=notes)
         hang = self._detect_hang(notes) if read_heartbeats else None
+        detector = self.hang_detector()
         if hang is not None:
-            return Observation(Outcome.HUNG, hang=hang, step=step, notes=notes)
-        return Observation(Outcome.RUNNING, step=step, notes=notes)
+            return Observation(
+                Outcome.HUNG, hang=hang, step=step, hang_detector=detector, notes=notes
+            )
+        return Observation(Outcome.RUNNING, step=step, hang_detector=detector, notes=notes)
+
+    def hang_detector(self) -> str:
+        """What judges hangs now: ``heartbeats`` (the script beats, or must), ``process`` (the
+        process table, while no rank has beaten) or ``off``."""
+        beating = self.monitor is not None and bool(self.monitor.ranks)
+        if beating or self.config.hang.require_heartbeats:
+            return "heartbeats"
+        return "process" if self.activity is not None else "off"
 
     def _discover(self, now: float, notes: list[tuple[str, dict[str, Any]]]) -> list[Worker]:
         """Find new workers and those that exited since the last look; announce the workers
@@ -204,6 +416,7 @@ class TorchrunRunner:
         ranks_known = all(w.rank is not None for w in tree.workers.values())
         if not self._announced_workers and len(tree.workers) >= self.config.nproc and ranks_known:
             self._announced_workers = True
+            self._workers_seen_at = now
             fields: dict[str, Any] = {
                 "attempt": self.attempt,
                 "torchrun_pid": tree.torchrun_pid,
@@ -263,7 +476,7 @@ class TorchrunRunner:
                 log_tail=self.torchrun_log_tail(),
             )
             return self._failure
-        if len(exited) > 1 and all(w.exit_code is None for w in exited):
+        if len(exited) > 1 and any(w.exit_code is None for w in exited):
             self._codes_from_torchrun(exited)
         for worker in sorted(exited, key=_likely_cause_first):
             self._judge_exit(worker)
@@ -275,10 +488,10 @@ class TorchrunRunner:
         return self._failure
 
     def _codes_from_torchrun(self, workers: list[Worker], wait: float = 1.0) -> None:
-        """Several workers torchrun reaped before this look, none with a known code: which one
-        died first cannot be told from the process table. torchrun logs each one's code as it
-        stops the group; wait that long (at most ``wait`` seconds) so that the rank killed by a
-        signal, not the peers torchrun terminated after it, is named."""
+        """Several workers gone in one look, some reaped by torchrun before it (code unknown):
+        which one died first cannot be told from the process table. torchrun logs each one's
+        code as it stops the group; wait that long (at most ``wait`` seconds) so that the rank
+        that failed, not the peers torchrun terminated after it, is named."""
         deadline = self.clock() + wait
         while True:
             codes = self.exit_codes_from_log()
@@ -289,17 +502,41 @@ class TorchrunRunner:
             time.sleep(0.05)
 
     def _detect_hang(self, notes: list[tuple[str, dict[str, Any]]]) -> Hang | None:
-        """A rank stuck past its phase's allowance; notes once that hang detection is off for
-        a script that never beats."""
+        """A rank stuck past its phase's allowance, judged by the heartbeats once any rank
+        beats and by the process table until then; notes when a script never beats."""
         tree, monitor = self.tree, self.monitor
         assert tree is not None and monitor is not None
-        hang = monitor.check([w.pid for w in tree.live_workers()])
+        live = tree.live_workers()
+        hang = monitor.check([w.pid for w in live])
+        if hang is None and self.activity is not None:
+            if monitor.ranks:
+                self.activity = None  # the script beats: its heartbeats judge from now on
+                notes.append(
+                    (
+                        EventType.HANG_DETECTION,
+                        {
+                            "attempt": self.attempt,
+                            "detector": "heartbeats",
+                            "reason": "a rank wrote a heartbeat: hangs are judged by the "
+                            "heartbeats from now on",
+                        },
+                    )
+                )
+            else:
+                hang = self.activity.look(live, tree.others.values())
         if hang is None and monitor.silent() and not self._announced_silent:
             self._announced_silent = True
+            if self.activity is not None:
+                how = (
+                    "hangs are judged from the process table (a stopped rank, or every rank "
+                    f"idle, for {self.activity.timeout:g} s)"
+                )
+            else:
+                how = "hang detection is off for this attempt (--process-hang no)"
             fields = {
                 "attempt": self.attempt,
-                "reason": "no heartbeat within the start-up timeout: hang detection is off "
-                "for this attempt (crashes are still detected)",
+                "reason": f"no heartbeat within the start-up timeout: {how}; crashes are "
+                "still detected",
             }
             notes.append((EventType.HEARTBEATS_ABSENT, fields))
         return hang
@@ -432,6 +669,16 @@ class TorchrunRunner:
             grace, torchrun_grace=0.0 if quick else 1.5, already_signalled=already_signalled
         )
 
+    def checkpointing(self) -> bool:
+        """Whether a survivor may still write something worth keeping: a rank in its
+        ``checkpoint`` phase, or a script without heartbeats (who knows what it does on
+        SIGTERM)."""
+        if self.monitor is None:
+            return True
+        self.monitor.poll(self.tree.workers.keys() if self.tree is not None else None)
+        ranks = self.monitor.ranks.values()
+        return not ranks or any(r.phase == Phase.CHECKPOINT for r in ranks)
+
     def attempt_alive(self) -> bool:
         """True while torchrun runs."""
         return self.tree is not None and self.tree.root.poll() is None
@@ -463,6 +710,6 @@ def _likely_cause_first(worker: Worker) -> int:
         return 0
     if code is None:
         return 1
-    if code == -signal.SIGTERM:
-        return 3
+    if code in (-signal.SIGTERM, TrainerExit.PREEMPTED):
+        return 3  # stopped by torchrun after a peer's failure (75: the answer to its SIGTERM)
     return 2

@@ -68,13 +68,16 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
         f"state:        {shown_state}",
         f"supervisor:   pid {pid or '?'}",
         f"attempt:      {state.get('attempt', '?')}",
-        f"step:         {state.get('step') if state.get('step') is not None else '?'}",
+        f"step:         {_step(state)}",
+        f"hangs:        {_HANG_DETECTORS.get(str(state.get('hang_detector')), 'not known yet')}",
         f"torchrun:     pid {state.get('torchrun_pid') or '-'}",
         f"workers:      {worker_text}",
+        *_standby(state),
         f"checkpoint:   {state.get('newest_valid_checkpoint') or 'none'} (chosen at the last "
         f"launch); newest on disk: {_newest_on_disk(run_dir) or 'none'}",
         f"restarts:     {state.get('restarts_used', 0)} used, "
-        f"{left if left is not None else '?'} left (of {state.get('max_restarts', '?')})",
+        f"{left if left is not None else '?'} left (of {state.get('max_restarts', '?')})"
+        + _crash_loop(state),
     ]
     failures = state.get("checkpoint_write_failures")
     if failures:
@@ -86,6 +89,47 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
         lines.append(f"exit code:    {state['exit_code']} ({state.get('exit_reason', '')})")
     lines.append(f"updated:      {age}")
     return "\n".join(lines)
+
+
+_HANG_DETECTORS = {
+    "heartbeats": "judged by the workers' heartbeats",
+    "process": "judged by the process table (the script writes no heartbeats): a stopped "
+    "rank, or every rank idle",
+    "off": "not detected (--process-hang no, and the script writes no heartbeats)",
+}
+
+
+def _standby(state: dict[str, Any]) -> list[str]:
+    """The waiting standby attempt: for which attempt, ready or importing, its memory."""
+    standby = state.get("standby")
+    if not isinstance(standby, dict):
+        return []
+    if standby.get("off"):
+        return [f"standby:      off ({standby['off']})"]
+    rss = standby.get("rss_mb") or {}
+    memory = ", ".join(f"rank {r}: {mb} MB" for r, mb in rss.items())
+    how = "ready" if standby.get("ready") else "importing"
+    return [
+        f"standby:      {how} for attempt {standby.get('for_attempt')} (torchrun pid "
+        f"{standby.get('torchrun_pid')})" + (f"; resident memory {memory}" if memory else "")
+    ]
+
+
+def _step(state: dict[str, Any]) -> str:
+    if state.get("step") is not None:
+        return str(state["step"])
+    if state.get("hang_detector") == "process":
+        return "unknown (the script reports no steps: it writes no heartbeats)"
+    return "none reported yet"
+
+
+def _crash_loop(state: dict[str, Any]) -> str:
+    """The crash-loop guard's count, when it is on and counting: it can end a run before the
+    restarts are spent."""
+    guard, count = state.get("crash_loop"), state.get("failures_without_progress")
+    if not guard or not count:
+        return ""
+    return f"; {count} of {guard} failed attempts in a row without progress (--crash-loop)"
 
 
 def _newest_on_disk(run_dir: Path) -> str | None:

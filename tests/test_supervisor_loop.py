@@ -6,6 +6,7 @@ import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,8 @@ class FakeRunner:
         self.started: list[tuple[int, Path | None]] = []
         self.stops: list[tuple[float, bool]] = []
         self.forwarded = 0
+        self.writing = False
+        """What ``checkpointing`` says: a rank is writing a checkpoint."""
         self._script: list[Observation] = []
         self.on_poll = on_poll
         self.finished = False
@@ -86,6 +89,15 @@ class FakeRunner:
 
     def all_done(self) -> bool:
         return self.finished
+
+    def launch_info(self) -> dict[str, Any]:
+        return {"standby": False}
+
+    def standby_state(self) -> dict[str, Any] | None:
+        return None
+
+    def checkpointing(self) -> bool:
+        return self.writing
 
     def worker_pids(self) -> dict[str, int]:
         return (
@@ -142,7 +154,8 @@ def test_crash_then_recovery_resumes_from_newest_checkpoint(tmp_path: Path) -> N
     sup, clock = _supervisor(tmp_path, runner, checkpoints=[None, ckpt])
     assert sup.run() == exit_codes.SUCCESS
     assert runner.started == [(1, None), (2, ckpt)]
-    assert runner.stops == [(2.0, False)]
+    # The survivors are killed at once: they hold nothing the restart needs.
+    assert runner.stops == [(0.0, False)]
     events = read_events(tmp_path / "events.jsonl")
     types = [e["type"] for e in events]
     order = ["worker_failed", "stopping", "stopped", "backoff", "checkpoint_selected", "launch"]
@@ -151,7 +164,7 @@ def test_crash_then_recovery_resumes_from_newest_checkpoint(tmp_path: Path) -> N
     failed = next(e for e in events if e["type"] == "worker_failed")
     assert failed["rank"] == 1 and failed["exit_code"] == -9 and failed["signal"] == "SIGKILL"
     backoff = next(e for e in events if e["type"] == "backoff")
-    assert backoff["delay"] == 1.0 and backoff["progressed"] is True
+    assert backoff["delay"] == 0.0 and backoff["progressed"] is True  # progress: at once
     selected = [e for e in events if e["type"] == "checkpoint_selected"]
     assert selected[-1]["step"] == 40 and selected[-1]["path"] == str(ckpt)
 
@@ -340,3 +353,15 @@ def test_no_older_checkpoint_left_stops_rather_than_starting_over(tmp_path: Path
     assert len(runner.started) == 1
     fatal = read_events(tmp_path / "events.jsonl")[-1]
     assert fatal["type"] == "fatal" and "not starting over" in fatal["reason"]
+
+
+def test_survivors_get_the_stop_grace_only_while_a_rank_writes_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    runner = FakeRunner([[RUNNING, crash(-9)], [RUNNING, DONE]])
+    runner.writing = True
+    sup, _ = _supervisor(tmp_path, runner)
+    assert sup.run() == exit_codes.SUCCESS
+    assert runner.stops == [(2.0, False)]
+    stopping = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "stopping"]
+    assert [e["grace"] for e in stopping] == [2.0]

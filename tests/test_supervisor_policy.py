@@ -65,19 +65,26 @@ def test_crash_loop_needs_consecutive_failures_without_progress() -> None:
     assert "3 consecutive" in decision.reason
 
 
-def test_backoff_grows_exponentially_is_capped_and_resets_after_healthy_stretch() -> None:
+def test_backoff_grows_only_with_failures_in_a_row_that_achieved_nothing() -> None:
     policy, _ = _policy(
         max_restarts=100, crash_loop=0, backoff_initial=1.0, backoff_max=5.0, healthy_after=60.0
     )
-    delays = [policy.on_failure(attempt_runtime=1.0, progressed=True).delay for _ in range(5)]
+    delays = [policy.on_failure(attempt_runtime=1.0, progressed=False).delay for _ in range(5)]
     assert delays == [1.0, 2.0, 4.0, 5.0, 5.0]
-    after_healthy = policy.on_failure(attempt_runtime=61.0, progressed=True)
-    assert after_healthy.delay == 1.0
+    # Progress, or a healthy stretch, restarts at once and starts the streak again.
+    assert policy.on_failure(attempt_runtime=1.0, progressed=True).delay == 0.0
+    assert policy.on_failure(attempt_runtime=1.0, progressed=False).delay == 1.0
+    assert policy.on_failure(attempt_runtime=1.0, progressed=False).delay == 2.0
+    assert policy.on_failure(attempt_runtime=61.0, progressed=False).delay == 0.0
+    assert policy.on_failure(attempt_runtime=1.0, progressed=False).delay == 1.0
 
 
 def test_backoff_jitter_stays_within_bounds() -> None:
     policy, _ = _policy(max_restarts=100, crash_loop=0, backoff_initial=1.0, backoff_jitter=0.5)
-    delays = [policy.on_failure(attempt_runtime=100.0, progressed=True).delay for _ in range(50)]
+    delays = []
+    for _ in range(50):  # the first backoff of a fresh streak each time
+        assert policy.on_failure(attempt_runtime=1.0, progressed=True).delay == 0.0
+        delays.append(policy.on_failure(attempt_runtime=1.0, progressed=False).delay)
     assert all(1.0 <= d <= 1.5 for d in delays)
     assert len(set(delays)) > 1  # jitter really varies
 

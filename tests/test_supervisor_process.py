@@ -221,3 +221,23 @@ def test_sigkill_of_torchrun_is_a_lost_node_and_recovers(tmp_path: Path) -> None
         assert run.leftovers(timeout=5.0) == []
     finally:
         run.kill_all()
+
+
+def test_every_worker_rank_is_known_with_four_ranks(tmp_path: Path) -> None:
+    # Six attempts of four fresh workers each: a worker seen between torchrun's fork and its
+    # exec has no RANK yet, and must be read again until it has, never left as "?<pid>".
+    run = Launched(
+        tmp_path / "run",
+        ["--nproc", "4", *FAST, "--max-restarts", "5", "--crash-loop", "0", str(WORKER),
+         "exit,exit,exit,exit,exit,finish", "--rank", "3", "--code", "1"],
+    )  # fmt: skip
+    try:
+        assert run.wait(6 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        started = [e for e in run.events() if e["type"] == "workers_started"]
+        assert len(started) == 6
+        assert all(sorted(e["workers"]) == ["0", "1", "2", "3"] for e in started), started
+        assert "rank ?" not in run.stderr
+        failed = [e for e in run.events() if e["type"] == "worker_failed"]
+        assert [e["rank"] for e in failed] == [3] * 5
+    finally:
+        run.kill_all()

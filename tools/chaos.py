@@ -49,6 +49,8 @@ from tools.chaos_run import RunView, Snapshot, TempDir, node_tags
 
 # Kinds that end the run: nothing can follow them.
 _ENDING = frozenset({"preempt", "kill-supervisor"})
+# Faults that need checkpoints of the store to act on.
+_CHECKPOINT_FAULTS = frozenset({"kill-writer", "corrupt", "hostile-file", "fill-disk"})
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -213,6 +215,11 @@ class Injector:
     def _due(self, snap: Snapshot, next_time: float) -> bool:
         cfg = self.config
         if cfg.at_steps:
+            if snap.step is None:
+                raise ChaosError(
+                    "--at-steps needs the steps a script reports in its heartbeats, and this "
+                    "one writes none: use --every"
+                )
             return snap.step >= cfg.at_steps[len(self.injected)]
         if cfg.every is not None:
             return time.monotonic() >= next_time
@@ -243,6 +250,12 @@ class Injector:
         checkpoint was written in time); the caller tries the same kind again.
         Raises ChaosError when the fault cannot be injected into this run at all.
         """
+        if kind in _CHECKPOINT_FAULTS and not snap.heartbeats and not self.view.has_checkpoints():
+            raise ChaosError(
+                f"{kind} needs the checkpoints of the store under {self.view.run_dir}, and this "
+                "script keeps none there (nor writes heartbeats): kill-worker, hang and "
+                "kill-torchrun work on any script"
+            )
         handler = getattr(self, "_inject_" + kind.replace("-", "_"))
         return handler(snap)
 
@@ -454,9 +467,10 @@ class Injector:
         injection.details["bytes"] = written
         return injection
 
-    def _heartbeat_step(self, rank: int, default: int) -> int:
+    def _heartbeat_step(self, rank: int, default: int | None) -> int | None:
         record = self.view.heartbeats().get(rank)
-        return int(record.get("step", default)) if record else default
+        step = record.get("step") if record else None
+        return int(step) if step is not None else default
 
 
 def _stopped(pid: int) -> bool:

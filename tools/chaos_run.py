@@ -50,8 +50,11 @@ class Snapshot:
     """rank -> pid of the workers of this attempt that are alive and have left start-up."""
     phases: dict[int, str] = field(default_factory=dict)
     """rank -> the phase of its newest heartbeat."""
-    step: int = 0
-    """Highest step any live worker of this attempt reported."""
+    step: int | None = 0
+    """Highest step any live worker of this attempt reported; None for a script that writes
+    no heartbeats (its step is not known)."""
+    heartbeats: bool = True
+    """False when the script writes no heartbeats: its workers are the supervisor's list."""
 
     @property
     def ready(self) -> bool:
@@ -127,6 +130,10 @@ class RunView:
             return list(os.scandir(self.ckpt_dir))
         except OSError:
             return []
+
+    def has_checkpoints(self) -> bool:
+        """Whether the run has a checkpoint folder of the store."""
+        return (self.run_dir / layout.CHECKPOINTS).is_dir()
 
     def committed(self) -> list[int]:
         """Steps of the committed-looking ``step-XXXXXXXX`` directories, oldest first."""
@@ -209,7 +216,9 @@ class RunView:
                 continue  # another node's worker
             snap.workers[rank] = pid
             snap.phases[rank] = str(record.get("phase"))
-            snap.step = max(snap.step, int(record.get("step") or 0))
+            snap.step = max(snap.step or 0, int(record.get("step") or 0))
+        if not snap.workers and state.get("hang_detector") == "process":
+            return self._silent_snapshot(snap, listed)
         # The supervisor lists a worker whose rank it could not read as "?<pid>"; then the
         # heartbeats say which rank each is, and only their number can be checked.
         complete = (
@@ -220,6 +229,16 @@ class RunView:
         if not listed or not complete:
             snap.workers.clear()  # not every worker is up (or one already died): not ready
             snap.phases.clear()
+        return snap
+
+    def _silent_snapshot(self, snap: Snapshot, listed: dict[str, Any]) -> Snapshot:
+        """A script without heartbeats: its workers are those the supervisor lists, once every
+        one has a known rank and is alive; nothing is known of its step or phase."""
+        snap.heartbeats, snap.step = False, None
+        workers = {int(r): int(p) for r, p in listed.items() if str(r).isdigit()}
+        if len(workers) == len(listed) and all(self.is_run_process(p) for p in workers.values()):
+            snap.workers = workers
+            snap.phases = {rank: "unknown" for rank in workers}
         return snap
 
 

@@ -39,7 +39,7 @@ class _Walk:
         self.pending_fault: dict[str, Any] | None = None
         self.last_failure: FailureRecord | None = None
         self.current: Attempt | None = None
-        self.selected_step = 0
+        self.selected_step: int | None = 0
 
     def attempt(self, ev: dict[str, Any], or_current: bool = True) -> Attempt | None:
         """The attempt an event names by the supervisor's numbering; else, with ``or_current``,
@@ -57,18 +57,23 @@ class _Walk:
         self.report.end_state = "running or lost"
 
     def checkpoint_selected(self, ev: dict[str, Any], t: float) -> None:
-        self.selected_step = int(ev.get("step") or 0)
+        step = ev.get("step")
+        # No step: a script that resumes from its own state; where it resumes is not known.
+        self.selected_step = int(step) if step is not None else None
 
     def launch(self, ev: dict[str, Any], t: float) -> None:
         report = self.report
         resume = ev.get("resume_step")
         resume_step = int(resume) if resume is not None else self.selected_step
+        if "resume_step" in ev and resume is None:
+            resume_step = None
         self.current = Attempt(
             number=len(report.attempts) + 1,
             supervisor_attempt=int(ev.get("attempt") or 0),
             launched_at=t,
             resume_step=resume_step,
             last_step=resume_step,
+            standby=bool(ev.get("standby")),
         )
         if not report.attempts:
             report.start_step = resume_step
@@ -262,14 +267,15 @@ def _time_first_steps(report: Report, step_time: dict[int, float]) -> dict[int, 
     for i, att in enumerate(report.attempts):
         # metrics.jsonl keeps each step once: the record of step resume+1 belongs to this attempt
         # only when it was written inside this attempt's lifetime.
-        t = step_time.get(att.resume_step + 1)
+        first = (att.resume_step or 0) + 1
+        t = step_time.get(first) if att.resume_step is not None else None
         window_end = (
             report.attempts[i + 1].launched_at if i + 1 < len(report.attempts) else float("inf")
         )
         if t is not None and att.launched_at < t <= window_end:
             att.first_step_at = t
             sources[att.number] = "metrics"
-            _raise_step(att, att.resume_step + 1)
+            _raise_step(att, first)
         elif att.first_step_at is not None:
             sources[att.number] = "event"
         # Steps this attempt completed and kept are a lower bound on how far it got.
@@ -299,5 +305,6 @@ def _add_recoveries(report: Report, sources: dict[int, str]) -> None:
                 next_attempt=nxt.number,
                 phases=phases,
                 first_step_source=sources.get(nxt.number, "none"),
+                standby=nxt.standby,
             )
         )

@@ -21,8 +21,9 @@ class Attempt:
     """The attempt number the supervisor logged (restarts at 1 when a supervisor is relaunched)."""
     launched_at: float
     """Unix time of the ``launch`` event."""
-    resume_step: int
-    """The step it resumed from (0: a fresh start)."""
+    resume_step: int | None
+    """The step it resumed from (0: a fresh start; None: a script that resumes from its own
+    state, at a step it does not report)."""
     workers_started_at: float | None = None
     first_step_at: float | None = None
     """Unix time the first step after ``resume_step`` completed."""
@@ -32,6 +33,8 @@ class Attempt:
     """``succeeded``, ``failed``, ``hung``, ``interrupted``, or ``unknown`` (log ends mid-way)."""
     last_step: int | None = None
     """The highest step known to have been reached in this attempt."""
+    standby: bool = False
+    """Started by opening a standby's gate rather than by a cold start."""
 
 
 @dataclass
@@ -74,6 +77,8 @@ class Recovery:
     """Seconds per phase of ``PHASES``; None when an event the phase needs is missing."""
     first_step_source: str
     """``metrics`` or ``event``: where the first step's time came from."""
+    standby: bool = False
+    """The next attempt was a standby: its ``launch`` phase is the gate opening."""
 
     @property
     def total(self) -> float | None:
@@ -106,8 +111,8 @@ class Report:
     recoveries: list[Recovery] = field(default_factory=list)
     cold_start: float | None = None
     """Seconds from the first launch to the first completed step."""
-    start_step: int = 0
-    """The step the run directory's first attempt started from."""
+    start_step: int | None = 0
+    """The step the run directory's first attempt started from (None: not known)."""
     final_step: int | None = None
     newest_checkpoint: Checkpoint | None = None
     loss: list[tuple[int, float]] = field(default_factory=list)
@@ -133,7 +138,7 @@ class Report:
         """Steps that count: the final step minus where the run started."""
         if self.final_step is None:
             return None
-        return max(0, self.final_step - self.start_step)
+        return max(0, self.final_step - (self.start_step or 0))
 
     @property
     def goodput(self) -> float | None:

@@ -55,11 +55,16 @@ def _plot_loss(ax: Any, report: Report) -> None:
     name = f"{report.run_dir.name} {report.node}" if report.node else report.run_dir.name
     ax.set_title(
         f"{name}: {report.end_state}, {len(report.failures)} failure(s), "
-        f"{report.steps_lost} step(s) lost"
+        + (
+            f"{report.steps_lost} step(s) lost"
+            if report.final_step is not None
+            else "steps unknown"
+        )
     )
     if not report.loss:
         ax.text(
-            0.5, 0.5, "no loss: metrics.jsonl is missing or empty", ha="center",
+            0.5, 0.5, "no loss: metrics.jsonl is missing or empty (a script that writes none)",
+            ha="center",
             va="center", transform=ax.transAxes,
         )  # fmt: skip
     if ax.get_legend_handles_labels()[0]:
@@ -113,7 +118,7 @@ def _plot_timeline(ax: Any, report: Report) -> None:
         if a.first_step_at is not None:
             ax.plot(a.first_step_at - t0, y, "v", color="black", markersize=6)
         ax.text(
-            start, y + 0.32, f"from step {a.resume_step}: {a.outcome}", fontsize=7,
+            start, y + 0.32, f"from step {_step(a.resume_step)}: {a.outcome}", fontsize=7,
             va="bottom", clip_on=True,
         )  # fmt: skip
     for f in report.failures:
@@ -126,3 +131,7 @@ def _plot_timeline(ax: Any, report: Report) -> None:
         ax.set_ylim(0.4, len(report.attempts) + 0.9)
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
+
+
+def _step(step: int | None) -> str:
+    return "?" if step is None else str(step)

@@ -34,16 +34,29 @@ def _summary_lines(report: Report) -> list[str]:
         f"  outcome:     {report.end_state}; {len(report.attempts)} attempt(s), "
         f"{len(report.failures)} failure(s)"
         + (f", {report.faults_injected} fault(s) injected" if report.faults_injected else ""),
-        f"  steps:       {_n(report.start_step)} -> {_n(report.final_step)} "
-        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)",
-        f"  goodput:     {_s(report.goodput)} useful steps/s over "
-        f"{_s(report.wall_seconds, 1)} s wall clock",
+        *_step_lines(report),
         f"  cold start:  {_s(report.cold_start)} s (launch -> first step)",
         f"  checkpoint:  newest valid step {ckpt.step} ({ckpt.path})"
         if ckpt
         else "  checkpoint:  no valid checkpoint",
     ]
     return lines + _divergence_lines(report)
+
+
+def _step_lines(report: Report) -> list[str]:
+    """Steps and goodput; "unknown" for a script that reports no steps (no heartbeats, no
+    metrics), never a made-up 0."""
+    wall = f"{_s(report.wall_seconds, 1)} s wall clock"
+    if report.final_step is None:
+        return [
+            "  steps:       unknown (the script reported no steps: no heartbeats, no metrics)",
+            f"  goodput:     unknown over {wall}",
+        ]
+    return [
+        f"  steps:       {_n(report.start_step)} -> {_n(report.final_step)} "
+        f"({_n(report.useful_steps)} useful, {report.steps_lost} lost to failures)",
+        f"  goodput:     {_s(report.goodput)} useful steps/s over {wall}",
+    ]
 
 
 def _divergence_lines(report: Report) -> list[str]:
@@ -65,7 +78,7 @@ def _attempt_lines(report: Report) -> list[str]:
     for a in report.attempts:
         ran = gap(a.launched_at, a.ended_at)
         lines.append(
-            f"  {a.number:>3} {a.launched_at - t0:>8.2f} {a.resume_step:>6} "
+            f"  {a.number:>3} {a.launched_at - t0:>8.2f} {_n(a.resume_step):>6} "
             f"{_n(a.last_step):>9} {_s(ran):>7}  {a.outcome}"
         )
     return lines
@@ -95,15 +108,16 @@ def _recovery_lines(report: Report) -> list[str]:
     if not report.recoveries:
         return ["  none"]
     head = "".join(f"{p:>11}" for p in PHASES)
-    lines = [f"  {'attempts':>9}{head}{'total':>9}  first step from"]
+    lines = [f"  {'attempts':>9}{head}{'total':>9}  {'start':<8} first step from"]
     for r in report.recoveries:
         cells = "".join(f"{_s(r.phases[p], 3):>11}" for p in PHASES)
         lines.append(
             f"  {f'{r.failed_attempt}->{r.next_attempt}':>9}{cells}"
-            f"{_s(r.total, 3):>9}  {r.first_step_source}"
+            f"{_s(r.total, 3):>9}  {'standby' if r.standby else 'cold':<8} {r.first_step_source}"
         )
     return [
         *lines,
         "  detect: fault -> detected (only when the fault was logged); stop: -> tree down;",
-        "  backoff: -> relaunch; launch: -> workers up; first_step: -> first step completed",
+        "  backoff: -> relaunch; launch: -> workers up (start standby: a waiting standby's",
+        "  gate opened; cold: a new torchrun); first_step: -> first step completed",
     ]

@@ -17,7 +17,8 @@ From attempt ``--until-attempt`` on (``ROSE_ATTEMPT``), MODE becomes ``finish``:
 recovers. ``--ignore-sigterm`` makes every rank ignore SIGTERM; otherwise SIGTERM makes a rank
 exit with ``--term-code`` (75, like the trainer's emergency checkpoint exit). With
 ``--peers-exit C`` the other ranks exit with C a few milliseconds after rank R's fault, as peers
-do when a collective breaks under them.
+do when a collective breaks under them. ``--abort-at-exit R``: rank R ends with SIGABRT after
+reporting ``done``.
 """
 
 import argparse
@@ -41,6 +42,7 @@ p.add_argument("--ignore-sigterm", action="store_true")
 p.add_argument("--term-code", type=int, default=75)
 p.add_argument("--no-guard", action="store_true", help="do not watch the supervisor")
 p.add_argument("--peers-exit", type=int, default=None)
+p.add_argument("--abort-at-exit", type=int, default=None, help="rank that aborts after done")
 args = p.parse_args()
 
 rank = int(os.environ.get("RANK", "0"))
@@ -70,6 +72,8 @@ while step < args.steps:
 
 if mode == "finish":
     beat(step, phase="done")
+    if rank == args.abort_at_exit:  # as a gloo teardown sometimes does after the work is done
+        os.abort()
     sys.exit(0)
 fault_marker = os.path.join(os.environ.get("ROSE_RUN_DIR", "."), f"fault-{attempt}")
 if rank == args.rank and mode != "forever":
