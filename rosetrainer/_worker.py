@@ -3,8 +3,10 @@ environment contract seen from a user's script (thin over ``trainer.supervised``
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from rosetrainer._ours import loaded, trainer_module
 from runcontract import env as env_names
+from runcontract import layout
 from runcontract.heartbeat import Phase
 
 if TYPE_CHECKING:
@@ -83,10 +86,12 @@ def heartbeat(step: int, phase: str = "train") -> bool:
     return beat(step, phase) if beat is not None else False
 
 
-def done(step: int) -> bool:
+def done(step: int, wait: float = 60.0) -> bool:
     """Mark this rank finished at ``step``: waits for background checkpoint saves, flushes the
-    script's output, and writes the ``done`` heartbeat phase. Once every rank reported it, an
-    abort at exit (gloo sometimes raises SIGABRT while tearing down) does not restart the job.
+    script's output, writes the ``done`` heartbeat phase, then waits until every rank of the job
+    reported it too (at most ``wait`` seconds). Once every rank reported it, an abort at exit
+    (gloo sometimes raises SIGABRT while tearing down) does not restart the job; the wait keeps a
+    rank that finished first from aborting while a peer still writes its last checkpoint.
 
     Call it on every rank after the last step and the last save. Returns True when written;
     False when not supervised. Raises CheckpointWriteFailed when a background save failed.
@@ -100,7 +105,38 @@ def done(step: int) -> bool:
         except (OSError, ValueError, AttributeError):
             pass  # closed or replaced streams: the marker matters more than the output
     beat = _heartbeat()
-    return beat(step, Phase.DONE.value) if beat is not None else False
+    if beat is None or not beat(step, Phase.DONE.value):
+        return False
+    _wait_for_peers(beat, wait)
+    return True
+
+
+def _wait_for_peers(beat: Heartbeat, wait: float) -> None:
+    """Until every rank's heartbeat of this attempt says ``done``, or ``wait`` seconds: a file
+    barrier (the heartbeat directory is shared by every node), so no process group is needed
+    and a peer that never reports costs at most ``wait``."""
+    env = beat.env
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if env is None or world <= 1:
+        return
+    deadline = time.monotonic() + wait
+    pending = [r for r in range(world) if r != beat.rank]
+    while pending and time.monotonic() < deadline:
+        pending = [r for r in pending if not _reported_done(env, r)]
+        if pending:
+            time.sleep(0.05)
+
+
+def _reported_done(env: SupervisedEnv, rank: int) -> bool:
+    try:
+        record = json.loads((env.heartbeat_dir / layout.heartbeat_name(rank)).read_text())
+    except (OSError, ValueError):
+        return False  # none yet, or being replaced right now
+    return (
+        isinstance(record, dict)
+        and record.get("attempt") == env.attempt
+        and record.get("phase") == Phase.DONE.value
+    )
 
 
 @contextmanager

@@ -224,3 +224,24 @@ def test_stopped_rank_is_a_hang_and_recovers(
         assert run.leftovers(timeout=5.0) == []
     finally:
         run.kill_all()
+
+
+def test_an_abort_after_done_is_a_finish(tmp_path: Path, train_env: dict[str, str]) -> None:
+    """Every rank of the adopted script reports done, then aborts (SIGABRT): the job is
+    finished, not restarted. done() waits for its peers, so no rank aborts while another is
+    still saving its last checkpoint."""
+    ex = ADOPTED["ddp_tutorial"]
+    wrapper = ROOT / "tests" / "scripts" / "abort_after_done.py"
+    run_dir = tmp_path / "run"
+    args = [str(wrapper), str(ex.script), "--epochs", "3"]
+    run = Launched(run_dir, ["--nproc", "2", *FAST, *args], env=train_env)
+    try:
+        assert run.wait(RUN_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        events = run.events()
+        assert [e["type"] for e in events].count("launch") == 1
+        finished = next(e for e in events if e["type"] == "exit_after_done")
+        assert finished["attempt"] == 1
+        assert events[-1]["type"] == "done" and events[-1]["step"] == 3 * DDP_STEPS_PER_EPOCH
+        assert run.leftovers(timeout=5.0) == []
+    finally:
+        run.kill_all()

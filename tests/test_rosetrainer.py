@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import rosetrainer
-from rosetrainer import _checkpoint
+from rosetrainer import _checkpoint, _worker
 from runcontract.env import unsupervised
 from runcontract.heartbeat import read_heartbeat
 from tests.scripts.ckpt_model import assert_same_state, fresh, trained
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _unsupervised(monkeypatch: pytest.MonkeyPatch) -> None:
     """Start every test unsupervised, whatever runs the tests."""
-    for name in [n for n in os.environ if n.startswith("ROSE_")] + ["RANK"]:
+    for name in [n for n in os.environ if n.startswith("ROSE_")] + ["RANK", "WORLD_SIZE"]:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -183,6 +184,39 @@ def test_done_is_written_at_once_and_waits_for_background_saves(
     verify(tmp_path / "checkpoints" / "step-00000002")  # committed before done returned
     beat = read_heartbeat(tmp_path, 0)
     assert (beat["step"], beat["phase"]) == (2, "done")
+
+
+def _peer_beat(run_dir: Path, rank: int, attempt: int, phase: str) -> None:
+    record = {"rank": rank, "pid": 1, "attempt": attempt, "step": 5, "phase": phase, "time": 0}
+    (run_dir / "heartbeats").mkdir(parents=True, exist_ok=True)
+    (run_dir / "heartbeats" / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def test_done_waits_for_every_rank_of_this_attempt(monkeypatch, tmp_path: Path) -> None:
+    """A rank that finished first must not abort at exit before its peers reported done."""
+    _supervise(monkeypatch, tmp_path, rank=0)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    _peer_beat(tmp_path, 1, attempt=2, phase="done")
+    _peer_beat(tmp_path, 2, attempt=1, phase="done")  # an earlier attempt's: not yet
+    seen: list[bool] = []
+    sleep = time.sleep
+
+    def peer_finishes(seconds: float) -> None:  # rank 2 reports while rank 0 waits
+        seen.append(True)
+        _peer_beat(tmp_path, 2, attempt=2, phase="done")
+        sleep(seconds)
+
+    monkeypatch.setattr(_worker.time, "sleep", peer_finishes)
+    assert rosetrainer.done(5) is True
+    assert seen  # it waited for rank 2
+    assert read_heartbeat(tmp_path, 0)["phase"] == "done"
+
+
+def test_done_gives_up_waiting_for_a_peer_that_never_reports(monkeypatch, tmp_path: Path) -> None:
+    _supervise(monkeypatch, tmp_path, rank=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _peer_beat(tmp_path, 0, attempt=2, phase="train")
+    assert rosetrainer.done(5, wait=0.2) is True
 
 
 # -- save_checkpoint and load_checkpoint -------------------------------------------------------
