@@ -32,8 +32,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.chaos]
 # A start-up (two ranks importing torch) takes seconds on a loaded 2-core machine.
 RUN_TIMEOUT = 180.0
 HANG_TIMEOUT = "5"
-DDP_EPOCHS, DDP_STEPS_PER_EPOCH = 16, 64  # 4096 samples, 2 ranks, batches of 32
-GPT_ITERS = 150
+DDP_EPOCHS, DDP_STEPS_PER_EPOCH = 10, 64  # 4096 samples, 2 ranks, batches of 32
+GPT_ITERS = 100
 
 
 @dataclass(frozen=True)
