@@ -28,7 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy runcontract trainer supervisor tools launch.py
+	$(BIN)/mypy runcontract trainer supervisor tools rosetrainer launch.py
 
 # torch is pinned first and alone: left to the package's own `torch>=2.4,<3`, pip would pick
 # whatever build the index offers first, a multi-GB CUDA build on many machines.
