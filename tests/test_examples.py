@@ -245,3 +245,29 @@ def test_an_abort_after_done_is_a_finish(tmp_path: Path, train_env: dict[str, st
         assert run.leftovers(timeout=5.0) == []
     finally:
         run.kill_all()
+
+
+@pytest.mark.slow
+def test_a_third_party_script_survives_three_kills_15_s_apart(tmp_path: Path) -> None:
+    # The unmodified tutorial-style script, no flag of ours beyond the restart budget: its own
+    # snapshots are the progress the crash-loop guard sees, so three kills are three recoveries.
+    # 300 epochs last well over the 45 s the kills need, even on an idle machine.
+    run_dir = tmp_path / "run"
+    run = Launched(
+        run_dir,
+        ["--nproc", "2", "--max-restarts", "5", "--chaos", "kill-worker:every=15:count=3",
+         str(ROOT / "examples" / "ddp_tutorial" / "plain.py"), "--epochs", "300",
+         "--snapshot-path", str(run_dir / "snapshot.pt")],
+    )  # fmt: skip
+    try:
+        assert run.wait(6 * RUN_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        events = run.events()
+        injected = [e for e in events if e["type"] == "fault_injected"]
+        assert [e["kind"] for e in injected] == ["kill-worker"] * 3
+        assert len([e for e in events if e["type"] == "worker_failed"]) == 3
+        backoffs = [e for e in events if e["type"] == "backoff"]
+        assert len(backoffs) == 3 and all(e["progressed"] for e in backoffs), backoffs
+        assert "crash_loop" not in run.types()
+        assert run.leftovers(timeout=10.0) == []
+    finally:
+        run.kill_all()
