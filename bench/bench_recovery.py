@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the trials and print Markdown tables; returns 0 (1 when no trial could run)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="trials of each (default 20)")
-    parser.add_argument("--steps", type=int, default=400, help="steps per run (default 400)")
+    parser.add_argument("--steps", type=int, default=800, help="steps per run (default 800)")
     parser.add_argument("--ckpt-every", type=int, default=5, help="(default 5)")
     parser.add_argument("--kill-at", type=int, default=8, help="kill once past step (default 8)")
     parser.add_argument(
