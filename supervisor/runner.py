@@ -37,9 +37,10 @@ TORCHRUN_MONITOR_INTERVAL = "1"
 TREE_WALK_INTERVAL = 1.0
 # Seconds between looks at the size of the workers' log files.
 LOG_CHECK_INTERVAL = 1.0
-# A script without heartbeats: seconds after its workers started before the next attempt's
-# standby starts (a beating script's standby starts at its first training heartbeat).
-SETTLE = 3.0
+# Seconds an attempt trains (from its first completed step; for a script without heartbeats,
+# from its workers' start) before the next attempt's standby starts: its imports then never slow
+# this attempt's own start, and a short run (a test, a smoke run) pays nothing for one.
+STANDBY_DELAY = 5.0
 # Standbys that may die while waiting before the run gives up on them.
 MAX_STANDBY_LOSSES = 2
 
@@ -81,6 +82,7 @@ class TorchrunRunner:
         self._first_attempt: int | None = None
         self._launch_info: dict[str, Any] = {}
         self._first_beat_step: int | None = None
+        self._training_since: float | None = None
 
     # -- start -------------------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class TorchrunRunner:
         self._announced_silent = False
         self._workers_seen_at = None
         self._first_beat_step = None
+        self._training_since = None
         if self._first_attempt is None:
             self._first_attempt = attempt
         log_dir = self.config.attempt_log_dir(attempt)
@@ -283,17 +286,16 @@ class TorchrunRunner:
             return
         monitor = self.monitor
         assert monitor is not None
-        # After a step completed in this attempt, so that the standby's imports do not slow
-        # this attempt's own start; a script that writes no heartbeats, a moment after its
-        # workers started.
         steps = [r.step for r in monitor.ranks.values()]
         if steps and self._first_beat_step is None:
             self._first_beat_step = min(steps)
-        if steps or self.config.hang.require_heartbeats:
-            due = bool(steps) and max(steps) > (self._first_beat_step or 0)
-        else:
-            due = self._workers_seen_at is not None and now - self._workers_seen_at >= SETTLE
-        if not due:
+        if self._training_since is None:
+            if steps or self.config.hang.require_heartbeats:
+                if steps and max(steps) > (self._first_beat_step or 0):
+                    self._training_since = now  # a step completed in this attempt
+            elif self._workers_seen_at is not None:
+                self._training_since = self._workers_seen_at
+        if self._training_since is None or now - self._training_since < STANDBY_DELAY:
             return
         nxt = self.attempt + 1
         log_dir = self.config.attempt_log_dir(nxt)
