@@ -23,7 +23,13 @@ from supervisor.config import LaunchConfig
 from supervisor.events import EventLog, read_events
 from supervisor.policy import RestartPolicy
 from supervisor.progress import files_written_since, state_left_behind
-from supervisor.resume import checkpoint_step, select_checkpoint, writer_lock_holder
+from supervisor.resume import (
+    checkpoint_step,
+    release_memory_tier,
+    select_checkpoint,
+    selection_reason,
+    writer_lock_holder,
+)
 from supervisor.status import write_state
 
 # Worker exit codes that no restart can fix (see the trainer's exit codes).
@@ -173,6 +179,8 @@ class Supervisor:
     def _finish(self, state: State, code: int, detail: str = "") -> int:
         self.exit_reason = exit_codes.describe(code) + (f": {detail}" if detail else "")
         self._transition(state, exit_code=code, exit_reason=self.exit_reason)
+        if code != exit_codes.CHECKPOINTS_LOCKED:  # then a live writer may be using it
+            release_memory_tier(self.config.run_dir, self.events.emit, state)
         return code
 
     # -- the loop ----------------------------------------------------------------------------
@@ -267,8 +275,8 @@ class Supervisor:
             return False
 
     def _durable(self) -> tuple[Path | None, int]:
-        """The newest valid checkpoint now, and its step (0 for none)."""
-        self.resume_from = self._choose_checkpoint()
+        """The newest valid checkpoint on disk now, and its step (0 for none)."""
+        self.resume_from = self._choose_checkpoint(memory=False)
         return self.resume_from, checkpoint_step(self.resume_from)
 
     def _finish_success(self) -> int:
@@ -332,12 +340,15 @@ class Supervisor:
             f"{saved}",
         )
 
-    def _choose_checkpoint(self) -> Path | None:
+    def _choose_checkpoint(self, memory: bool = True) -> Path | None:
+        """The newest valid checkpoint; a memory snapshot may win only on one node."""
+
         def on_event(event: dict[str, Any]) -> None:
             fields = {k: v for k, v in event.items() if k not in ("type", "time")}
             self.events.emit(str(event.get("type", "checkpoint_event")), **fields)
 
-        return self._select(self.config.run_dir, on_event=on_event)
+        tiers = {"memory": True} if memory and self.config.single_node else {}
+        return self._select(self.config.run_dir, on_event=on_event, **tiers)
 
     def _run_attempt(self) -> AttemptResult:
         """Launch and watch one attempt, and stop it unless it succeeded."""
@@ -404,12 +415,13 @@ class Supervisor:
             selected["reason"] = (
                 "no checkpoint of ours: the script resumes from its own state, if it keeps any"
             )
+        tier = selection_reason(self.config.run_dir, self.resume_from, self.config.single_node)
         self.events.emit(
             EventType.CHECKPOINT_SELECTED,
             attempt=self.attempt,
             path=str(self.resume_from) if self.resume_from else None,
             step=resume_step,
-            **selected,
+            **{**tier, **selected},
         )
         self._transition(State.STARTING)
         launched_at = self._clock()

@@ -17,14 +17,17 @@ import json
 import shutil
 from pathlib import Path
 
-from . import fsio, manifest
+from . import fsio, hashing, manifest
 from .layout import MANIFEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, TMP_PREFIX, step_name, work_name
 from .state import Snapshot
 from .tensorfile import write_safetensors
 
 
-def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
-    """Commit ``snap`` under ``ckpt_dir`` and return ``(final path, manifest)``.
+def write_checkpoint(
+    ckpt_dir: Path, snap: Snapshot, file_hash: str = hashing.DEFAULT
+) -> tuple[Path, dict]:
+    """Commit ``snap`` under ``ckpt_dir`` and return ``(final path, manifest)``. ``file_hash``
+    is the payload files' checksum (the memory tier takes the fast one).
 
     Raises FileExistsError when ``step-XXXXXXXX`` already exists (the caller decides what to do),
     and OSError from the file system as-is; in both cases nothing of this save is left behind.
@@ -38,16 +41,20 @@ def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
         files: dict[str, dict] = {}
         # The model file goes first and carries the mid-file pause point: it is the large one.
         files[MODEL_FILE] = write_safetensors(
-            tmp / MODEL_FILE, snap.model_tensors, pause_phase="payload-mid"
+            tmp / MODEL_FILE, snap.model_tensors, pause_phase="payload-mid", algo=file_hash
         )
         if snap.optim_tensors:
-            files[OPTIM_FILE] = write_safetensors(tmp / OPTIM_FILE, snap.optim_tensors)
+            files[OPTIM_FILE] = write_safetensors(
+                tmp / OPTIM_FILE, snap.optim_tensors, algo=file_hash
+            )
         state = {
             "model_aliases": snap.model_aliases,
             "optimizer": snap.optim_skeleton,
             "scaler": snap.scaler_state,
         }
-        files[STATE_FILE] = fsio.write_file(tmp / STATE_FILE, json.dumps(state).encode())
+        files[STATE_FILE] = fsio.write_file(
+            tmp / STATE_FILE, json.dumps(state).encode(), algo=file_hash
+        )
         man = manifest.build(
             snap.step,
             files,
@@ -55,6 +62,7 @@ def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
             snap.train_state,
             snap.meta,
             finite=not snap.nonfinite,
+            file_hash=file_hash,
         )
         fsio.write_file(tmp / MANIFEST, manifest.to_bytes(man), pause_phase="manifest-mid")
         fsio.fsync_dir(tmp)
