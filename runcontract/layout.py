@@ -18,7 +18,8 @@ The memory tier lives outside it, in shared memory on the node (``memory_dir``):
 ```
 /dev/shm/rose-<id>/               <id>: a hash of the absolute run directory ($ROSE_MEM_ROOT)
   step-00000045/                  a snapshot, laid out as a checkpoint (at most two of them)
-  RUN.json                        the run directory it belongs to, and that directory's identity
+  RUN.json                        the run directory it belongs to, and its token
+                                  (checkpoints/memory.id in the run directory)
 ```
 """
 
@@ -102,7 +103,9 @@ MEMORY_ROOT = "/dev/shm"
 """The default root of the memory tier: shared memory, which outlives any process of the node."""
 MEMORY_PREFIX = "rose-"
 MEMORY_OWNER = "RUN.json"
-"""``RUN.json`` in a memory directory: ``{run_dir, dev, ino}`` of the run directory it serves."""
+"""``RUN.json`` in a memory directory: ``{run_dir, token}`` of the run directory it serves."""
+MEMORY_TOKEN = "memory.id"
+"""``checkpoints/memory.id``: a random token naming this run directory to its memory tier."""
 
 
 def memory_root() -> Path:

@@ -4,8 +4,9 @@ removing them. Torch-free, like the rest of the read side (the supervisor and th
 A run's memory directory is ``<root>/rose-<id>/`` (``runcontract.layout.memory_dir``): in shared
 memory on the node, so it outlives every worker and torchrun. Each snapshot in it is laid out
 as a checkpoint (``step-XXXXXXXX/`` with a manifest), checksummed with xxh3 instead of sha256,
-and verified by the same ``verify``. ``RUN.json`` records the run directory's device and inode:
-a snapshot left by an earlier run directory at the same path is never taken for this one's.
+and verified by the same ``verify``. ``RUN.json`` records the run directory's token (a random
+``checkpoints/memory.id``): a snapshot left by an earlier run directory at the same path is
+never taken for this one's.
 
 The root is shared by every user of the node, so a memory directory is trusted only when it is
 a real directory (not a link) owned by this user and writable by no one else.
@@ -15,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Any
 
 from runcontract.events import EventType
-from runcontract.layout import MEMORY_OWNER, memory_dir
+from runcontract.layout import CHECKPOINTS, MEMORY_OWNER, MEMORY_TOKEN, memory_dir
 
 from . import fsio
 from .errors import CheckpointIncompatible, CheckpointInvalid
@@ -39,9 +40,19 @@ __all__ = [
 ]
 
 
-def _identity(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    st = os.stat(run_dir)
-    return {"run_dir": os.path.realpath(os.fspath(run_dir)), "dev": st.st_dev, "ino": st.st_ino}
+def _token(run_dir: str | os.PathLike[str], create: bool) -> str | None:
+    """The run directory's memory token (``checkpoints/memory.id``), made when ``create``."""
+    path = Path(run_dir) / CHECKPOINTS / MEMORY_TOKEN
+    try:
+        with fsio.open_dir(path.parent) as fd:
+            return fsio.read_regular(MEMORY_TOKEN, fd, 64).decode().strip() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    token = secrets.token_hex(16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fsio.replace_small_file(path, token + "\n")
+    return token
 
 
 def untrusted_reason(mem: Path) -> str | None:
@@ -62,13 +73,17 @@ def untrusted_reason(mem: Path) -> str | None:
 
 
 def claim(run_dir: str | os.PathLike[str], mem: Path) -> None:
-    """Make ``mem`` this run directory's (mode 0700, ``RUN.json``). Raises OSError."""
+    """Make ``mem`` this run directory's (mode 0700; ``RUN.json`` names the run directory and
+    its token). Raises OSError."""
+    token = _token(run_dir, create=True)
     mem.mkdir(mode=0o700, exist_ok=True)
-    fsio.replace_small_file(mem / MEMORY_OWNER, json.dumps(_identity(run_dir)) + "\n")
+    owner = {"run_dir": os.path.realpath(os.fspath(run_dir)), "token": token}
+    fsio.replace_small_file(mem / MEMORY_OWNER, json.dumps(owner) + "\n")
 
 
 def stale_reason(run_dir: str | os.PathLike[str], mem: Path) -> str | None:
-    """Why ``mem`` is not this run directory's memory (None: it is)."""
+    """Why ``mem`` is not this run directory's memory (None: it is). The token, not the path,
+    decides: a run directory made anew at the same path has another one, or none yet."""
     try:
         with fsio.open_dir(mem) as fd:
             recorded = json.loads(fsio.read_regular(MEMORY_OWNER, fd, 64 << 10))
@@ -77,10 +92,10 @@ def stale_reason(run_dir: str | os.PathLike[str], mem: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"its {MEMORY_OWNER} cannot be read ({e})"
     try:
-        ours = _identity(run_dir)
-    except OSError as e:
-        return f"the run directory cannot be looked at ({e.strerror or e})"
-    if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in ours.items()):
+        token = _token(run_dir, create=False)
+    except (OSError, ValueError) as e:
+        return f"the run directory's {MEMORY_TOKEN} cannot be read ({e})"
+    if token is None or not isinstance(recorded, dict) or recorded.get("token") != token:
         return "it belongs to another run directory (or an earlier one at this path)"
     return None
 
