@@ -68,8 +68,8 @@ def _disk_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*"))
 
 
-def _mem_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in memory_dir(run_dir).glob("step-*"))
+def _mem_steps(run_dir: Path, root: Path | None = None) -> list[int]:
+    return sorted(int(p.name[5:]) for p in memory_dir(run_dir, root).glob("step-*"))
 
 
 @pytest.fixture
@@ -105,11 +105,11 @@ def test_a_killed_worker_resumes_from_memory_on_the_real_dev_shm(
     env = {k: v for k, v in train_env.items() if k != MEM_ROOT}
     run_dir = tmp_path / "run"
     run = _launch(run_dir, env, hold=f"1:{HOLD}")
-    mem = memory_dir(run_dir)
-    assert mem.parent == Path("/dev/shm")
+    mem = memory_dir(run_dir, Path("/dev/shm"))
+
     try:
         held = _held_rank0(run)
-        assert _mem_steps(run_dir) == [HOLD - 3, HOLD - 1]  # the newest two, every 2 steps
+        assert _mem_steps(run_dir, mem.parent) == [HOLD - 3, HOLD - 1]  # the newest two
         assert max(_disk_steps(run_dir)) == CKPT_EVERY
         victim = int(run.wait_event("workers_started", TIMEOUT)["workers"]["1"])
         os.kill(victim, signal.SIGKILL)
@@ -144,7 +144,7 @@ def test_a_flipped_byte_and_a_killed_supervisor_still_end_bitwise_equal(
     run = _launch(run_dir, env, hold=f"1:{HOLD}")
     try:
         _held_rank0(run)
-        newest = memory_dir(run_dir) / f"step-{HOLD - 1:08d}"
+        newest = memory_dir(run_dir, root) / f"step-{HOLD - 1:08d}"
         model = newest / "model.safetensors"
         data = bytearray(model.read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -152,7 +152,7 @@ def test_a_flipped_byte_and_a_killed_supervisor_still_end_bitwise_equal(
         run.proc.kill()  # the supervisor; its workers follow it (parent-death signal)
         run.proc.wait()
         assert run.leftovers(timeout=30.0) == []
-        assert _mem_steps(run_dir) == [HOLD - 3, HOLD - 1]  # the node's memory outlived them
+        assert _mem_steps(run_dir, root) == [HOLD - 3, HOLD - 1]  # the node's memory outlived them
     finally:
         run.kill_all()
 
