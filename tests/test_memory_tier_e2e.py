@@ -137,8 +137,9 @@ def test_a_killed_worker_resumes_from_memory_on_the_real_dev_shm(
 def test_a_flipped_byte_and_a_killed_supervisor_still_end_bitwise_equal(
     tmp_path: Path, shm_env: tuple[dict[str, str], Path], reference: str
 ) -> None:
-    """The newest snapshot corrupted, the supervisor SIGKILLed: a relaunched supervisor drops
-    the bad snapshot, resumes from the other one, finishes, and leaves the root empty."""
+    """The newest snapshot corrupted, the supervisor and its workers SIGKILLed: a relaunched
+    supervisor drops the bad snapshot, resumes from the other one, finishes, and leaves the
+    root empty."""
     env, root = shm_env
     run_dir = tmp_path / "run"
     run = _launch(run_dir, env, hold=f"1:{HOLD}")
@@ -149,8 +150,9 @@ def test_a_flipped_byte_and_a_killed_supervisor_still_end_bitwise_equal(
         data = bytearray(model.read_bytes())
         data[len(data) // 2] ^= 0x01
         model.write_bytes(bytes(data))
-        run.proc.kill()  # the supervisor; its workers follow it (parent-death signal)
-        run.proc.wait()
+        # Every process of the run SIGKILLed at once, the supervisor first (as the OOM killer
+        # or a crashed session would): no emergency checkpoint, nothing cleaned up.
+        run.kill_all()
         assert run.leftovers(timeout=30.0) == []
         assert _mem_steps(run_dir, root) == [HOLD - 3, HOLD - 1]  # the node's memory outlived them
     finally:

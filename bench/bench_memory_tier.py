@@ -1,0 +1,173 @@
+"""Steps lost per worker SIGKILL, and fault-free speed, with the memory tier on and off.
+
+The same supervised 2-rank job runs with ``--mem-every K`` and with ``--mem-every 0``, side by
+side in one invocation: first fault-free (wall-clock steps/s over the steady part of the run,
+which counts the snapshots' cost: the trainer's own step time does not), then with the chaos
+tool killing a random worker every T seconds, N times. Steps lost per kill come from the run
+report (``tools.report``): the last step the supervisor saw before the kill minus the step the
+next attempt resumed from. The memory tier's root is a temporary directory, removed at the end.
+
+    python bench/bench_memory_tier.py                       # 20 kills per mode
+    python bench/bench_memory_tier.py --kills 5 --every 10  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common import (
+    LAUNCH_PY,
+    REPO_ROOT,
+    clean_env,
+    fmt,
+    job_args,
+    machine_line,
+    read_jsonl,
+    stop_run,
+    wait_exit,
+)
+
+from runcontract.env import MEM_ROOT
+from tools.report import build_report
+
+FLAGS = ["--max-restarts", "1000", "--crash-loop", "0", "--backoff-initial", "0.5"]
+
+
+def _start(run_dir: Path, train: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.out", "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, str(LAUNCH_PY), "--run-dir", str(run_dir), "--nproc", "2",
+             *FLAGS, "--", *train],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _train_args(args: argparse.Namespace, steps: int, mem_every: int) -> list[str]:
+    train = job_args(
+        steps=steps, ckpt_every=args.ckpt_every, micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+    )  # fmt: skip
+    return [*train, "--mem-every", str(mem_every)]
+
+
+def fault_free(run_dir: Path, args: argparse.Namespace, mem_every: int, env: dict[str, str]) -> Any:
+    """Steps per wall-clock second over the steps after the first 20 (None: the run failed)."""
+    proc = _start(run_dir, _train_args(args, args.clean_steps, mem_every), env)
+    try:
+        code = wait_exit(proc, args.timeout)
+    finally:
+        stop_run(proc, run_dir)
+    steps = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m and m["step"] > 20]
+    if code != 0 or len(steps) < 2:
+        return None
+    return (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["time"] - steps[0]["time"])
+
+
+def with_kills(
+    run_dir: Path, args: argparse.Namespace, mem_every: int, env: dict[str, str]
+) -> list[int]:
+    """Steps lost per kill, over ``args.kills`` worker SIGKILLs."""
+    proc = _start(run_dir, _train_args(args, args.steps, mem_every), env)
+    chaos = subprocess.Popen(
+        [sys.executable, "-m", "tools.chaos", str(run_dir), "--fault", "kill-worker",
+         "--every", str(args.every), "--count", str(args.kills), "--seed", "1"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_exit(chaos, args.timeout)
+        # The last kill's recovery: wait for the next attempt's first step, then end the run.
+        deadline_events = run_dir / "events.jsonl"
+        for _ in range(int(args.timeout)):
+            events = read_jsonl(deadline_events)
+            failures = sum(e["type"] == "worker_failed" for e in events)
+            firsts = sum(e["type"] == "first_step" for e in events)
+            if proc.poll() is not None or firsts > failures:
+                break
+            wait_exit(proc, 1.0)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            wait_exit(proc, 120)
+    finally:
+        if chaos.poll() is None:
+            chaos.kill()
+            chaos.wait()
+        stop_run(proc, run_dir)
+    report = build_report(run_dir)
+    return [f.steps_lost for f in report.failures if f.steps_lost is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both modes; print a Markdown table. Returns 0, or 1 when a run failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=20, help="worker SIGKILLs per mode")
+    parser.add_argument("--every", type=float, default=8.0, help="seconds between kills")
+    parser.add_argument("--mem-every", type=int, default=5, help="(default 5)")
+    parser.add_argument("--ckpt-every", type=int, default=40, help="(default 40)")
+    parser.add_argument("--steps", type=int, default=200000, help="steps of the faulted runs")
+    parser.add_argument("--clean-steps", type=int, default=300, help="steps of fault-free runs")
+    parser.add_argument("--micro-batch", type=int, default=8, help="(default 8)")
+    parser.add_argument("--seq-len", type=int, default=64, help="(default 64)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    args = parser.parse_args(argv)
+
+    print(machine_line())
+    print(
+        f"job: tiny preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
+        f"{args.seq_len}, async disk checkpoint every {args.ckpt_every} steps; memory tier "
+        f"--mem-every {args.mem_every} vs 0; {args.kills} kills per mode by `python -m "
+        f"tools.chaos --fault kill-worker --every {args.every:g} --seed 1`"
+    )
+    modes = {"on": args.mem_every, "off": 0}
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        root = Path(tmp) / "shm"
+        root.mkdir()
+        env = {**clean_env(), MEM_ROOT: str(root)}
+        for name, k in modes.items():
+            speed = fault_free(Path(tmp) / f"clean-{name}", args, k, env)
+            print(f"  tier {name}: {fmt(speed)} steps/s fault-free", file=sys.stderr, flush=True)
+            lost = with_kills(Path(tmp) / f"kills-{name}", args, k, env)
+            print(f"  tier {name}: lost {lost}", file=sys.stderr, flush=True)
+            results[name] = {"speed": speed, "lost": lost}
+        left = os.listdir(root)
+    on, off = results["on"], results["off"]
+
+    def median(xs: list[int]) -> float | None:
+        return statistics.median(xs) if xs else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    print()
+    print("| memory tier | kills measured | steps lost: median | mean | max | fault-free steps/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in modes:
+        r = results[name]
+        lost = r["lost"]
+        print(
+            f"| {name} | {len(lost)} | {fmt(median(lost), 1)} "
+            f"| {fmt(statistics.mean(lost) if lost else None, 1)} "
+            f"| {max(lost) if lost else '-'} | {fmt(r['speed'], 2)} |"
+        )
+    print()
+    print(
+        f"on / off: steps lost (median) {fmt(ratio(median(on['lost']), median(off['lost'])), 2)}, "
+        f"fault-free steps/s {fmt(ratio(on['speed'], off['speed']), 3)}; "
+        f"left in the memory root after the runs: {left or 'nothing'}"
+    )
+    ok = on["speed"] is not None and off["speed"] is not None and on["lost"] and off["lost"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
