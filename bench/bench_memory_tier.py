@@ -3,9 +3,11 @@
 The same supervised 2-rank job runs with ``--mem-every K`` and with ``--mem-every 0``, side by
 side in one invocation: first fault-free (wall-clock steps/s over the steady part of the run,
 which counts the snapshots' cost: the trainer's own step time does not), then with the chaos
-tool killing a random worker every T seconds, N times. Steps lost per kill come from the run
-report (``tools.report``): the last step the supervisor saw before the kill minus the step the
-next attempt resumed from. The memory tier's root is a temporary directory, removed at the end.
+tool killing a random worker every T seconds, N times. Steps lost per kill: the last step rank 0
+completed before the kill (its console line for every step, ``--log-every 1``, in the attempt's
+log) minus the step the next attempt resumed from (``checkpoint_selected``). The heartbeats the
+run report reads are throttled (and written at every snapshot), so they would understate it.
+The memory tier's root is a temporary directory, removed at the end.
 
     python bench/bench_memory_tier.py                       # 20 kills per mode
     python bench/bench_memory_tier.py --kills 5 --every 10  # a quick look
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -37,8 +40,8 @@ from common import (
 )
 
 from runcontract.env import MEM_ROOT
-from tools.report import build_report
 
+_STEP_LINE = re.compile(r"^step (\d+)/", re.MULTILINE)
 FLAGS = ["--max-restarts", "1000", "--crash-loop", "0", "--backoff-initial", "0.5"]
 
 
@@ -57,7 +60,7 @@ def _train_args(args: argparse.Namespace, steps: int, mem_every: int) -> list[st
         steps=steps, ckpt_every=args.ckpt_every, micro_batch=args.micro_batch,
         seq_len=args.seq_len,
     )  # fmt: skip
-    return [*train, "--mem-every", str(mem_every)]
+    return [*train, "--mem-every", str(mem_every), "--log-every", "1"]
 
 
 def fault_free(run_dir: Path, args: argparse.Namespace, mem_every: int, env: dict[str, str]) -> Any:
@@ -102,8 +105,26 @@ def with_kills(
             chaos.kill()
             chaos.wait()
         stop_run(proc, run_dir)
-    report = build_report(run_dir)
-    return [f.steps_lost for f in report.failures if f.steps_lost is not None]
+    return steps_lost(run_dir)
+
+
+def steps_lost(run_dir: Path) -> list[int]:
+    """Per failed attempt that had trained: its rank 0's last completed step minus the step the
+    next attempt resumed from."""
+    events = read_jsonl(run_dir / "events.jsonl")
+    resumed = {e["attempt"]: e["step"] or 0 for e in events if e["type"] == "checkpoint_selected"}
+    failed = sorted({e["attempt"] for e in events if e["type"] == "worker_failed"})
+    lost = []
+    for attempt in failed:
+        logs = (run_dir / "logs" / f"attempt-{attempt}").glob("ranks/*/attempt_*/0/stdout.log")
+        steps = [
+            int(m.group(1))
+            for log in logs
+            for m in _STEP_LINE.finditer(log.read_text(errors="replace"))
+        ]
+        if steps and attempt + 1 in resumed:
+            lost.append(max(0, max(steps) - resumed[attempt + 1]))
+    return lost
 
 
 def main(argv: list[str] | None = None) -> int:

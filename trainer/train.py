@@ -466,7 +466,8 @@ class Trainer:
                 self._eval()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self._save(sync=cfg.ckpt_sync)
-            if cfg.mem_every and self.step % cfg.mem_every == 0 and self.mem.enabled:
+            # Not at the last step: the final checkpoint goes to disk right after.
+            if cfg.mem_every and self.step % cfg.mem_every == 0 and self.step < cfg.steps:
                 self._save_memory()
         return self._finished()
 
@@ -766,6 +767,8 @@ class Trainer:
 
     def _save_memory(self) -> None:
         """The same state as a disk checkpoint, committed to the memory tier (rank 0 only)."""
+        if not self.mem.enabled:
+            return
         self.beat(self.step, phase=Phase.CHECKPOINT)
         state, meta = self._checkpoint_state()
         self.mem.save(self.step, self.model, self.optimizer, self.scaler, state, meta)
