@@ -41,13 +41,14 @@ def write_file(
     data: bytes | memoryview,
     pause_phase: str | None = None,
     algo: str = hashing.DEFAULT,
+    durable: bool = True,
 ) -> dict[str, int | str]:
     """Write ``data`` to a new file, fsync it, return ``{"size", algo}`` of what was written.
 
     Raises OSError from the OS as-is (ENOSPC, EIO, EFBIG…); the caller decides what it means.
     """
     view = memoryview(data).cast("B")
-    return write_chunks(path, iter([view]), len(view), pause_phase, algo)
+    return write_chunks(path, iter([view]), len(view), pause_phase, algo, durable)
 
 
 def write_chunks(
@@ -56,35 +57,48 @@ def write_chunks(
     total: int,
     pause_phase: str | None = None,
     algo: str = hashing.DEFAULT,
+    durable: bool = True,
 ) -> dict[str, int | str]:
-    """Write ``chunks`` (``total`` bytes in all) to a new file, fsync it, return its size and
-    its digest under the name of ``algo`` (``{"size": n, "sha256": hex}``).
+    """Write ``chunks`` (``total`` bytes in all) to a new file, fsync it (unless not
+    ``durable``: the memory tier, where fsync buys nothing), return its size and its digest
+    under the name of ``algo`` (``{"size": n, "sha256": hex}``).
 
-    Hashing runs in a helper thread while the next chunk is written (both release the GIL), so a
-    large file costs about max(write, hash) rather than their sum. The pause point, when named,
-    is hit once half of ``total`` is written. Raises OSError from the OS as-is.
+    A large file's sha256 runs in a helper thread while the next chunk is written (both release
+    the GIL), so it costs about max(write, hash) rather than their sum; a small file, or a fast
+    hash, is hashed inline, where a helper thread would cost more than it saves. The pause
+    point, when named, is hit once half of ``total`` is written. Raises OSError as-is.
     """
     h = hashing.new(algo)
     half = total // 2
     pos = 0
     paused = pause_phase is None
+    inline = algo != hashing.SHA256 or total <= _CHUNK
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as hasher:
+    with contextlib.ExitStack() as stack:
+        hasher = None
+        if not inline:
+            hasher = stack.enter_context(
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
+            )
         try:
             pending = []
             for chunk in _split_at(chunks, half if not paused else -1):
                 written = 0
                 while written < len(chunk):
                     written += os.write(fd, chunk[written:])
-                # One worker: updates run in submission order, so the digest is of the file.
-                pending.append(hasher.submit(h.update, chunk))
+                if hasher is None:
+                    h.update(chunk)
+                else:
+                    # One worker: updates run in submission order, so the digest is of the file.
+                    pending.append(hasher.submit(h.update, chunk))
                 pos += len(chunk)
                 if not paused and pos >= half:
                     paused = True
                     pause_point(pause_phase)  # type: ignore[arg-type]
                 if len(pending) > 4:
                     pending.pop(0).result()
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             for f in pending:
                 f.result()
         finally:

@@ -78,9 +78,10 @@ def write_safetensors(
     tensors: dict[str, torch.Tensor],
     pause_phase: str | None = None,
     algo: str = hashing.DEFAULT,
+    durable: bool = True,
 ) -> dict[str, int | str]:
-    """Write ``tensors`` (contiguous, on the host) to ``path``, fsync'd; return its size and its
-    ``algo`` digest (``fsio.write_chunks``).
+    """Write ``tensors`` (contiguous, on the host) to ``path``, fsync'd when ``durable``; return
+    its size and its ``algo`` digest (``fsio.write_chunks``).
 
     Raises ValueError for a dtype the format does not store, OSError from the file system as-is.
     """
@@ -88,4 +89,4 @@ def write_safetensors(
         raise RuntimeError("checkpoints can only be written on a little-endian machine")
     head, views = _pieces(tensors)
     total = len(head) + sum(len(v) for v in views)
-    return fsio.write_chunks(path, _chunks(head, views), total, pause_phase, algo)
+    return fsio.write_chunks(path, _chunks(head, views), total, pause_phase, algo, durable)
