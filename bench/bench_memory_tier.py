@@ -1,12 +1,13 @@
 """Steps lost per worker SIGKILL, and fault-free speed, with the memory tier on and off.
 
 The same supervised 2-rank job runs with ``--mem-every K`` and with ``--mem-every 0``, side by
-side in one invocation: first fault-free (wall-clock steps/s over the steady part of the run,
-which counts the snapshots' cost: the trainer's own step time does not), then with the chaos
-tool killing a random worker every T seconds, N times. Steps lost per kill: the last step rank 0
-completed before the kill (its console line for every step, ``--log-every 1``, in the attempt's
-log) minus the step the next attempt resumed from (``checkpoint_selected``). The heartbeats the
-run report reads are throttled (and written at every snapshot), so they would understate it.
+side in one invocation: first fault-free, twice per mode in the order on, off, off, on
+(wall-clock steps/s over the steady part of the run, which counts the snapshots' cost: the
+trainer's own step time does not), then with the chaos tool killing a random worker every T
+seconds, N times. Steps lost per kill: the last step rank 0 completed before the kill (its
+console line for every step, ``--log-every 1``, in the attempt's log) minus the step the next
+attempt resumed from (``checkpoint_selected``). The heartbeats the run report reads are
+throttled (and written at every snapshot), so they would understate it.
 The memory tier's root is a temporary directory, removed at the end.
 
     python bench/bench_memory_tier.py                       # 20 kills per mode
