@@ -249,6 +249,16 @@ def test_a_full_root_turns_the_tier_off_and_keeps_what_was_committed(
     assert events[-1]["errno"] == "ENOSPC" and "bytes free" in events[-1]["error"]
 
 
+def test_a_memory_directory_removed_under_the_writer_is_made_again(root: Path, run_dir: Path):
+    events: list[dict] = []
+    store = MemoryStore(run_dir, enabled=True, on_event=events.append)
+    _mem_save(store, 5)
+    shutil.rmtree(memory_dir(run_dir))
+    assert _mem_save(store, 10)
+    assert _steps(run_dir) == [10] and [e["type"] for e in events] == ["memory_saved"] * 2
+    assert select_checkpoint(run_dir, memory=True) == memory_dir(run_dir) / "step-00000010"
+
+
 def test_rollback_drops_the_snapshots_past_it(root: Path, run_dir: Path):
     store = MemoryStore(run_dir, enabled=True)
     for step in (5, 10):

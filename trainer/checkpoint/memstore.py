@@ -107,7 +107,7 @@ class MemoryStore:
         root = memory_root()
         if not root.is_dir():
             raise OSError(errno.ENOENT, f"the memory tier's root {root} is not a directory")
-        if not self._claimed:
+        if not self._claimed or not self.dir.is_dir():  # also: removed under us, by hand
             self._claim()
         self._drop_from(snap.step)
         older = [path for step, path in step_dirs(self.dir) if step < snap.step]
