@@ -121,6 +121,7 @@ class Supervisor:
         """When the current attempt was launched, seconds since the epoch."""
         self._steps_seen: tuple[int, int] | None = None
         """The first and the highest step the current attempt's ranks reported."""
+        self._memory_released = False
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -180,8 +181,15 @@ class Supervisor:
         self.exit_reason = exit_codes.describe(code) + (f": {detail}" if detail else "")
         self._transition(state, exit_code=code, exit_reason=self.exit_reason)
         if code != exit_codes.CHECKPOINTS_LOCKED:  # then a live writer may be using it
-            release_memory_tier(self.config.run_dir, self.events.emit, state)
+            self._end_memory_tier(state)
         return code
+
+    def _end_memory_tier(self, state: State) -> None:
+        """Remove the memory tier as the run ends in ``state`` (once; called before the verdict
+        event, so that the verdict stays the log's last line)."""
+        if not self._memory_released:
+            self._memory_released = True
+            release_memory_tier(self.config.run_dir, self.events.emit, state)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -284,6 +292,7 @@ class Supervisor:
         valid checkpoint must hold the last step the workers reported."""
         newest, saved = self._durable()
         if self.config.uses_checkpoint_store() and self.step is not None and saved < self.step:
+            self._end_memory_tier(State.FAILED)
             self.events.emit(
                 EventType.FINAL_STATE_UNSAVED,
                 attempt=self.attempt,
@@ -298,6 +307,7 @@ class Supervisor:
                 exit_codes.FINAL_STATE_UNSAVED,
                 f"the newest valid checkpoint holds step {saved}, not the final step {self.step}",
             )
+        self._end_memory_tier(State.SUCCEEDED)
         self.events.emit(
             EventType.DONE,
             attempt=self.attempt,
@@ -316,6 +326,7 @@ class Supervisor:
         # A script that keeps its own snapshots is taken at its word (its exit code); with no
         # step reported, nothing was trained beyond the checkpoint the attempt started from.
         durable = not verified or self.step is None or saved >= self.step
+        self._end_memory_tier(State.INTERRUPTED)
         self.events.emit(
             EventType.EMERGENCY_CHECKPOINT,
             attempt=self.attempt,
@@ -532,6 +543,7 @@ class Supervisor:
         if not decision.restart:
             assert decision.exit_code is not None
             crash_loop = decision.exit_code == exit_codes.CRASH_LOOP
+            self._end_memory_tier(State.FAILED)
             self.events.emit(
                 EventType.CRASH_LOOP if crash_loop else EventType.BUDGET_EXHAUSTED,
                 attempt=self.attempt,
@@ -597,6 +609,7 @@ class Supervisor:
         newest = self._choose_checkpoint()
         if newest is None or newest == unusable:
             why = "no older valid checkpoint is left" if newest is None else "it was chosen again"
+            self._end_memory_tier(State.FAILED)
             self.events.emit(
                 EventType.FATAL,
                 attempt=self.attempt,
@@ -627,6 +640,7 @@ class Supervisor:
             reason = _FATAL_REASONS[failure.exit_code]  # type: ignore[index]
             why = f"rank {failure.rank} exited {failure.exit_code}{reason}"
         step = self._diverged_step() if code == exit_codes.DIVERGED else None
+        self._end_memory_tier(State.FAILED)
         self.events.emit(
             EventType.FATAL,
             attempt=self.attempt,
@@ -709,6 +723,7 @@ class Supervisor:
 
     def _interrupted_idle(self) -> int:
         name = _signal_name(self._signals[0])
+        self._end_memory_tier(State.INTERRUPTED)
         self.events.emit(EventType.INTERRUPTED, attempt=self.attempt, signal=name, step=self.step)
         return self._finish(State.INTERRUPTED, self._interrupted_code())
 

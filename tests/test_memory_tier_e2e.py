@@ -126,6 +126,7 @@ def test_a_killed_worker_resumes_from_memory_on_the_real_dev_shm(
         assert _params(run_dir) == reference  # bitwise equal to the uninterrupted run
         removed = [e for e in events if e["type"] == "memory_removed"]
         assert len(removed) == 1 and removed[0]["reason"] == "the run finished"
+        assert events[-1]["type"] == "done"  # the verdict stays the last line
         assert not mem.exists()
         assert run.leftovers(timeout=10.0) == []
     finally:
