@@ -3,27 +3,31 @@
 The same supervised 2-rank job runs with ``--mem-every K`` and with ``--mem-every 0``, side by
 side in one invocation: first fault-free, twice per mode in the order on, off, off, on
 (wall-clock steps/s over the steady part of the run, which counts the snapshots' cost: the
-trainer's own step time does not), then with the chaos tool killing a random worker every T
-seconds, N times. Steps lost per kill: the last step rank 0 completed before the kill (its
-console line for every step, ``--log-every 1``, in the attempt's log) minus the step the next
-attempt resumed from (``checkpoint_selected``). The heartbeats the run report reads are
-throttled (and written at every snapshot), so they would understate it.
-The memory tier's root is a temporary directory, removed at the end.
+trainer's own step time does not), then with N SIGKILLs of a random worker, each a random time
+after the attempt's first step (the same times in both modes). A kill timed from the previous
+one, as the chaos tool's ``--every``, would land on an attempt still starting whenever a
+recovery takes longer than the interval, and measure nothing. Steps lost per kill: the last
+step rank 0 completed before the kill (its console line for every step, ``--log-every 1``, in
+the attempt's log) minus the step the next attempt resumed from (``checkpoint_selected``); the
+heartbeats the run report reads are throttled, so they would understate it. The memory tier's
+root is a temporary directory, removed at the end.
 
-    python bench/bench_memory_tier.py                       # 20 kills per mode
-    python bench/bench_memory_tier.py --kills 5 --every 10  # a quick look
+    python bench/bench_memory_tier.py                        # 20 kills per mode
+    python bench/bench_memory_tier.py --kills 5 --after 2 4  # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from typing import Any
 from common import (
     LAUNCH_PY,
     REPO_ROOT,
+    belongs_to,
     clean_env,
     fmt,
     job_args,
@@ -41,6 +46,7 @@ from common import (
 )
 
 from runcontract.env import MEM_ROOT
+from runcontract.heartbeat import read_heartbeat
 
 _STEP_LINE = re.compile(r"^step (\d+)/", re.MULTILINE)
 FLAGS = ["--max-restarts", "1000", "--crash-loop", "0", "--backoff-initial", "0.5"]
@@ -80,33 +86,41 @@ def fault_free(run_dir: Path, args: argparse.Namespace, mem_every: int, env: dic
 def with_kills(
     run_dir: Path, args: argparse.Namespace, mem_every: int, env: dict[str, str]
 ) -> list[int]:
-    """Steps lost per kill, over ``args.kills`` worker SIGKILLs."""
+    """Steps lost per kill, over ``args.kills`` worker SIGKILLs. Each kill lands a random time
+    (uniform in ``--after``) after the attempt's first completed step, so that every attempt
+    trains before it is killed, whatever its recovery took; the same seed in both modes."""
+    rng = random.Random(1)
     proc = _start(run_dir, _train_args(args, args.steps, mem_every), env)
-    chaos = subprocess.Popen(
-        [sys.executable, "-m", "tools.chaos", str(run_dir), "--fault", "kill-worker",
-         "--every", str(args.every), "--count", str(args.kills), "--seed", "1"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        wait_exit(chaos, args.timeout)
-        # The last kill's recovery: wait for the next attempt's first step, then end the run.
-        deadline_events = run_dir / "events.jsonl"
-        for _ in range(int(args.timeout)):
-            events = read_jsonl(deadline_events)
-            failures = sum(e["type"] == "worker_failed" for e in events)
-            firsts = sum(e["type"] == "first_step" for e in events)
-            if proc.poll() is not None or firsts > failures:
+        for kill in range(args.kills):
+            if not _wait_first_steps(run_dir, proc, kill + 1, args.timeout):
                 break
-            wait_exit(proc, 1.0)
+            time.sleep(rng.uniform(*args.after))
+            rank = rng.randrange(2)
+            beat = read_heartbeat(run_dir, rank)
+            if beat is None or proc.poll() is not None:
+                break
+            pid = int(beat["pid"])
+            if belongs_to(pid, run_dir):  # never a reused pid of another process
+                os.kill(pid, signal.SIGKILL)
+        _wait_first_steps(run_dir, proc, args.kills + 1, args.timeout)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # the emergency checkpoint; the tier is removed
             wait_exit(proc, 120)
     finally:
-        if chaos.poll() is None:
-            chaos.kill()
-            chaos.wait()
         stop_run(proc, run_dir)
     return steps_lost(run_dir)
+
+
+def _wait_first_steps(run_dir: Path, proc: subprocess.Popen, count: int, timeout: float) -> bool:
+    """Wait until ``count`` attempts have completed a step; False when the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        events = read_jsonl(run_dir / "events.jsonl")
+        if sum(e["type"] == "first_step" for e in events) >= count:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def steps_lost(run_dir: Path) -> list[int]:
@@ -132,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run both modes; print a Markdown table. Returns 0, or 1 when a run failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20, help="worker SIGKILLs per mode")
-    parser.add_argument("--every", type=float, default=8.0, help="seconds between kills")
+    parser.add_argument("--after", type=float, nargs=2, default=[2.0, 8.0],
+                        help="each kill: seconds after the attempt's first step, uniform in "
+                        "[A, B] (default 2 8)")  # fmt: skip
     parser.add_argument("--mem-every", type=int, default=5, help="(default 5)")
     parser.add_argument("--ckpt-every", type=int, default=40, help="(default 40)")
     parser.add_argument("--steps", type=int, default=200000, help="steps of the faulted runs")
@@ -146,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"job: tiny preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
         f"{args.seq_len}, async disk checkpoint every {args.ckpt_every} steps; memory tier "
-        f"--mem-every {args.mem_every} vs 0; {args.kills} kills per mode by `python -m "
-        f"tools.chaos --fault kill-worker --every {args.every:g} --seed 1`"
+        f"--mem-every {args.mem_every} vs 0; {args.kills} SIGKILLs of a random worker per "
+        f"mode, each {args.after[0]:g}-{args.after[1]:g} s (uniform) after the attempt's first "
+        "step, the same random times in both modes"
     )
     modes = {"on": args.mem_every, "off": 0}
     results: dict[str, dict[str, Any]] = {}
