@@ -106,6 +106,15 @@ BENCHES = (
         "device each CUDA row is one line saying it was skipped: those rows await a run on a GPU "
         "(`python bench/gpu_check.py`, sized to finish within 10 minutes on one GPU).",
     ),
+    Bench(
+        "memory",
+        "8. Memory tier",
+        "bench_memory_tier.py",
+        ("--kills", "20"),
+        ("--kills", "2", "--clean-steps", "100"),
+        "Steps lost per worker SIGKILL with the memory tier on (`--mem-every 5`) and off "
+        "(`--mem-every 0`), and the fault-free steps/s it costs, side by side in one run.",
+    ),
 )
 
 KEPT = "## Other measurements"

@@ -23,6 +23,9 @@ trainer appends its checkpoint events there, marked ``source: trainer``. Unset, 
 ``RUN_DIR/events.jsonl`` when that file exists (a one-node supervisor made it) and nowhere else."""
 DATA_CACHE = "ROSE_DATA_CACHE"
 """Where the built-in trainer caches its tokenized corpus."""
+MEM_ROOT = "ROSE_MEM_ROOT"
+"""Where the memory tier keeps its snapshots (default ``/dev/shm``): ``<root>/rose-<id>/``. The
+supervisor and its workers must see the same value; tests point it at a temporary directory."""
 CKPT_PAUSE_AT = "ROSE_CKPT_PAUSE_AT"
 """Test only: the checkpoint writer stops itself (SIGSTOP) at this phase of a write."""
 DIVERGE_AT_STEP = "ROSE_DIVERGE_AT_STEP"

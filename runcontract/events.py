@@ -64,6 +64,12 @@ class EventType(str, enum.Enum):
     CHECKPOINT_DIR_RECREATED = "checkpoint_dir_recreated"
     CHECKPOINT_UNLOADABLE = "checkpoint_unloadable"
     CHECKPOINT_NOT_FINITE = "checkpoint_not_finite"
+    # The memory tier: snapshots in shared memory on the node (``source: trainer`` for the
+    # writer's; the supervisor's when it drops an invalid one or removes the tier)
+    MEMORY_SAVED = "memory_saved"
+    MEMORY_SAVE_FAILED = "memory_save_failed"
+    MEMORY_SNAPSHOT_DROPPED = "memory_snapshot_dropped"
+    MEMORY_REMOVED = "memory_removed"
     # The trainer's numerics (``source: trainer``): a non-finite step, and the data a rollback
     # skipped
     DIVERGED = "diverged"

@@ -12,10 +12,20 @@ RUN_DIR/
   metrics.jsonl                   the trainer's metrics
   logs/attempt-<N>/               an attempt's output          (logs/<node>/attempt-<N>/)
 ```
+
+The memory tier lives outside it, in shared memory on the node (``memory_dir``):
+
+```
+/dev/shm/rose-<id>/               <id>: a hash of the absolute run directory ($ROSE_MEM_ROOT)
+  step-00000045/                  a snapshot, laid out as a checkpoint (at most two of them)
+  RUN.json                        the run directory it belongs to, and its token
+                                  (checkpoints/memory.id in the run directory)
+```
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -87,6 +97,29 @@ def node_tags(run_dir: Path, name: tuple[str, str] = STATE) -> list[str]:
         if n.startswith(prefix) and n.endswith(suffix)
     ]
     return sorted((t for t in tags if valid_node_tag(t)), key=_natural)
+
+
+MEMORY_ROOT = "/dev/shm"
+"""The default root of the memory tier: shared memory, which outlives any process of the node."""
+MEMORY_PREFIX = "rose-"
+MEMORY_OWNER = "RUN.json"
+"""``RUN.json`` in a memory directory: ``{run_dir, token}`` of the run directory it serves."""
+MEMORY_TOKEN = "memory.id"
+"""``checkpoints/memory.id``: a random token naming this run directory to its memory tier."""
+
+
+def memory_root() -> Path:
+    """``$ROSE_MEM_ROOT``, else ``/dev/shm``."""
+    from runcontract.env import MEM_ROOT
+
+    return Path(os.environ.get(MEM_ROOT) or MEMORY_ROOT)
+
+
+def memory_dir(run_dir: str | os.PathLike[str], root: Path | None = None) -> Path:
+    """``<root>/rose-<id>``: the memory tier of ``run_dir``, ``<id>`` being 16 hex digits of the
+    sha256 of its absolute, resolved path (the same on every process of the node)."""
+    key = os.path.realpath(os.fspath(run_dir)).encode()
+    return (root or memory_root()) / f"{MEMORY_PREFIX}{hashlib.sha256(key).hexdigest()[:16]}"
 
 
 def heartbeat_name(rank: int) -> str:

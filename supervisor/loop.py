@@ -22,7 +22,13 @@ from supervisor.attempt import AttemptResult, Failure, Observation, Outcome, Run
 from supervisor.config import LaunchConfig
 from supervisor.events import EventLog, read_events
 from supervisor.policy import RestartPolicy
-from supervisor.resume import checkpoint_step, select_checkpoint, writer_lock_holder
+from supervisor.resume import (
+    checkpoint_step,
+    release_memory_tier,
+    select_checkpoint,
+    selection_reason,
+    writer_lock_holder,
+)
 from supervisor.script_files import files_written_since, state_left_behind
 from supervisor.status import write_state
 
@@ -118,6 +124,7 @@ class Supervisor:
         self._steps_seen: tuple[int, int] | None = None
         """The first and the highest step the current attempt's ranks reported."""
         self._on_poll = on_poll
+        self._memory_released = False
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -176,7 +183,16 @@ class Supervisor:
     def _finish(self, state: State, code: int, detail: str = "") -> int:
         self.exit_reason = exit_codes.describe(code) + (f": {detail}" if detail else "")
         self._transition(state, exit_code=code, exit_reason=self.exit_reason)
+        if code != exit_codes.CHECKPOINTS_LOCKED:  # then a live writer may be using it
+            self._end_memory_tier(state)
         return code
+
+    def _end_memory_tier(self, state: State) -> None:
+        """Remove the memory tier as the run ends in ``state`` (once; called before the verdict
+        event, so that the verdict stays the log's last line)."""
+        if not self._memory_released:
+            self._memory_released = True
+            release_memory_tier(self.config.run_dir, self.events.emit, state)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -270,8 +286,8 @@ class Supervisor:
             return False
 
     def _durable(self) -> tuple[Path | None, int]:
-        """The newest valid checkpoint now, and its step (0 for none)."""
-        self.resume_from = self._choose_checkpoint()
+        """The newest valid checkpoint on disk now, and its step (0 for none)."""
+        self.resume_from = self._choose_checkpoint(memory=False)
         return self.resume_from, checkpoint_step(self.resume_from)
 
     def _finish_success(self) -> int:
@@ -279,6 +295,7 @@ class Supervisor:
         valid checkpoint must hold the last step the workers reported."""
         newest, saved = self._durable()
         if self.config.uses_checkpoint_store() and self.step is not None and saved < self.step:
+            self._end_memory_tier(State.FAILED)
             self.events.emit(
                 EventType.FINAL_STATE_UNSAVED,
                 attempt=self.attempt,
@@ -293,6 +310,7 @@ class Supervisor:
                 exit_codes.FINAL_STATE_UNSAVED,
                 f"the newest valid checkpoint holds step {saved}, not the final step {self.step}",
             )
+        self._end_memory_tier(State.SUCCEEDED)
         self.events.emit(
             EventType.DONE,
             attempt=self.attempt,
@@ -311,6 +329,7 @@ class Supervisor:
         # A script that keeps its own snapshots is taken at its word (its exit code); with no
         # step reported, nothing was trained beyond the checkpoint the attempt started from.
         durable = not verified or self.step is None or saved >= self.step
+        self._end_memory_tier(State.INTERRUPTED)
         self.events.emit(
             EventType.EMERGENCY_CHECKPOINT,
             attempt=self.attempt,
@@ -335,12 +354,15 @@ class Supervisor:
             f"{saved}",
         )
 
-    def _choose_checkpoint(self) -> Path | None:
+    def _choose_checkpoint(self, memory: bool = True) -> Path | None:
+        """The newest valid checkpoint; a memory snapshot may win only on one node."""
+
         def on_event(event: dict[str, Any]) -> None:
             fields = {k: v for k, v in event.items() if k not in ("type", "time")}
             self.events.emit(str(event.get("type", "checkpoint_event")), **fields)
 
-        return self._select(self.config.run_dir, on_event=on_event)
+        tiers = {"memory": True} if memory and self.config.single_node else {}
+        return self._select(self.config.run_dir, on_event=on_event, **tiers)
 
     def _run_attempt(self) -> AttemptResult:
         """Launch and watch one attempt, and stop it unless it succeeded."""
@@ -409,12 +431,13 @@ class Supervisor:
             selected["reason"] = (
                 "no checkpoint of ours: the script resumes from its own state, if it keeps any"
             )
+        tier = selection_reason(self.config.run_dir, self.resume_from, self.config.single_node)
         self.events.emit(
             EventType.CHECKPOINT_SELECTED,
             attempt=self.attempt,
             path=str(self.resume_from) if self.resume_from else None,
             step=resume_step,
-            **selected,
+            **{**tier, **selected},
         )
         self._transition(State.STARTING)
         launched_at = self._clock()
@@ -525,6 +548,7 @@ class Supervisor:
         if not decision.restart:
             assert decision.exit_code is not None
             crash_loop = decision.exit_code == exit_codes.CRASH_LOOP
+            self._end_memory_tier(State.FAILED)
             self.events.emit(
                 EventType.CRASH_LOOP if crash_loop else EventType.BUDGET_EXHAUSTED,
                 attempt=self.attempt,
@@ -590,6 +614,7 @@ class Supervisor:
         newest = self._choose_checkpoint()
         if newest is None or newest == unusable:
             why = "no older valid checkpoint is left" if newest is None else "it was chosen again"
+            self._end_memory_tier(State.FAILED)
             self.events.emit(
                 EventType.FATAL,
                 attempt=self.attempt,
@@ -620,6 +645,7 @@ class Supervisor:
             reason = _FATAL_REASONS[failure.exit_code]  # type: ignore[index]
             why = f"rank {failure.rank} exited {failure.exit_code}{reason}"
         step = self._diverged_step() if code == exit_codes.DIVERGED else None
+        self._end_memory_tier(State.FAILED)
         self.events.emit(
             EventType.FATAL,
             attempt=self.attempt,
@@ -702,6 +728,7 @@ class Supervisor:
 
     def _interrupted_idle(self) -> int:
         name = _signal_name(self._signals[0])
+        self._end_memory_tier(State.INTERRUPTED)
         self.events.emit(EventType.INTERRUPTED, attempt=self.attempt, signal=name, step=self.step)
         return self._finish(State.INTERRUPTED, self._interrupted_code())
 

@@ -75,6 +75,7 @@ def format_status(run_dir: Path, state: dict[str, Any]) -> str:
         *_standby(state),
         f"checkpoint:   {state.get('newest_valid_checkpoint') or 'none'} (chosen at the last "
         f"launch); newest on disk: {_newest_on_disk(run_dir) or 'none'}",
+        f"memory:       {_memory_tier(run_dir)}",
         f"restarts:     {state.get('restarts_used', 0)} used, "
         f"{left if left is not None else '?'} left (of {state.get('max_restarts', '?')})"
         + _crash_loop(state),
@@ -140,3 +141,13 @@ def _newest_on_disk(run_dir: Path) -> str | None:
         return None
     newest = max(names, key=layout.checkpoint_order, default=None)
     return newest if newest is not None and layout.parse_step(newest) is not None else None
+
+
+def _memory_tier(run_dir: Path) -> str:
+    """The memory tier's snapshots (names only, like the disk line) and where they are."""
+    from trainer.checkpoint.memtier import memory_dir, memory_slots
+
+    slots = memory_slots(run_dir)
+    if not slots:
+        return "no snapshot"
+    return f"{', '.join(path.name for _, path in slots)} in {memory_dir(run_dir)}"

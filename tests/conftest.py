@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from bench.common import free_port
-from runcontract.env import DATA_CACHE, unsupervised
+from runcontract.env import DATA_CACHE, MEM_ROOT, unsupervised
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = REPO_ROOT / "trainer" / "train.py"
@@ -47,11 +47,20 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def train_env(data_cache: Path) -> dict[str, str]:
-    """Environment for a trainer process: the shared corpus cache, and no supervisor variables
-    inherited from whatever runs the tests (a worker would think it is supervised)."""
+def mem_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The memory tier's root for the whole session: a killed run's snapshots land here, never
+    in the node's /dev/shm (the tests of the real /dev/shm unset it)."""
+    return tmp_path_factory.mktemp("shm")
+
+
+@pytest.fixture(scope="session")
+def train_env(data_cache: Path, mem_root: Path) -> dict[str, str]:
+    """Environment for a trainer process: the shared corpus cache, the memory tier's root, and
+    no supervisor variables inherited from whatever runs the tests (a worker would think it is
+    supervised)."""
     env = unsupervised(os.environ)
     env[DATA_CACHE] = str(data_cache)
+    env[MEM_ROOT] = str(mem_root)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("OMP_NUM_THREADS", None)
     return env

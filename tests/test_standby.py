@@ -95,7 +95,9 @@ def test_a_killed_worker_is_recovered_through_the_standby(
         # The standby's workers became attempt 2's: the same pids, from the checkpoint chosen.
         started = [e for e in events if e["type"] == "workers_started"]
         assert started[1]["workers"] == ready["workers"]
-        assert launches[1]["resume_step"] == 20 and launches[1]["standby_ready"]
+        # Disk's step 20, or the memory tier's 25 when rank 0, continued after the kill,
+        # committed its snapshot of step 25 before the stop reached it.
+        assert launches[1]["resume_step"] in (20, 25) and launches[1]["standby_ready"]
         assert [e["attempt"] for e in events if e["type"] == "first_step"] == [1, 2]
         assert _params(run.run_dir) == reference  # bitwise equal to the uninterrupted run
         # The next attempt's standby waited too, and went with the run.

@@ -123,7 +123,7 @@ def _supervisor(
     )
     sequence = list(checkpoints or [None])
 
-    def select(run_dir: Path, on_event=None) -> Path | None:
+    def select(run_dir: Path, on_event=None, **_tiers) -> Path | None:
         return sequence.pop(0) if len(sequence) > 1 else sequence[0]
 
     clock = Clock()

@@ -147,6 +147,13 @@ class TrainConfig:
         "skip a periodic checkpoint while the previous one is still being written instead of "
         "waiting for it: a slow disk never stalls training, checkpoints may land further apart",
     )
+    mem_every: int = option(
+        5,
+        "steps between memory snapshots: the checkpoint's state also committed to shared "
+        "memory on the node (at most two kept), which a relaunch on this node resumes from "
+        "when it is newer than the newest disk checkpoint (0: off; only under the supervisor, "
+        "on one node)",
+    )
     keep_last: int = option(3, "how many of the newest checkpoints to keep")
     keep_every: int = option(
         0, "also keep every checkpoint whose step is a multiple of this (0: none)"
@@ -183,6 +190,7 @@ class TrainConfig:
             "eval_every",
             "log_every",
             "ckpt_every",
+            "mem_every",
             "keep_every",
             "threads",
             "vocab_size",

@@ -36,11 +36,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from runcontract.env import DIVERGE_AT_STEP
+from runcontract.env import DIVERGE_AT_STEP, RUN_DIR
 from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
-from runcontract.layout import CHECKPOINTS, METRICS, checkpoint_order
+from runcontract.layout import CHECKPOINTS, METRICS, checkpoint_order, memory_dir
 from trainer import determinism, supervised
 from trainer.batches import Batches
 from trainer.checkpoint import (
@@ -59,6 +59,7 @@ from trainer.checkpoint import (
 from trainer.checkpoint import manifest as ckpt_manifest
 from trainer.checkpoint.integrity import mark_unloadable
 from trainer.checkpoint.layout import UNLOADABLE_FILE, parse_step
+from trainer.checkpoint.memstore import MemoryStore
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.data import Corpus, DataError, load_corpus
 from trainer.metrics import MetricsLog
@@ -132,10 +133,17 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 0
+    """Ranks on this node (0: not known, taken as all of them)."""
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def one_node(self) -> bool:
+        """Every rank runs on this node."""
+        return self.local_world_size in (0, self.world_size)
 
     @property
     def is_main(self) -> bool:
@@ -148,6 +156,7 @@ def _dist_from_env() -> Dist:
         rank=int(env.get("RANK", "0")),
         local_rank=int(env.get("LOCAL_RANK", "0")),
         world_size=int(env.get("WORLD_SIZE", "1")),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", "0")),
     )
 
 
@@ -233,6 +242,13 @@ class Trainer:
             keep_every=cfg.keep_every,
             async_save=not cfg.ckpt_sync,
             fail_fatal=cfg.ckpt_fail_fatal,
+            on_event=events,
+        )
+        # The memory tier: rank 0 only (the ranks hold the same state), under a supervisor
+        # (which chooses and removes snapshots), on one node (a snapshot lives on one node).
+        self.mem = MemoryStore(
+            run_dir,
+            enabled=bool(cfg.mem_every and os.environ.get(RUN_DIR)) and d.is_main and d.one_node,
             on_event=events,
         )
         self.sample_log = None
@@ -397,11 +413,15 @@ class Trainer:
         if state.global_batch != self.sampler.global_batch:
             self._keep_global_batch(state.global_batch, path)
         self.step, self.position, self.skipped = state.step, state.position, state.skipped
-        self.last_saved_step = self.loaded_step = self.step
+        self.loaded_step = self.step
+        parent = path.resolve().parent
+        in_memory = parent == memory_dir(self.run_dir).resolve()
+        # A memory snapshot is not durable: the run's final state must still reach the disk.
+        self.last_saved_step = -1 if in_memory else self.step
         self._log(f"resumed from {path} at step {self.step}")
         # The metrics cursor describes this run's metrics.jsonl only when the checkpoint is one
         # of this run's own; from another run directory, leave the file as it is.
-        own = path.resolve().parent == (self.run_dir / CHECKPOINTS).resolve()
+        own = in_memory or parent == (self.run_dir / CHECKPOINTS).resolve()
         return state.metrics_offset if own else None
 
     def _keep_global_batch(self, global_batch: int, path: Path) -> None:
@@ -446,6 +466,9 @@ class Trainer:
                 self._eval()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self._save(sync=cfg.ckpt_sync)
+            # Not at the last step: the final checkpoint goes to disk right after.
+            if cfg.mem_every and self.step % cfg.mem_every == 0 and self.step < cfg.steps:
+                self._save_memory()
         return self._finished()
 
     def _one_step(self, model: torch.nn.Module) -> bool:
@@ -632,6 +655,7 @@ class Trainer:
         """
         self.beat(self.step, phase=Phase.CHECKPOINT)
         offset = self._reset_to_start() if target is None else self._resume_on_every_rank(target)
+        self.mem.drop_from(self.step + 1)  # snapshots past it hold the data that diverged
         self.metrics.close()
         self.metrics.open(truncate_to=offset)
         count = self.rollbacks[self.step] = self.rollbacks.get(self.step, 0) + 1
@@ -728,6 +752,31 @@ class Trainer:
 
     def _save(self, sync: bool) -> None:
         self.beat(self.step, phase=Phase.CHECKPOINT)
+        state, meta = self._checkpoint_state()
+        # With --ckpt-skip-busy a periodic save is skipped, not waited for, while the previous
+        # one is still being written (the final and emergency saves are synchronous: always made).
+        saved = self.store.save(
+            self.step, self.model, self.optimizer, self.scaler, state, meta,
+            skip_if_busy=self.cfg.ckpt_skip_busy and not sync,
+        )  # fmt: skip
+        if sync:
+            self.store.wait()
+        if saved:
+            self.last_saved_step = self.step
+        self.beat(self.step, phase=Phase.TRAIN)
+
+    def _save_memory(self) -> None:
+        """The same state as a disk checkpoint, committed to the memory tier (rank 0 only)."""
+        if not self.mem.enabled:
+            return
+        self.beat(self.step, phase=Phase.CHECKPOINT)
+        state, meta = self._checkpoint_state()
+        self.mem.save(self.step, self.model, self.optimizer, self.scaler, state, meta)
+        self.beat(self.step, phase=Phase.TRAIN)
+
+    def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(train_state, meta)`` of a checkpoint of the current step: what exact resume
+        needs besides the tensors."""
         state = TrainState(
             step=self.step,
             position=self.position,
@@ -743,17 +792,7 @@ class Trainer:
             "config": {"model": dataclasses.asdict(self.model_cfg), "train": self.cfg.to_dict()},
             "data": self.corpus.name,
         }
-        # With --ckpt-skip-busy a periodic save is skipped, not waited for, while the previous
-        # one is still being written (the final and emergency saves are synchronous: always made).
-        saved = self.store.save(
-            self.step, self.model, self.optimizer, self.scaler, state.to_dict(), meta,
-            skip_if_busy=self.cfg.ckpt_skip_busy and not sync,
-        )  # fmt: skip
-        if sync:
-            self.store.wait()
-        if saved:
-            self.last_saved_step = self.step
-        self.beat(self.step, phase=Phase.TRAIN)
+        return state.to_dict(), meta
 
     def _log(self, message: str) -> None:
         if self.d.is_main:

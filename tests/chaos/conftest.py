@@ -32,12 +32,15 @@ STEPS = 24
 CKPT_EVERY = 4
 
 # Tiny and short: each attempt costs mostly start-up, so the runs are few steps long. Retention
-# keeps everything, so "no committed checkpoint lost" can be checked exactly.
+# keeps everything, so "no committed checkpoint lost" can be checked exactly. The memory tier is
+# off, so that each disk fault is judged by the choice it forces on disk; the tests that turn it
+# on add MEMORY_ARGS (a later flag wins).
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
-    "--ckpt-every", str(CKPT_EVERY), "--keep-last", "100",
+    "--ckpt-every", str(CKPT_EVERY), "--keep-last", "100", "--mem-every", "0",
 ]  # fmt: skip
+MEMORY_ARGS = ["--mem-every", "1"]
 
 # Fast recovery for tests; the crash-loop guard is off (several tests fail attempts on purpose
 # before the first checkpoint exists) unless a test asks for it.

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from runcontract import exit_codes
+from runcontract.env import MEM_ROOT
+from runcontract.layout import memory_dir
 from tests.chaos.conftest import (
     CKPT_EVERY,
     HERE,
+    MEMORY_ARGS,
     STEPS,
     TRAIN_ARGS,
     Harness,
@@ -56,6 +59,26 @@ def test_three_random_worker_kills(harness: Harness, reference: Reference) -> No
         assert_detected(events, fault)
         assert_resumed_well(events, fault)
     assert last_attempt(harness.run_dir) == 4
+
+
+def test_worker_kills_resume_from_the_memory_tier(harness: Harness, reference: Reference) -> None:
+    """With a memory snapshot every step, kills resume from memory (newer than the disk) and
+    the run still ends bitwise equal to the reference; nothing is left in shared memory."""
+    sup = harness.launch(script_args=[*TRAIN_ARGS, *MEMORY_ARGS])
+    tool = harness.chaos("--fault", "kill-worker", "--at-steps", "7,14,19", "--seed", "5")
+    rc = sup.wait()
+    assert harness.wait_tool(tool) == 0
+    events = assert_recovered(harness.run_dir, rc, reference)
+    chosen = [e for e in events if e["type"] == "checkpoint_selected"][1:]
+    for fault, choice in zip(faults(events), chosen, strict=True):
+        assert_detected(events, fault)
+        newest_disk = max(fault["committed"] or [0])
+        if choice["tier"] == "memory":
+            assert choice["step"] > newest_disk, (fault, choice)  # the disk wins a tie
+        else:
+            assert choice["step"] % CKPT_EVERY == 0 and choice["step"] >= newest_disk, choice
+    assert "memory" in [c["tier"] for c in chosen], chosen
+    assert not memory_dir(harness.run_dir, Path(harness.env[MEM_ROOT])).exists()
 
 
 @pytest.mark.parametrize("nproc", [3, 4])

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointIncompatible, CheckpointInvalid
-from .integrity import list_checkpoints, verify
+from .integrity import CheckpointInfo, list_checkpoints, verify
 from .layout import CHECKPOINTS, MANIFEST
 from .manifest import read as read_manifest
+from .memtier import list_memory, memory_dir
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INCOMPATIBLE = 0, 1, 2, 3
 
@@ -31,17 +32,25 @@ def _size(n: int) -> str:
 
 
 def cmd_ls(run_dir: Path) -> int:
-    if not (run_dir / CHECKPOINTS).is_dir():
+    memory = list_memory(run_dir) if run_dir.is_dir() else []
+    if not (run_dir / CHECKPOINTS).is_dir() and not memory:
         print(f"error: {run_dir} has no {CHECKPOINTS}/ directory", file=sys.stderr)
         return EXIT_USAGE
     rows = list_checkpoints(run_dir)
     print(f"{'step':>10}  {'size':>10}  status")
+    _rows(rows)
+    if not rows:
+        print("(no checkpoints)")
+    if memory:
+        print(f"memory tier: {memory_dir(run_dir)}")
+        _rows(memory)
+    return EXIT_OK if all(r.valid for r in rows + memory) else EXIT_INVALID
+
+
+def _rows(rows: list[CheckpointInfo]) -> None:
     for r in rows:
         status = "valid" if r.valid else f"INVALID: {r.reason}"
         print(f"{r.step:>10}  {_size(r.size):>10}  {status}")
-    if not rows:
-        print("(no checkpoints)")
-    return EXIT_OK if all(r.valid for r in rows) else EXIT_INVALID
 
 
 def _checked(read: Callable[[Path], dict[str, Any]], path: Path) -> dict[str, Any] | int:

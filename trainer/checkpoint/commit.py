@@ -17,14 +17,18 @@ import json
 import shutil
 from pathlib import Path
 
-from . import fsio, manifest
+from . import fsio, hashing, manifest
 from .layout import MANIFEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, TMP_PREFIX, step_name, work_name
 from .state import Snapshot
 from .tensorfile import write_safetensors
 
 
-def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
-    """Commit ``snap`` under ``ckpt_dir`` and return ``(final path, manifest)``.
+def write_checkpoint(
+    ckpt_dir: Path, snap: Snapshot, file_hash: str = hashing.DEFAULT, durable: bool = True
+) -> tuple[Path, dict]:
+    """Commit ``snap`` under ``ckpt_dir`` and return ``(final path, manifest)``. ``file_hash``
+    is the payload files' checksum; ``durable`` False skips every fsync (the memory tier,
+    which a power cut empties anyway; the order of the steps still makes it atomic).
 
     Raises FileExistsError when ``step-XXXXXXXX`` already exists (the caller decides what to do),
     and OSError from the file system as-is; in both cases nothing of this save is left behind.
@@ -38,16 +42,24 @@ def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
         files: dict[str, dict] = {}
         # The model file goes first and carries the mid-file pause point: it is the large one.
         files[MODEL_FILE] = write_safetensors(
-            tmp / MODEL_FILE, snap.model_tensors, pause_phase="payload-mid"
+            tmp / MODEL_FILE,
+            snap.model_tensors,
+            pause_phase="payload-mid",
+            algo=file_hash,
+            durable=durable,
         )
         if snap.optim_tensors:
-            files[OPTIM_FILE] = write_safetensors(tmp / OPTIM_FILE, snap.optim_tensors)
+            files[OPTIM_FILE] = write_safetensors(
+                tmp / OPTIM_FILE, snap.optim_tensors, algo=file_hash, durable=durable
+            )
         state = {
             "model_aliases": snap.model_aliases,
             "optimizer": snap.optim_skeleton,
             "scaler": snap.scaler_state,
         }
-        files[STATE_FILE] = fsio.write_file(tmp / STATE_FILE, json.dumps(state).encode())
+        files[STATE_FILE] = fsio.write_file(
+            tmp / STATE_FILE, json.dumps(state).encode(), algo=file_hash, durable=durable
+        )
         man = manifest.build(
             snap.step,
             files,
@@ -55,14 +67,19 @@ def write_checkpoint(ckpt_dir: Path, snap: Snapshot) -> tuple[Path, dict]:
             snap.train_state,
             snap.meta,
             finite=not snap.nonfinite,
+            file_hash=file_hash,
         )
-        fsio.write_file(tmp / MANIFEST, manifest.to_bytes(man), pause_phase="manifest-mid")
-        fsio.fsync_dir(tmp)
+        fsio.write_file(
+            tmp / MANIFEST, manifest.to_bytes(man), pause_phase="manifest-mid", durable=durable
+        )
+        if durable:
+            fsio.fsync_dir(tmp)
         fsio.pause_point("before-rename")
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsio.pause_point("after-rename")
-    fsio.fsync_dir(ckpt_dir)
+    if durable:
+        fsio.fsync_dir(ckpt_dir)
     return final, man

@@ -4,7 +4,6 @@ without trusting them, replace a small file atomically, the test pause hook."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import secrets
@@ -16,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runcontract import env
+
+from . import hashing
 
 #: Test-only: ``ROSE_CKPT_PAUSE_AT=<phase>`` makes the writer stop itself (SIGSTOP) at that phase,
 #: so a test can SIGKILL it at a precise instant. Phases: ``payload-mid`` (half of the model file
@@ -36,53 +37,75 @@ def pause_point(phase: str) -> None:
 
 
 def write_file(
-    path: Path, data: bytes | memoryview, pause_phase: str | None = None
+    path: Path,
+    data: bytes | memoryview,
+    pause_phase: str | None = None,
+    algo: str = hashing.DEFAULT,
+    durable: bool = True,
 ) -> dict[str, int | str]:
-    """Write ``data`` to a new file, fsync it, return ``{"size", "sha256"}`` of what was written.
+    """Write ``data`` to a new file, fsync it, return ``{"size", algo}`` of what was written.
 
     Raises OSError from the OS as-is (ENOSPC, EIO, EFBIG…); the caller decides what it means.
     """
     view = memoryview(data).cast("B")
-    return write_chunks(path, iter([view]), len(view), pause_phase)
+    return write_chunks(path, iter([view]), len(view), pause_phase, algo, durable)
 
 
 def write_chunks(
-    path: Path, chunks: Iterator[memoryview], total: int, pause_phase: str | None = None
+    path: Path,
+    chunks: Iterator[memoryview],
+    total: int,
+    pause_phase: str | None = None,
+    algo: str = hashing.DEFAULT,
+    durable: bool = True,
 ) -> dict[str, int | str]:
-    """Write ``chunks`` (``total`` bytes in all) to a new file, fsync it, return size and sha256.
+    """Write ``chunks`` (``total`` bytes in all) to a new file, fsync it (unless not
+    ``durable``: the memory tier, where fsync buys nothing), return its size and its digest
+    under the name of ``algo`` (``{"size": n, "sha256": hex}``).
 
-    Hashing runs in a helper thread while the next chunk is written (both release the GIL), so a
-    large file costs about max(write, hash) rather than their sum. The pause point, when named,
-    is hit once half of ``total`` is written. Raises OSError from the OS as-is.
+    A large file's sha256 runs in a helper thread while the next chunk is written (both release
+    the GIL), so it costs about max(write, hash) rather than their sum; a small file, or a fast
+    hash, is hashed inline, where a helper thread would cost more than it saves. The pause
+    point, when named, is hit once half of ``total`` is written. Raises OSError as-is.
     """
-    h = hashlib.sha256()
+    h = hashing.new(algo)
     half = total // 2
     pos = 0
     paused = pause_phase is None
+    inline = algo != hashing.SHA256 or total <= _CHUNK
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash") as hasher:
+    with contextlib.ExitStack() as stack:
+        hasher = None
+        if not inline:
+            hasher = stack.enter_context(
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
+            )
         try:
             pending = []
             for chunk in _split_at(chunks, half if not paused else -1):
                 written = 0
                 while written < len(chunk):
                     written += os.write(fd, chunk[written:])
-                # One worker: updates run in submission order, so the digest is of the file.
-                pending.append(hasher.submit(h.update, chunk))
+                if hasher is None:
+                    h.update(chunk)
+                else:
+                    # One worker: updates run in submission order, so the digest is of the file.
+                    pending.append(hasher.submit(h.update, chunk))
                 pos += len(chunk)
                 if not paused and pos >= half:
                     paused = True
                     pause_point(pause_phase)  # type: ignore[arg-type]
                 if len(pending) > 4:
                     pending.pop(0).result()
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             for f in pending:
                 f.result()
         finally:
             os.close(fd)
     if pos != total:
         raise RuntimeError(f"wrote {pos} bytes to {path}, expected {total}")
-    return {"size": total, "sha256": h.hexdigest()}
+    return {"size": total, algo: h.hexdigest()}
 
 
 def _split_at(chunks: Iterator[memoryview], at: int) -> Iterator[memoryview]:
@@ -185,12 +208,17 @@ def _read_up_to(fd: int, limit: int) -> Iterator[bytes]:
 
 
 def sha256_regular(name: str, dir_fd: int, size: int) -> str:
-    """sha256 of the first ``size`` bytes of ``name`` (see :func:`open_regular`), which must be
-    exactly ``size`` bytes long. Raises ValueError when it is not, or is not a regular file."""
+    """sha256 of the first ``size`` bytes of ``name`` (see :func:`hash_regular`)."""
+    return hash_regular(name, dir_fd, size, hashing.SHA256)
+
+
+def hash_regular(name: str, dir_fd: int, size: int, algo: str) -> str:
+    """The ``algo`` digest of ``name`` (see :func:`open_regular`), which must be exactly ``size``
+    bytes long. Raises ValueError when it is not, or is not a regular file."""
     with open_regular(name, dir_fd) as (fd, actual):
         if actual != size:
             raise ValueError(f"{name} is {actual} bytes, manifest says {size}")
-        h = hashlib.sha256()
+        h = hashing.new(algo)
         got = 0
         for chunk in _read_up_to(fd, size):
             h.update(chunk)

@@ -4,7 +4,8 @@ Validity is decided here and only here: a checkpoint is valid when it carries no
 its manifest parses and passes its self-hash, its format version is one this code reads, its step
 matches its directory name and its ``train_state``, it does not record non-finite tensors
 (``finite: false``), every file it lists is a plain name of a regular file present with the
-listed size and sha256, and ``state.json`` holds state a trainer can resume from (``schema``).
+listed size and checksum (sha256, or the ``file_hash`` the manifest names), and ``state.json``
+holds state a trainer can resume from (``schema``).
 Whatever a checkpoint holds, reading it never follows a link, never opens a FIFO or a device, and
 never reads more than the manifest says.
 """
@@ -85,14 +86,16 @@ def _verify(ckpt: Path, dir_fd: int) -> dict[str, Any]:
     for required in (MODEL_FILE, STATE_FILE):
         if required not in files:
             raise CheckpointInvalid(f"manifest lists no {required}", ckpt)
+    with invalid_on_error(ckpt, MANIFEST):
+        algo = manifest.file_hash(man)
     for name, info in sorted(files.items()):
         with invalid_on_error(ckpt, name):
             fsio.check_plain_name(name)
             size = info.get("size") if isinstance(info, dict) else None
-            if type(size) is not int or size < 0 or not isinstance(info.get("sha256"), str):
-                raise ValueError(f"manifest gives {name} no integer size and sha256")
-            if fsio.sha256_regular(name, dir_fd, size) != info["sha256"]:
-                raise ValueError(f"{name} sha256 does not match the manifest")
+            if type(size) is not int or size < 0 or not isinstance(info.get(algo), str):
+                raise ValueError(f"manifest gives {name} no integer size and {algo}")
+            if fsio.hash_regular(name, dir_fd, size, algo) != info[algo]:
+                raise ValueError(f"{name} {algo} does not match the manifest")
     with invalid_on_error(ckpt, STATE_FILE):
         refs = schema.check_state(fsio.read_regular(STATE_FILE, dir_fd, files[STATE_FILE]["size"]))
         if refs and OPTIM_FILE not in files:

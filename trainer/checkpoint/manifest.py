@@ -3,7 +3,8 @@
 Fields (all written by :func:`build`):
 
 ``format_version``, ``step``, ``tokens_seen``, ``config``, ``world_size``, ``torch_version``,
-``created_at`` (unix seconds), ``files`` (``{name: {"size": int, "sha256": hex}}``),
+``created_at`` (unix seconds), ``files`` (``{name: {"size": int, "sha256": hex}}``; the digest
+is under the name of ``file_hash`` when a manifest records one: ``xxh3_128`` in the memory tier),
 ``params_sha256``, ``finite`` (no parameter or optimizer tensor holds a NaN or an infinity; a
 checkpoint without the field, written before it existed, is not judged by it), ``train_state``,
 any extra keys the trainer passed in ``meta``, and
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from . import fsio
+from . import fsio, hashing
 from .errors import CheckpointIncompatible, CheckpointInvalid, invalid_on_error
 from .layout import FORMAT_VERSION, MANIFEST
 
@@ -32,6 +33,7 @@ RESERVED = (
     "torch_version",
     "created_at",
     "files",
+    "file_hash",
     "params_sha256",
     "finite",
     "train_state",
@@ -61,9 +63,12 @@ def build(
     meta: dict[str, Any],
     *,
     finite: bool,
+    file_hash: str = hashing.DEFAULT,
 ) -> dict[str, Any]:
     """The manifest of one checkpoint; ``meta`` keys other than the reserved ones are kept as-is.
-    ``finite`` records whether every parameter and optimizer tensor is finite.
+    ``finite`` records whether every parameter and optimizer tensor is finite; ``file_hash``
+    names the files' checksum, recorded only when it is not sha256 (so disk manifests read as
+    they always did).
 
     Raises ValueError when ``meta`` tries to set a field the store owns.
     """
@@ -83,6 +88,8 @@ def build(
         "finite": bool(finite),
         "train_state": train_state,
     }
+    if file_hash != hashing.SHA256:
+        manifest["file_hash"] = file_hash
     for k, v in meta.items():
         manifest.setdefault(k, v)
     manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
@@ -141,6 +148,15 @@ def read(ckpt: Path, dir_fd: int | None = None) -> dict[str, Any]:
     if manifest["step"] < 0:
         raise CheckpointInvalid(f"manifest.json step {manifest['step']} is negative", ckpt)
     return manifest
+
+
+def file_hash(manifest: dict[str, Any]) -> str:
+    """The files' checksum a (read) manifest records: ``file_hash``, sha256 when absent. Raises
+    ValueError when it names one this code does not know."""
+    name = manifest.get("file_hash", hashing.SHA256)
+    if not isinstance(name, str) or name not in hashing.NAMES:
+        raise ValueError(f"manifest names an unknown file_hash {json.dumps(name)[:40]}")
+    return name
 
 
 def payload_bytes(manifest: dict[str, Any]) -> int:

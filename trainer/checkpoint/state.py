@@ -53,15 +53,23 @@ def tensors_sha256(tensors: list[torch.Tensor]) -> str:
 
 def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """The names of the floating-point tensors of ``named`` that hold a NaN or an infinity, in
-    order. Each verdict is computed where its tensor lives and a device's verdicts are read
-    together: one read per device, whatever the number of tensors."""
+    order. One fused norm per device and dtype screens them all (a tensor holding NaN or
+    infinity has no finite norm), and only a tensor whose norm is not finite is checked exactly
+    (a finite one may overflow its norm); each device's verdicts are read together: one read per
+    device, whatever the number of tensors, and one call, not one per tensor."""
     floats = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    suspects: list[tuple[str, torch.Tensor]] = []
+    for key in {(t.device, t.dtype) for _, t in floats}:
+        here = [(name, t) for name, t in floats if (t.device, t.dtype) == key]
+        norms = torch._foreach_norm([t for _, t in here])
+        verdicts = torch.isfinite(torch.stack(list(norms))).tolist()
+        suspects += [item for item, ok in zip(here, verdicts, strict=True) if not ok]
     finite: dict[str, bool] = {}
-    for device in {t.device for _, t in floats}:
-        here = [(name, t) for name, t in floats if t.device == device]
+    for device in {t.device for _, t in suspects}:
+        here = [(name, t) for name, t in suspects if t.device == device]
         verdicts = torch.stack([torch.isfinite(t).all() for _, t in here]).tolist()
         finite.update(zip([name for name, _ in here], verdicts, strict=True))
-    return [name for name, _ in floats if not finite[name]]
+    return [name for name, _ in floats if not finite.get(name, True)]
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import fsio
+from . import fsio, hashing
 
 _DTYPES = {
     torch.float64: "F64",
@@ -74,9 +74,14 @@ def _chunks(head: bytes, views: list[memoryview]) -> Iterator[memoryview]:
 
 
 def write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], pause_phase: str | None = None
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    pause_phase: str | None = None,
+    algo: str = hashing.DEFAULT,
+    durable: bool = True,
 ) -> dict[str, int | str]:
-    """Write ``tensors`` (contiguous, on the host) to ``path``, fsync'd; return its size and sha256.
+    """Write ``tensors`` (contiguous, on the host) to ``path``, fsync'd when ``durable``; return
+    its size and its ``algo`` digest (``fsio.write_chunks``).
 
     Raises ValueError for a dtype the format does not store, OSError from the file system as-is.
     """
@@ -84,4 +89,4 @@ def write_safetensors(
         raise RuntimeError("checkpoints can only be written on a little-endian machine")
     head, views = _pieces(tensors)
     total = len(head) + sum(len(v) for v in views)
-    return fsio.write_chunks(path, _chunks(head, views), total, pause_phase)
+    return fsio.write_chunks(path, _chunks(head, views), total, pause_phase, algo, durable)

@@ -1,0 +1,171 @@
+"""``MemoryStore``: the writer of the memory tier (rank 0 only, like the disk store).
+
+Every K steps the same snapshot a disk checkpoint holds is committed into shared memory on the
+node by the same code (``commit.write_checkpoint``: temp directory, manifest last, rename), with
+the fast xxh3 checksum. At most two snapshots are kept: the older one is dropped before the next
+is written, so the slots alternate and the newest committed one is always there. The write is
+synchronous: it costs a memory copy and a hash at memory speed, and a snapshot that lands in the
+background could not bound the steps a kill loses.
+
+The tier must never cost the run: a missing or full root, or any write error, turns it off for
+the rest of this process with one ``memory_save_failed`` event, and training goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from runcontract.events import EventType
+from runcontract.layout import memory_dir, memory_root
+
+from . import hashing, memtier
+from .commit import write_checkpoint
+from .errors import describe
+from .integrity import EventSink, emit, remove_stale_work_dirs, step_dirs, warn
+from .layout import step_name
+from .state import Snapshot, capture
+
+#: Snapshots kept: the newest, and the one before it while the next is written.
+SLOTS = 2
+#: A snapshot is written only when this much more than its size is free in the root.
+ROOM_MARGIN = 1.05
+
+
+class MemoryStore:
+    """Commits snapshots to ``<root>/rose-<id>/`` (``runcontract.layout.memory_dir``).
+
+    Args:
+        run_dir: the run directory the snapshots belong to.
+        enabled: False (another rank than 0, several nodes, ``--mem-every 0``): every method
+            returns at once.
+        on_event: called with ``memory_saved`` / ``memory_save_failed`` events.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        enabled: bool,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.on_event = on_event
+        self.dir = memory_dir(run_dir)
+        self.off_reason: str | None = None if enabled else "disabled"
+        self.last_path: Path | None = None
+        self._claimed = False
+
+    @property
+    def enabled(self) -> bool:
+        """True while snapshots are being written."""
+        return self.off_reason is None
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scaler: Any,
+        train_state: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
+    ) -> bool:
+        """Commit a snapshot of ``step``; True when it landed. Never raises for the file system:
+        a failure turns the tier off (event ``memory_save_failed``) and returns False."""
+        if not self.enabled:
+            return False
+        started = time.monotonic()
+        snap = capture(step, model, optimizer, scaler, train_state, meta)
+        if snap.nonfinite:
+            return False  # never a snapshot a resume would diverge from; the loop will say why
+        try:
+            path = self._commit(snap)
+        except Exception as e:  # noqa: BLE001 - whatever it is, the run goes on without the tier
+            self._turn_off(step, e)
+            return False
+        self.last_path = path
+        emit(
+            self.on_event,
+            {
+                "type": EventType.MEMORY_SAVED,
+                "step": step,
+                "path": str(path),
+                "bytes": snap.nbytes,
+                "seconds": round(time.monotonic() - started, 4),
+            },
+        )
+        return True
+
+    def _commit(self, snap: Snapshot) -> Path:
+        root = memory_root()
+        if not root.is_dir():
+            raise OSError(errno.ENOENT, f"the memory tier's root {root} is not a directory")
+        if not self._claimed or not self.dir.is_dir():  # also: removed under us, by hand
+            self._claim()
+        self._drop_from(snap.step)
+        older = [path for step, path in step_dirs(self.dir) if step < snap.step]
+        for path in older[SLOTS - 1 :]:  # the older slot goes before the next is written
+            shutil.rmtree(path)
+        need = int(snap.nbytes * ROOM_MARGIN)
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"{free} bytes free in {root}, a snapshot needs about {need}",
+            )
+        path, _ = write_checkpoint(self.dir, snap, file_hash=hashing.FAST, durable=False)
+        return path
+
+    def drop_from(self, step: int) -> None:
+        """Remove the snapshots of ``step`` and later: after a rollback they belong to a past
+        this run no longer continues, and a kill must not resume it. A failure turns the tier
+        off, as in :meth:`save`."""
+        if not self.enabled:
+            return
+        try:
+            if not self._claimed:
+                self._claim()
+            self._drop_from(step)
+        except Exception as e:  # noqa: BLE001
+            self._turn_off(step, e)
+
+    def _drop_from(self, step: int) -> None:
+        # Also a snapshot of this very step, left by an attempt that died: it is rewritten.
+        for s, path in step_dirs(self.dir):
+            if s >= step:
+                shutil.rmtree(path)
+
+    def _claim(self) -> None:
+        untrusted = memtier.untrusted_reason(self.dir)
+        if untrusted is not None:
+            raise ValueError(untrusted)
+        if self.dir.exists() and memtier.stale_reason(self.run_dir, self.dir) is not None:
+            shutil.rmtree(self.dir)  # an earlier run directory's, at this path
+        memtier.claim(self.run_dir, self.dir)
+        # We write under the disk writer lock, so no other writer lives: its debris goes.
+        remove_stale_work_dirs(self.dir, self.on_event, all_but_self=True)
+        self._claimed = True
+
+    def _turn_off(self, step: int, e: BaseException) -> None:
+        code = getattr(e, "errno", None)
+        kind = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+        self.off_reason = describe(e) if isinstance(e, OSError) else str(e)
+        warn(
+            self.on_event,
+            f"memory snapshot {step_name(step)} was not written ({self.off_reason}); the memory "
+            "tier is off for the rest of this attempt, training goes on",
+            {
+                "type": EventType.MEMORY_SAVE_FAILED,
+                "step": step,
+                "path": str(self.dir),
+                "errno": kind or None,
+                "error": self.off_reason,
+            },
+        )
