@@ -152,7 +152,7 @@ def test_a_flipped_byte_and_a_killed_supervisor_still_end_bitwise_equal(
         data[len(data) // 2] ^= 0x01
         model.write_bytes(bytes(data))
         # Every process of the run SIGKILLed at once, the supervisor first (as the OOM killer
-        # or a crashed session would): no emergency checkpoint, nothing cleaned up.
+        # or a lost login shell would): no emergency checkpoint, nothing cleaned up.
         run.kill_all()
         assert run.leftovers(timeout=30.0) == []
         assert _mem_steps(run_dir, root) == [HOLD - 3, HOLD - 1]  # the node's memory outlived them
