@@ -100,8 +100,9 @@ def test_a_killed_worker_is_recovered_through_the_standby(
         assert launches[1]["resume_step"] in (20, 25) and launches[1]["standby_ready"]
         assert [e["attempt"] for e in events if e["type"] == "first_step"] == [1, 2]
         assert _params(run.run_dir) == reference  # bitwise equal to the uninterrupted run
-        # The next attempt's standby waited too, and went with the run.
-        assert [e["for_attempt"] for e in events if e["type"] == "standby_started"] == [2, 3]
+        # Attempt 2 gets a standby of its own only after 5 s of training, which this short run
+        # may not reach; whatever waited went with the run.
+        assert [e["for_attempt"] for e in events if e["type"] == "standby_started"][0] == 2
         assert not (run.run_dir / "standby").exists()
         assert not (run.run_dir / "logs" / "attempt-3").exists()
         assert run.leftovers(timeout=10.0) == []
