@@ -114,6 +114,18 @@ class Supervised:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_event(self, type_: str, timeout: float = 400.0) -> dict[str, Any]:
+        """The first event of ``type_``; fails the test when the supervisor exits first or
+        ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events() if e["type"] == type_]
+            if found:
+                return found[0]
+            assert self.proc.poll() is None, f"supervisor exited before {type_}: {self.types()}"
+            assert time.monotonic() < deadline, f"no {type_} within {timeout} s: {self.types()}"
+            time.sleep(0.05)
+
 
 class Harness:
     """Starts supervisors and chaos tools for one test and cleans up after it."""
@@ -310,6 +322,7 @@ def assert_recovered(
     *,
     quarantined: set[int] = frozenset(),  # type: ignore[assignment]
     extra_steps: set[int] = frozenset(),  # type: ignore[assignment]
+    missing_steps: set[int] = frozenset(),  # type: ignore[assignment]
     events: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Checks (a)–(d) and (f) of a run that recovered from every fault; returns the events.
@@ -317,7 +330,8 @@ def assert_recovered(
     (a) exit 0; (b) the last step reached, every step in metrics.jsonl exactly once; (c) the
     final parameters equal the reference run's; (d) no process of the run left; (f) every
     checkpoint step a complete run commits is there and verifies, plus ``extra_steps``
-    (emergency checkpoints), and the quarantine holds exactly ``quarantined``.
+    (emergency checkpoints), less ``missing_steps`` (resumed from a memory snapshot of that
+    step, so never written to disk), and the quarantine holds exactly ``quarantined``.
     """
     events = events if events is not None else read_jsonl(run_dir / "events.jsonl")
     types = [e["type"] for e in events]
@@ -330,7 +344,7 @@ def assert_recovered(
     assert manifest(run_dir, STEPS)["params_sha256"] == reference.sha
     left = wait_no_processes(run_dir)
     assert not left, f"processes of the run left: {[(p.pid, p.name()) for p in left]}"
-    expected = set(reference.steps) | set(extra_steps)
+    expected = (set(reference.steps) | set(extra_steps)) - set(missing_steps)
     assert set(committed_steps(run_dir)) == expected
     for step in expected:
         manifest(run_dir, step)  # raises CheckpointInvalid when it does not verify
