@@ -152,8 +152,9 @@ def test_a_killed_worker_shows_a_failure_and_recovery_block(recovered: Launched)
     recovered_at = r"RECOVERED: attempt 2 trains again \(step (\d+)\), ([\d.]+) s after"
     recovery = re.search(recovered_at, block)
     assert recovery is not None, block[:3000]
-    assert int(recovery.group(1)) == resumed["step"] + 1
     first = next(e for e in events if e["type"] == "first_step" and e["attempt"] == 2)
+    # The first step seen after the resume: on a fast machine a few may pass between looks.
+    assert int(recovery.group(1)) == first["step"] > resumed["step"]
     assert float(recovery.group(2)) == pytest.approx(first["mono"] - failed["mono"], abs=0.06)
 
 
