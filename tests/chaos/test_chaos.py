@@ -66,8 +66,9 @@ def test_three_random_worker_kills(harness: Harness, reference: Reference) -> No
 
 
 def test_worker_kills_resume_from_the_memory_tier(harness: Harness, reference: Reference) -> None:
-    """With a memory snapshot every step, kills resume from memory (newer than the disk) and
-    the run still ends bitwise equal to the reference; nothing is left in shared memory."""
+    """With a memory snapshot every step, each kill resumes from the newest valid checkpoint
+    across tiers (memory only when newer than the disk) and the run still ends bitwise equal to
+    the reference; nothing is left in shared memory."""
     sup = harness.launch(script_args=[*TRAIN_ARGS, *MEMORY_ARGS])
     tool = harness.chaos("--fault", "kill-worker", "--at-steps", "7,14,19", "--seed", "5")
     rc = sup.wait()
@@ -84,7 +85,9 @@ def test_worker_kills_resume_from_the_memory_tier(harness: Harness, reference: R
             assert choice["step"] > newest_disk, (fault, choice)  # the disk wins a tie
         else:
             assert choice["step"] % CKPT_EVERY == 0 and choice["step"] >= newest_disk, choice
-    assert "memory" in [c["tier"] for c in chosen], chosen
+    # Whether a kill lands between two disk checkpoints (a resume from memory) or on one (the
+    # disk wins the tie) depends on the machine's speed; tests/test_memory_tier_e2e.py holds a
+    # rank off the disk schedule to check the resume from memory itself.
     assert not memory_dir(harness.run_dir, Path(harness.env[MEM_ROOT])).exists()
 
 
