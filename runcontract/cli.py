@@ -87,9 +87,10 @@ def help_text(f: dataclasses.Field[Any]) -> str:
 
 def add_flag(target: Any, f: dataclasses.Field[Any], hint: Any) -> None:
     """Add field ``f`` to a parser or argument group: a positional argument when it has no
-    default, ``store_true`` for a bool, a comma-separated text for a tuple (split by the
-    caller), else a typed option (floats must be finite). ``flags`` in its metadata gives the
-    option strings (default ``--field-name``); ``metavar`` and ``choices`` pass through."""
+    default, ``store_true`` for a bool (with ``--no-name`` as well when it defaults to on), a
+    comma-separated text for a tuple (split by the caller), else a typed option (floats must
+    be finite). ``flags`` in its metadata gives the option strings (default
+    ``--field-name``); ``metavar`` and ``choices`` pass through."""
     settings = {k: f.metadata[k] for k in ("metavar", "choices") if k in f.metadata}
     kind = scalar(hint)
     kind = finite_float if kind is float else kind
@@ -98,7 +99,17 @@ def add_flag(target: Any, f: dataclasses.Field[Any], hint: Any) -> None:
         return
     names = f.metadata.get("flags", (flag(f.name),))
     if kind is bool:
-        target.add_argument(*names, dest=f.name, action="store_true", help=help_text(f))
+        # On by default: --name keeps it, --no-name turns it off.
+        if f.default:  # argparse's action itself adds "(default: True)" to the help
+            target.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help=f.metadata["help"],
+            )
+        else:
+            target.add_argument(*names, dest=f.name, action="store_true", help=help_text(f))
         return
     default = f.default
     if is_list(hint):

@@ -31,7 +31,7 @@ IDLE_CPU_SHARE = 0.01
 """Below this share of one core since the last activity, all ranks together count as idle."""
 MIN_CPU_SECONDS = 0.05
 """CPU seconds that always count as activity, however short the time since the last look."""
-_STOPPED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+STOPPED_STATES = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class ActivityMonitor:
         worst: Hang | None = None
         for worker in workers:
             try:
-                stopped = worker.proc.status() in _STOPPED
+                stopped = worker.proc.status() in STOPPED_STATES
             except psutil.Error:
                 continue
             if not stopped:

@@ -198,7 +198,7 @@ class HeartbeatMonitor:
             else:
                 stalled = now - state.changed_at
             if allowed is not None and stalled > allowed:
-                if worst is None or stalled - allowed > worst.stalled_for - worst.timeout:
+                if worst is None or _blame_before(state.step, stalled - allowed, worst):
                     worst = Hang(
                         rank=state.rank,
                         pid=state.pid,
@@ -236,3 +236,15 @@ class HeartbeatMonitor:
             and not self.ranks
             and self.clock() - self.started_at > self.config.startup_timeout
         )
+
+
+def _blame_before(step: int, overdue: float, worst: Hang) -> bool:
+    """Whether a rank at ``step``, ``overdue`` seconds past its allowance, is a likelier root
+    cause than ``worst``. A rank behind its peers holds them in their next collective, so the
+    lowest step comes first; at one step (the usual DDP hang: every peer waits in the same
+    all-reduce) the order in which the ranks last beat is noise, and the longest overdue wins
+    only as a tie-break."""
+    worst_step = worst.step if worst.step is not None else step
+    if step != worst_step:
+        return step < worst_step
+    return overdue > worst.stalled_for - worst.timeout

@@ -7,6 +7,7 @@ every ``heartbeat_interval``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -17,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from runcontract import env as env_names
 from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
-from supervisor.activity import ActivityMonitor
+from supervisor.activity import STOPPED_STATES, ActivityMonitor
 from supervisor.attempt import Failure, Hang, Observation, Outcome, StopReport
 from supervisor.config import BUILTIN_TRAINER, PROJECT_ROOT, LaunchConfig
 from supervisor.heartbeat import HeartbeatMonitor
@@ -510,6 +513,8 @@ class TorchrunRunner:
         assert tree is not None and monitor is not None
         live = tree.live_workers()
         hang = monitor.check([w.pid for w in live])
+        if hang is not None:
+            hang = _stopped_rank_first(hang, live, monitor)
         if hang is None and self.activity is not None:
             if monitor.ranks:
                 self.activity = None  # the script beats: its heartbeats judge from now on
@@ -715,3 +720,28 @@ def _likely_cause_first(worker: Worker) -> int:
     if code in (-signal.SIGTERM, TrainerExit.PREEMPTED):
         return 3  # stopped by torchrun after a peer's failure (75: the answer to its SIGTERM)
     return 2
+
+
+def _stopped_rank_first(hang: Hang, live: list[Worker], monitor: HeartbeatMonitor) -> Hang:
+    """The hang, blamed on a rank whose process is stopped (state T: SIGSTOP, a terminal stop,
+    a debugger) when there is one. Its peers wait for it in a collective, stalled since about
+    the same moment; which of them beat last is noise, the stopped process is not."""
+    for worker in live:
+        if worker.rank is None or worker.rank == hang.rank:
+            continue
+        try:
+            stopped = worker.proc.status() in STOPPED_STATES
+        except psutil.Error:
+            continue
+        state = monitor.ranks.get(worker.rank)
+        if stopped and state is not None:
+            return dataclasses.replace(
+                hang,
+                rank=worker.rank,
+                pid=worker.pid,
+                step=state.step,
+                phase=state.phase,
+                reason=f"rank {worker.rank} stopped (process state T) at step {state.step}; "
+                f"its peers wait for it ({hang.reason})",
+            )
+    return hang

@@ -21,9 +21,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = REPO_ROOT / "trainer" / "train.py"
 
 # A test-sized run: tiny model, few short sequences, a small held-out split, quiet console.
+# Every --ckpt-every step is saved (no save skipped behind a slow one): tests name the steps.
 TINY_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "30",
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
+    "--no-ckpt-skip-busy",
 ]  # fmt: skip
 
 

@@ -90,6 +90,14 @@ def test_defaults_validate_and_round_trip_through_the_parser() -> None:
     assert (cfg.model, cfg.seq_len, cfg.ckpt_sync, cfg.amp) == ("tiny", 64, True, "bf16")
 
 
+def test_a_periodic_save_behind_a_busy_writer_is_skipped_unless_asked_to_wait() -> None:
+    # On by default (a slow disk never stalls the loop); --no-ckpt-skip-busy waits instead.
+    assert parse_args([]).ckpt_skip_busy is True
+    assert parse_args(["--no-ckpt-skip-busy"]).ckpt_skip_busy is False
+    assert parse_args(["--no-ckpt-skip-busy", "--ckpt-skip-busy"]).ckpt_skip_busy is True
+    assert "--no-ckpt-skip-busy" in build_parser().format_help()
+
+
 def test_presets_and_model_config() -> None:
     assert set(PRESETS) >= {"tiny", "small", "gpt2"}
     cfg = model_config("gpt2", vocab_size=50304, dropout=0.1)

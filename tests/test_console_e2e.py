@@ -29,7 +29,7 @@ STEPS = 300
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "100", "--threads", "1",
-    "--ckpt-every", "20",
+    "--ckpt-every", "20", "--no-ckpt-skip-busy",
 ]  # fmt: skip
 TIMEOUT = 300.0
 NOISY = Path(__file__).resolve().parent / "scripts" / "noisy.py"

@@ -31,6 +31,7 @@ TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
     "--ckpt-every", str(CKPT_EVERY), "--mem-every", str(MEM_EVERY), "--dropout", "0.1",
+    "--no-ckpt-skip-busy",
 ]  # fmt: skip
 # A long hang timeout: rank 0 holds itself (SIGSTOP) while the test acts.
 FLAGS = ["--nproc", "2", *FAST, "--require-heartbeats", "yes", "--hang-timeout", "300"]

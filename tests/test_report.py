@@ -36,7 +36,7 @@ KILL_AT = (8, 24)
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
-    "--ckpt-every", str(CKPT_EVERY),
+    "--ckpt-every", str(CKPT_EVERY), "--no-ckpt-skip-busy",
 ]  # fmt: skip
 RUN_TIMEOUT = 240.0
 

@@ -22,7 +22,10 @@ from tests.scripts.harness import FAST, LAUNCH, Launched
 pytestmark = [pytest.mark.distributed, pytest.mark.chaos]
 
 HELD_TRAINER = Path(__file__).parent / "scripts" / "held_trainer.py"
-TRAIN_ARGS = ["--model", "tiny", "--steps", "40", "--ckpt-every", "10", "--dropout", "0.1"]
+TRAIN_ARGS = [
+    "--model", "tiny", "--steps", "40", "--ckpt-every", "10", "--no-ckpt-skip-busy",
+    "--dropout", "0.1",
+]  # fmt: skip
 # Rank 0 holds itself at step 25 of attempt 1, so that the test acts while the run is mid-way;
 # a long hang timeout, so that the held rank is not called hung while the standby gets ready.
 FLAGS = ["--nproc", "2", *FAST, "--require-heartbeats", "yes", "--hang-timeout", "300"]

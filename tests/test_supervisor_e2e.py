@@ -22,7 +22,7 @@ STEPS = 30
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
-    "--ckpt-every", "4", "--dropout", "0.1", "--seed", "11",
+    "--ckpt-every", "4", "--no-ckpt-skip-busy", "--dropout", "0.1", "--seed", "11",
 ]  # fmt: skip
 # Generous bounds: a trainer start-up takes a minute on a loaded 2-core machine.
 ATTEMPT_TIMEOUT = 240.0

@@ -176,3 +176,53 @@ def test_peers_waiting_for_a_checkpointing_rank_get_the_checkpoint_allowance(
     monitor.poll()
     hang = monitor.check([])
     assert hang is not None and hang.rank == 1 and hang.timeout == 5.0
+
+
+def test_the_rank_behind_is_blamed_before_peers_that_stalled_longer(tmp_path: Path) -> None:
+    monitor, clock, beats = _setup(tmp_path, hang_timeout=5.0)
+    beats[1](7)  # rank 1 reached step 7 first, then waits in step 8's all-reduce
+    monitor.poll()
+    clock.now += 1.0
+    beats[0](6)  # rank 0 beat later, but is still at step 6: it holds rank 1
+    monitor.poll()
+    clock.now += 10.0
+    hang = monitor.check([])
+    assert hang is not None and hang.rank == 0 and hang.step == 6
+
+
+def test_a_stopped_rank_is_blamed_before_peers_at_the_same_step(tmp_path: Path) -> None:
+    """Both ranks stall at one step; the peer beat first (the longest stall), but the rank
+    whose process is stopped is the root cause."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from supervisor.proctree import Worker
+    from supervisor.runner import _stopped_rank_first
+
+    monitor, clock, beats = _setup(tmp_path, hang_timeout=5.0)
+    beats[1](9)
+    monitor.poll()
+    clock.now += 1.0
+    beats[0](9)
+    monitor.poll()
+    clock.now += 10.0
+    hang = monitor.check([])
+    assert hang is not None and hang.rank == 1  # by the stall alone
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
+    procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+    try:
+        workers = [Worker(psutil.Process(p.pid), rank=r, local_rank=r) for r, p in enumerate(procs)]
+        assert _stopped_rank_first(hang, workers, monitor) == hang  # none stopped: unchanged
+        procs[0].send_signal(signal.SIGSTOP)
+        while workers[0].proc.status() != psutil.STATUS_STOPPED:
+            pass  # the kernel applies the stop asynchronously
+        blamed = _stopped_rank_first(hang, workers, monitor)
+        assert blamed.rank == 0 and blamed.pid == procs[0].pid and blamed.step == 9
+        assert "stopped" in blamed.reason
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

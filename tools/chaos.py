@@ -319,6 +319,7 @@ class Injector:
         pid = snap.workers[0]
         deadline = time.monotonic() + self.config.writer_wait
         next_check = 0.0
+        committed_before = set(self.view.committed())
         # A tiny model's write lasts milliseconds: look often (a directory listing is cheap),
         # and check the much dearer process table only now and then.
         while time.monotonic() < deadline and not self._stop:
@@ -328,6 +329,12 @@ class Injector:
             if time.monotonic() >= next_check:
                 if not self.view.is_run_process(pid):
                     return None
+                # On a busy machine the whole write can fall between two looks. A writer that
+                # stopped itself just after renaming a new checkpoint into place (the store's
+                # test pause hook) is still taken there.
+                new = sorted(set(self.view.committed()) - committed_before)
+                if new and _stopped(pid):
+                    return self._kill_renamed_writer(snap, pid, new[-1])
                 next_check = time.monotonic() + 0.1
             time.sleep(0.001)
         return None
@@ -357,6 +364,24 @@ class Injector:
                 "temp_files": _listing(tmp.path),
                 "renamed": not tmp.path.exists() and self.view.step_dir(tmp.step).is_dir(),
                 "writer_paused_itself": paused,
+                "committed": self.view.committed(),
+            },
+        )
+        return injection if self._signal(injection, signal.SIGKILL) else None
+
+    def _kill_renamed_writer(self, snap: Snapshot, pid: int, step: int) -> Injection | None:
+        injection = Injection(
+            "kill-writer",
+            pid,
+            0,
+            self._heartbeat_step(0, snap.step),
+            snap.attempt,
+            {
+                "temp_dir": None,
+                "writing_step": step,
+                "temp_files": {},
+                "renamed": True,
+                "writer_paused_itself": True,
                 "committed": self.view.committed(),
             },
         )

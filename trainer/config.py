@@ -143,9 +143,11 @@ class TrainConfig:
     ckpt_every: int = option(40, "steps between checkpoints (0: only emergency and final ones)")
     ckpt_sync: bool = option(False, "write checkpoints synchronously (off: in the background)")
     ckpt_skip_busy: bool = option(
-        False,
+        True,
         "skip a periodic checkpoint while the previous one is still being written instead of "
-        "waiting for it: a slow disk never stalls training, checkpoints may land further apart",
+        "waiting for it (event checkpoint_save_skipped): a slow disk never stalls training, "
+        "checkpoints may land further apart; --no-ckpt-skip-busy waits and keeps every "
+        "--ckpt-every step",
     )
     mem_every: int = option(
         5,
@@ -262,7 +264,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             help_text += f" ({'/'.join(f.metadata['choices'])})"
         kwargs: dict[str, Any] = {"default": f.default, "help": help_text, "dest": f.name}
         if f.type in ("bool", bool):
-            kwargs["action"] = "store_true"
+            # On by default: --name keeps it, --no-name turns it off.
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             kwargs["metavar"] = f.name.upper()

@@ -34,11 +34,13 @@ CKPT_EVERY = 4
 # Tiny and short: each attempt costs mostly start-up, so the runs are few steps long. Retention
 # keeps everything, so "no committed checkpoint lost" can be checked exactly. The memory tier is
 # off, so that each disk fault is judged by the choice it forces on disk; the tests that turn it
-# on add MEMORY_ARGS (a later flag wins).
+# on add MEMORY_ARGS (a later flag wins). No periodic save is skipped behind a slow one: the
+# tests name the steps that must be on disk.
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
     "--ckpt-every", str(CKPT_EVERY), "--keep-last", "100", "--mem-every", "0",
+    "--no-ckpt-skip-busy",
 ]  # fmt: skip
 MEMORY_ARGS = ["--mem-every", "1"]
 
@@ -136,6 +138,7 @@ class Harness:
         self.run_dir = base / "run"
         self.supervisors: list[Supervised] = []
         self.tools: list[subprocess.Popen[bytes]] = []
+        self.tool_logs: dict[int, Path] = {}
 
     def launch(
         self,
@@ -171,13 +174,19 @@ class Harness:
                 stderr=subprocess.STDOUT,
             )
         self.tools.append(proc)
+        self.tool_logs[proc.pid] = log
         return proc
 
     def wait_tool(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
         try:
-            return proc.wait(timeout=timeout)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"chaos tool still running after {timeout} s") from None
+        if rc != 0:  # shown with the failure: what the tool saw and did
+            print(self.tool_logs[proc.pid].read_text(errors="replace")[-4000:])
+            for sup in self.supervisors:
+                print(sup.output()[-4000:])
+        return rc
 
     def cleanup(self) -> None:
         for proc in self.tools:

@@ -167,6 +167,48 @@ def test_corrupt_flips_one_byte_of_the_newest_checkpoint(
     assert (ckpt / "step-00000008" / "manifest.json").read_text() == "{}"
 
 
+def test_kill_writer_takes_a_writer_stopped_just_after_its_rename(
+    tmp_path: Path, fake_runs: list[FakeRun]
+) -> None:
+    """On a busy machine a whole checkpoint write can fall between two of the tool's looks, so
+    it never sees the temp directory. A writer found stopped after a new checkpoint appeared
+    (the store's after-rename pause hook) is still the one killed."""
+    run = FakeRun(tmp_path / "run")
+    fake_runs.append(run)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.chaos", str(run.run_dir), "--fault", "kill-writer"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        events = run.run_dir / "events.jsonl"
+        deadline = time.monotonic() + 30
+        while not any(e["type"] == "chaos_started" for e in read_jsonl(events)):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.02)
+        writer = run.workers[0]
+        # The tool notes what is committed when it starts to watch: commit until it watched
+        # from before one of them.
+        for step in range(4, 400, 4):
+            (run.run_dir / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+            os.kill(writer, signal.SIGSTOP)
+            if dead(writer, timeout=2):
+                break
+            os.kill(writer, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (fault,) = injected(run.run_dir)
+    assert fault["kind"] == "kill-writer" and fault["pid"] == writer
+    assert fault["renamed"] and fault["writer_paused_itself"] and fault["temp_dir"] is None
+    assert fault["writing_step"] == step
+
+
 def test_fill_disk_refuses_to_fill_a_large_disk(tmp_path: Path, fake_runs: list[FakeRun]) -> None:
     run = FakeRun(tmp_path / "run")
     fake_runs.append(run)
