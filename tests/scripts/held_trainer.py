@@ -26,6 +26,9 @@ if attempt == os.environ.get("ROSE_ATTEMPT") and os.environ.get("RANK") == "0":
         if (phase == "done" and point == "done") or (phase == "train" and str(step) == point):
             if not held:  # once: a snapshot at that step beats "train" again after it
                 held.append(step)
+                if not written:  # throttled: the test waits to see this very step
+                    self._last_time = float("-inf")
+                    written = beat(self, step, phase)
                 os.kill(os.getpid(), signal.SIGSTOP)
         return written
 
