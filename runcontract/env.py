@@ -26,6 +26,11 @@ DATA_CACHE = "ROSE_DATA_CACHE"
 MEM_ROOT = "ROSE_MEM_ROOT"
 """Where the memory tier keeps its snapshots (default ``/dev/shm``): ``<root>/rose-<id>/``. The
 supervisor and its workers must see the same value; tests point it at a temporary directory."""
+FAILURES = "ROSE_FAILURES"
+"""How many failures (a worker that failed, a hang) the run has seen before this attempt: the
+built-in trainer's auto checkpoint intervals estimate the mean time between failures from it."""
+RUN_SECONDS = "ROSE_RUN_SECONDS"
+"""How many seconds the run's attempts ran before this one (with ``ROSE_FAILURES``)."""
 CKPT_PAUSE_AT = "ROSE_CKPT_PAUSE_AT"
 """Test only: the checkpoint writer stops itself (SIGSTOP) at this phase of a write."""
 DIVERGE_AT_STEP = "ROSE_DIVERGE_AT_STEP"

@@ -64,6 +64,10 @@ class EventType(str, enum.Enum):
     CHECKPOINT_DIR_RECREATED = "checkpoint_dir_recreated"
     CHECKPOINT_UNLOADABLE = "checkpoint_unloadable"
     CHECKPOINT_NOT_FINITE = "checkpoint_not_finite"
+    # The trainer's save policy (``source: trainer``): the way disk saves are written under
+    # --ckpt-mode auto, and each interval chosen under --ckpt-every/--mem-every auto
+    CHECKPOINT_MODE = "checkpoint_mode"
+    CHECKPOINT_INTERVAL = "checkpoint_interval"
     # The memory tier: snapshots in shared memory on the node (``source: trainer`` for the
     # writer's; the supervisor's when it drops an invalid one or removes the tier)
     MEMORY_SAVED = "memory_saved"

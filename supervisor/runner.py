@@ -27,6 +27,7 @@ from runcontract.heartbeat import Phase
 from supervisor.activity import STOPPED_STATES, ActivityMonitor
 from supervisor.attempt import Failure, Hang, Observation, Outcome, StopReport
 from supervisor.config import BUILTIN_TRAINER, PROJECT_ROOT, LaunchConfig
+from supervisor.failure_history import read_failure_history
 from supervisor.heartbeat import HeartbeatMonitor
 from supervisor.logcap import LogCap
 from supervisor.proctree import AttemptTree, Worker, start_in_new_session
@@ -173,9 +174,14 @@ class TorchrunRunner:
         self.config.heartbeat_dir.mkdir(parents=True, exist_ok=True)
         standby, why_not = self._take_standby(attempt)
         started = self.clock()
+        # What the attempt learns only now: where to resume, and the failures seen so far.
+        handed = {
+            env_names.RESUME_FROM: str(resume_from) if resume_from else "",
+            **read_failure_history(self.config.events_file).environment(),
+        }
         if standby is not None:
             ready = standby.ready()
-            standby.open({env_names.RESUME_FROM: str(resume_from) if resume_from else ""})
+            standby.open(handed)
             self.tree = standby.tree
             self._launch_info = {
                 "standby": True,
@@ -188,7 +194,7 @@ class TorchrunRunner:
             log_dir.mkdir(parents=True, exist_ok=True)
             proc = start_in_new_session(
                 self.command(),
-                self.environment(resume_from),
+                {**self.environment(resume_from), **handed},
                 log_dir / "torchrun.log",
                 parent_death_signal=signal.SIGTERM,
             )

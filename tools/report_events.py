@@ -171,6 +171,11 @@ class _Walk:
                 if isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
             ]
 
+    def checkpoint_interval(self, ev: dict[str, Any], t: float) -> None:
+        step, tier, every = ev.get("step"), ev.get("tier"), ev.get("every")
+        if isinstance(step, int) and isinstance(every, int) and tier in ("disk", "memory"):
+            self.report.intervals.append((step, str(tier), every))
+
     def gave_up(self, ev: dict[str, Any], t: float) -> None:
         what = str(ev["type"]).replace("_", " ")
         self.report.end_state = f"gave up: {what} ({ev.get('reason') or what})"
@@ -191,6 +196,7 @@ _HANDLERS: dict[EventType, Callable[[_Walk, dict[str, Any], float], None]] = {
     EventType.INTERRUPTED: _Walk.run_ended,
     EventType.DIVERGED: _Walk.diverged,
     EventType.DATA_SKIPPED: _Walk.data_skipped,
+    EventType.CHECKPOINT_INTERVAL: _Walk.checkpoint_interval,
     EventType.FATAL: _Walk.gave_up,
     EventType.CRASH_LOOP: _Walk.gave_up,
     EventType.BUDGET_EXHAUSTED: _Walk.gave_up,

@@ -126,6 +126,9 @@ class Report:
     skipped: list[tuple[int, int]] = field(default_factory=list)
     """Ranges ``[start, end)`` of sampler positions the run skipped after divergences, as the
     newest ``data_skipped`` event records them."""
+    intervals: list[tuple[int, str, int]] = field(default_factory=list)
+    """(step, tier, interval in steps) per ``checkpoint_interval`` event: the auto intervals
+    the trainer chose, ``disk`` or ``memory``."""
     node: str | None = None
     """The node's tag on a multi-node run directory (its ``events-<tag>.jsonl``); None on one."""
 

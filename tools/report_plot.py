@@ -30,11 +30,15 @@ def render_png(report: Report, path: str | Path) -> bool:
         return False
 
     # A Figure with its own Agg canvas: no pyplot, so no global backend or state is touched.
-    fig = Figure(figsize=(10, 7), dpi=100)
+    fig = Figure(figsize=(10, 9 if report.intervals else 7), dpi=100)
     FigureCanvasAgg(fig)
     # Fixed margins: an automatic layout gives up on labels placed near the axes' edges.
-    ax_loss, ax_time = fig.subplots(2, 1, height_ratios=[3, 2])
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.95, bottom=0.08, hspace=0.3)
+    if report.intervals:
+        ax_loss, ax_every, ax_time = fig.subplots(3, 1, height_ratios=[3, 1.5, 2])
+        _plot_intervals(ax_every, report)
+    else:
+        ax_loss, ax_time = fig.subplots(2, 1, height_ratios=[3, 2])
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.95, bottom=0.08, hspace=0.35)
     _plot_loss(ax_loss, report)
     _plot_timeline(ax_time, report)
     fig.savefig(str(path))
@@ -94,6 +98,25 @@ def _mark_failures(ax: Any, failures: list[FailureRecord]) -> None:
                 )
         if f.step is not None and f.resumed_from is not None and f.step > f.resumed_from:
             ax.axvspan(f.resumed_from, f.step, color="#c62828", alpha=0.08)
+
+
+_TIER_COLOURS = {"disk": "#1565c0", "memory": "#ef6c00"}
+
+
+def _plot_intervals(ax: Any, report: Report) -> None:
+    """The auto checkpoint intervals by step, one line per tier, as the trainer chose them."""
+    last_step = max([report.final_step or 0] + [s for s, _, _ in report.intervals])
+    for tier, colour in _TIER_COLOURS.items():
+        points = [(step, every) for step, t, every in report.intervals if t == tier]
+        if not points:
+            continue
+        steps, values = zip(*[*points, (last_step, points[-1][1])], strict=True)
+        ax.step(steps, values, where="post", color=colour, linewidth=1.2, label=tier)
+    ax.set_xlabel("step")
+    ax.set_ylabel("steps between saves")
+    ax.set_title("auto checkpoint intervals (Young/Daly)", fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def _plot_timeline(ax: Any, report: Report) -> None:

@@ -42,7 +42,20 @@ def _summary_lines(report: Report) -> list[str]:
     ]
     if ckpt and ckpt.params_sha256:
         lines.append(f"  params:      params_sha256={ckpt.params_sha256}")
-    return lines + _divergence_lines(report)
+    return lines + _interval_lines(report) + _divergence_lines(report)
+
+
+def _interval_lines(report: Report) -> list[str]:
+    """The auto checkpoint intervals: the last one chosen per tier, and their range."""
+    lines = []
+    for tier, label in (("disk", "disk every:"), ("memory", "mem every:")):
+        chosen = [every for _, t, every in report.intervals if t == tier]
+        if chosen:
+            lines.append(
+                f"  {label:<13}{chosen[-1]} steps at the end (auto; "
+                f"{min(chosen)}-{max(chosen)} over {len(chosen)} choice(s))"
+            )
+    return lines
 
 
 def _step_lines(report: Report) -> list[str]:

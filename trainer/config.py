@@ -140,8 +140,20 @@ class TrainConfig:
         "'auto': resume from the newest valid checkpoint in the run directory",
         choices=("none", "auto"),
     )
-    ckpt_every: int = option(40, "steps between checkpoints (0: only emergency and final ones)")
-    ckpt_sync: bool = option(False, "write checkpoints synchronously (off: in the background)")
+    ckpt_every: str = option(
+        "auto",
+        "steps between disk checkpoints (0: only emergency and final ones), or 'auto': Young and "
+        "Daly's interval sqrt(2 x cost x MTBF), from the measured cost of a save and the mean "
+        "time between failures (--mtbf until a failure is seen)",
+    )
+    ckpt_mode: str = option(
+        "auto",
+        "how periodic checkpoints are written: 'async' (a background thread), 'sync' (inside "
+        "the step), or 'auto': both measured by what they cost the training loop, and the "
+        "cheaper one used",
+        choices=("auto", "async", "sync"),
+    )
+    ckpt_sync: bool = option(False, "the same as --ckpt-mode sync")
     ckpt_skip_busy: bool = option(
         True,
         "skip a periodic checkpoint while the previous one is still being written instead of "
@@ -149,12 +161,17 @@ class TrainConfig:
         "checkpoints may land further apart; --no-ckpt-skip-busy waits and keeps every "
         "--ckpt-every step",
     )
-    mem_every: int = option(
-        5,
+    mem_every: str = option(
+        "auto",
         "steps between memory snapshots: the checkpoint's state also committed to shared "
         "memory on the node (at most two kept), which a relaunch on this node resumes from "
         "when it is newer than the newest disk checkpoint (0: off; only under the supervisor, "
-        "on one node)",
+        "on one node); 'auto': Young and Daly's interval, as for --ckpt-every",
+    )
+    mtbf: float = option(
+        3600.0,
+        "mean time between failures assumed, seconds, for the 'auto' intervals until the run "
+        "has seen a failure (then: its run time over its failures)",
     )
     keep_last: int = option(3, "how many of the newest checkpoints to keep")
     keep_every: int = option(
@@ -191,8 +208,6 @@ class TrainConfig:
             "warmup_steps",
             "eval_every",
             "log_every",
-            "ckpt_every",
-            "mem_every",
             "keep_every",
             "threads",
             "vocab_size",
@@ -204,6 +219,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0.0 or value == float("inf"):  # also rejects NaN
                 bad(name, "must be a finite number >= 0")
+        for name in ("ckpt_every", "mem_every"):
+            if _interval(getattr(self, name)) is _BAD:
+                bad(name, "must be 'auto' or a whole number >= 0")
+        if not 0.0 < self.mtbf < float("inf"):
+            bad("mtbf", "must be a finite number of seconds > 0")
         if self.min_lr > self.lr:
             bad("min_lr", f"must not exceed --lr ({self.lr})")
         if not 0.0 <= self.dropout < 1.0:
@@ -221,6 +241,21 @@ class TrainConfig:
             bad("run_dir", "must not be empty")
         if self.on_divergence != "stop" and self.rollback_skip is None:
             bad("on_divergence", "must be 'stop' or 'rollback-skip:N' with a whole N >= 1")
+
+    @property
+    def ckpt_interval(self) -> int | None:
+        """Steps between disk checkpoints; None for 'auto'."""
+        return _interval(self.ckpt_every)  # type: ignore[return-value]
+
+    @property
+    def mem_interval(self) -> int | None:
+        """Steps between memory snapshots; None for 'auto'."""
+        return _interval(self.mem_every)  # type: ignore[return-value]
+
+    @property
+    def disk_mode(self) -> str:
+        """'sync', 'async' or 'auto' (--ckpt-sync wins)."""
+        return "sync" if self.ckpt_sync else self.ckpt_mode
 
     @property
     def rollback_skip(self) -> int | None:
@@ -241,6 +276,19 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready values (recorded in checkpoint manifests)."""
         return dataclasses.asdict(self)
+
+
+_BAD = object()
+
+
+def _interval(value: object) -> int | None | object:
+    """``--ckpt-every``/``--mem-every``: the steps, None for 'auto', ``_BAD`` otherwise."""
+    text = str(value).strip()
+    if text == "auto":
+        return None
+    if text.isascii() and text.isdigit():
+        return int(text)
+    return _BAD
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -66,6 +66,7 @@ from trainer.metrics import MetricsLog
 from trainer.model import GPT
 from trainer.preemption import Preemption
 from trainer.sampler import ResumableSampler, derive_seed
+from trainer.save_policy import ASYNC, SYNC, Mtbf, SavePolicy
 from trainer.train_state import TrainState
 
 
@@ -240,15 +241,18 @@ class Trainer:
             is_writer=d.is_main,
             keep_last=cfg.keep_last,
             keep_every=cfg.keep_every,
-            async_save=not cfg.ckpt_sync,
+            async_save=cfg.disk_mode != SYNC,
             fail_fatal=cfg.ckpt_fail_fatal,
             on_event=events,
         )
+        self.policy = self._save_policy()
         # The memory tier: rank 0 only (the ranks hold the same state), under a supervisor
         # (which chooses and removes snapshots), on one node (a snapshot lives on one node).
         self.mem = MemoryStore(
             run_dir,
-            enabled=bool(cfg.mem_every and os.environ.get(RUN_DIR)) and d.is_main and d.one_node,
+            enabled=bool(cfg.mem_interval != 0 and os.environ.get(RUN_DIR))
+            and d.is_main
+            and d.one_node,
             on_event=events,
         )
         self.sample_log = None
@@ -257,6 +261,22 @@ class Trainer:
             self.sample_log = open(Path(cfg.sample_log) / f"rank-{d.rank}.jsonl", "a")  # noqa: SIM115
         self.metrics = MetricsLog(run_dir / METRICS, enabled=d.is_main)
         self.metrics.open(truncate_to=metrics_length)
+
+    def _save_policy(self) -> SavePolicy:
+        """When this rank saves, and how. An auto interval is rank 0's alone (it measures
+        the cost); the other ranks, whose saves write nothing, then never save periodically."""
+        cfg = self.cfg
+        ckpt_every, mem_every = cfg.ckpt_interval, cfg.mem_interval
+        if not self.d.is_main:
+            ckpt_every = 0 if ckpt_every is None else ckpt_every
+            mem_every = 0
+        return SavePolicy(
+            ckpt_every=ckpt_every,
+            mem_every=mem_every,
+            mode=cfg.disk_mode,
+            mtbf=Mtbf.from_env(cfg.mtbf),
+            emit=lambda type_, **fields: self._emit(EventType(type_), **fields),
+        )
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -451,7 +471,10 @@ class Trainer:
         """Train to --steps; return the exit code (0 finished, 74 diverged, 75 preempted)."""
         model = self.ddp or self.model
         model.train()
+        policy = self.policy
         while self.step < self.cfg.steps:
+            writing = self.store.in_flight
+            started = time.perf_counter()
             try:
                 stop = self._one_step(model)
             except Diverged as e:
@@ -459,15 +482,18 @@ class Trainer:
                 if code is not None:
                     return code
                 continue
+            policy.on_step(time.perf_counter() - started, writer_busy=writing)
+            if not self.store.in_flight:  # the cost of an asynchronous save is complete
+                policy.writer_done(self.store.writing_step, self.store.last_write_seconds)
             if stop:
                 return self._preempted()
             cfg = self.cfg
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._eval()
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
-                self._save(sync=cfg.ckpt_sync)
+            if policy.disk_due(self.step):
+                self._save_periodic()
             # Not at the last step: the final checkpoint goes to disk right after.
-            if cfg.mem_every and self.step % cfg.mem_every == 0 and self.step < cfg.steps:
+            if policy.memory_due(self.step) and self.step < cfg.steps:
                 self._save_memory()
         return self._finished()
 
@@ -750,28 +776,43 @@ class Trainer:
 
     # -- checkpoints and logs -----------------------------------------------------------------
 
-    def _save(self, sync: bool) -> None:
+    def _save_periodic(self) -> None:
+        """A save the schedule asked for, written the way the policy chose; what it cost the
+        loop is reported back."""
+        mode = self.policy.disk_mode()
+        started = time.perf_counter()
+        if self._save(sync=False, asynchronous=mode == ASYNC):
+            self.policy.disk_saved(self.step, mode, time.perf_counter() - started)
+        else:
+            self.policy.disk_skipped(self.step)
+
+    def _save(self, sync: bool, asynchronous: bool | None = None) -> bool:
+        """Save this step; ``sync``: committed before returning (final and emergency saves,
+        always made). A periodic save is skipped, not waited for, while the previous one is
+        still being written (unless --no-ckpt-skip-busy). True when the save was made."""
         self.beat(self.step, phase=Phase.CHECKPOINT)
         state, meta = self._checkpoint_state()
-        # With --ckpt-skip-busy a periodic save is skipped, not waited for, while the previous
-        # one is still being written (the final and emergency saves are synchronous: always made).
         saved = self.store.save(
             self.step, self.model, self.optimizer, self.scaler, state, meta,
             skip_if_busy=self.cfg.ckpt_skip_busy and not sync,
+            asynchronous=False if sync else asynchronous,
         )  # fmt: skip
         if sync:
             self.store.wait()
         if saved:
             self.last_saved_step = self.step
         self.beat(self.step, phase=Phase.TRAIN)
+        return saved
 
     def _save_memory(self) -> None:
         """The same state as a disk checkpoint, committed to the memory tier (rank 0 only)."""
         if not self.mem.enabled:
             return
         self.beat(self.step, phase=Phase.CHECKPOINT)
+        started = time.perf_counter()
         state, meta = self._checkpoint_state()
         self.mem.save(self.step, self.model, self.optimizer, self.scaler, state, meta)
+        self.policy.memory_saved(self.step, time.perf_counter() - started)
         self.beat(self.step, phase=Phase.TRAIN)
 
     def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -83,6 +83,8 @@ class CheckpointStore:
         self._failure: CheckpointWriteFailed | None = None
         self._closed = False
         self._last_size: int | None = None
+        self.last_write_seconds: float | None = None
+        """How long the last write took, from the host copy to its commit (or failure)."""
         self._known_valid: set[Path] = set()
         self._lock: WriterLock | None = None
         if not self.is_writer:
@@ -111,13 +113,15 @@ class CheckpointStore:
         meta: dict[str, Any] | None,
         *,
         skip_if_busy: bool = False,
+        asynchronous: bool | None = None,
     ) -> bool:
         """Checkpoint ``step``; returns once the state is in host memory (async) or committed.
 
         Waits first for the previous save, unless ``skip_if_busy``: then, while the previous
         save is still being written (``in_flight``), this one is skipped (event
         ``checkpoint_save_skipped``) and False returned, so that a periodic save never stalls
-        the loop behind a slow disk. True when the save was made (or handed to the writer).
+        the loop behind a slow disk. ``asynchronous`` overrides the store's ``async_save`` for
+        this save. True when the save was made (or handed to the writer).
         Raises CheckpointWriteFailed (``fail_fatal`` only) for this or an earlier failed write,
         ValueError when ``train_state``/``meta`` are not JSON,
         CheckpointError when the store is closed.
@@ -142,7 +146,7 @@ class CheckpointStore:
             return False
         self.wait()
         snap = capture(step, model, optimizer, scaler, train_state, meta)
-        if not self.async_save:
+        if not (self.async_save if asynchronous is None else asynchronous):
             self._write(snap)
             self._raise_failure()
             return True
@@ -188,6 +192,11 @@ class CheckpointStore:
         self.close()
 
     @property
+    def writing_step(self) -> int:
+        """The step of the last save handed to the background writer (-1: none yet)."""
+        return self._writing
+
+    @property
     def in_flight(self) -> bool:
         """True while a background save is running."""
         return self._thread is not None and self._thread.is_alive()
@@ -210,6 +219,12 @@ class CheckpointStore:
 
     def _write(self, snap: Snapshot) -> None:
         started = time.monotonic()
+        try:
+            self._write_and_report(snap, started)
+        finally:
+            self.last_write_seconds = time.monotonic() - started
+
+    def _write_and_report(self, snap: Snapshot, started: float) -> None:
         if snap.nonfinite:
             self._refuse_nonfinite(snap)
             return

@@ -1,0 +1,219 @@
+"""trainer.save_policy and supervisor.failure_history: the measured cost of saves, the cheaper
+disk mode, Young/Daly intervals and the failure history they draw on, on a fake clock."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from runcontract import env
+from supervisor.failure_history import failure_history
+from trainer import save_policy
+from trainer.save_policy import ASYNC, SYNC, Mtbf, SavePolicy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _policy(
+    ckpt_every: int | None = None,
+    mem_every: int | None = None,
+    mode: str = "auto",
+    mtbf: Mtbf | None = None,
+) -> tuple[SavePolicy, list[tuple[str, dict[str, Any]]]]:
+    events: list[tuple[str, dict[str, Any]]] = []
+    clock = Clock()
+    policy = SavePolicy(
+        ckpt_every=ckpt_every,
+        mem_every=mem_every,
+        mode=mode,
+        mtbf=mtbf or Mtbf(prior=3600.0, clock=clock, started=clock()),
+        emit=lambda type_, **fields: events.append((type_, fields)),
+        clock=clock,
+    )
+    return policy, events
+
+
+def _steps(policy: SavePolicy, n: int, seconds: float = 0.1, busy: bool = False) -> None:
+    for _ in range(n):
+        policy.on_step(seconds, writer_busy=busy)
+
+
+def test_mtbf_is_the_prior_until_a_failure_then_run_time_over_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    assert Mtbf(prior=3600.0, clock=clock, started=clock()).value() == 3600.0
+    # No failure in longer than the prior: at least that long.
+    assert Mtbf(prior=3600.0, seconds=5000.0, clock=clock, started=clock()).value() == 5000.0
+    seen = Mtbf(prior=3600.0, failures=4, seconds=100.0, clock=clock, started=clock())
+    assert seen.value() == 25.0
+    clock.now += 20.0  # this attempt's own time counts too
+    assert seen.value() == 30.0
+    monkeypatch.setenv(env.FAILURES, "2")
+    monkeypatch.setenv(env.RUN_SECONDS, "60.0")
+    assert Mtbf.from_env(3600.0, clock).value() == 30.0
+    for failures, seconds in (("x", "1"), ("1", "nan"), ("-3", "-9")):
+        monkeypatch.setenv(env.FAILURES, failures)
+        monkeypatch.setenv(env.RUN_SECONDS, seconds)
+        assert Mtbf.from_env(3600.0, clock).value() == 3600.0, (failures, seconds)
+
+
+def test_fixed_intervals_are_due_on_multiples_whatever_is_measured() -> None:
+    policy, events = _policy(ckpt_every=4, mem_every=3, mode=ASYNC)
+    due = [s for s in range(1, 13) if policy.disk_due(s)]
+    assert due == [4, 8, 12]
+    assert [s for s in range(1, 10) if policy.memory_due(s)] == [3, 6, 9]
+    policy.disk_saved(4, ASYNC, 0.5)
+    policy.writer_done(4, 2.0)
+    assert [s for s in range(5, 13) if policy.disk_due(s)] == [8, 12]
+    assert policy.disk_mode() == ASYNC and events == []
+    assert [s for s in range(1, 5) if _policy(ckpt_every=0)[0].disk_due(s)] == []
+
+
+def test_auto_mode_measures_both_then_keeps_the_cheaper_and_says_why() -> None:
+    policy, events = _policy(ckpt_every=1)
+    _steps(policy, 20, seconds=0.1)
+    assert policy.disk_mode() == ASYNC  # first measured: async
+    policy.disk_saved(1, ASYNC, blocked=0.01)
+    # The writer competes with the loop: three steps took 0.3 s longer each.
+    _steps(policy, 3, seconds=0.4, busy=True)
+    policy.writer_done(1, write_seconds=1.0)
+    assert policy.costs[ASYNC].mean() == pytest.approx(0.01 + 3 * 0.3)
+    assert policy.disk_mode() == SYNC  # then sync
+    policy.disk_saved(2, SYNC, blocked=0.2)
+    (kind, chosen), *_ = [e for e in events if e[0] == "checkpoint_mode"]
+    assert kind == "checkpoint_mode" and chosen["mode"] == SYNC
+    assert chosen["sync_cost"] == pytest.approx(0.2)
+    assert chosen["async_cost"] == pytest.approx(0.91)
+    # From now on the cheaper one, except one probe of the other every PROBE_EVERY saves.
+    modes = []
+    for step in range(3, 3 + 2 * save_policy.PROBE_EVERY):
+        mode = policy.disk_mode()
+        modes.append(mode)
+        policy.disk_saved(step, mode, blocked=0.2 if mode == SYNC else 0.01)
+        if mode == ASYNC:
+            _steps(policy, 3, seconds=0.4, busy=True)
+            policy.writer_done(step, 1.0)
+    assert modes.count(ASYNC) == 2 and modes.count(SYNC) == 2 * save_policy.PROBE_EVERY - 2
+    assert policy.mode == SYNC
+
+
+def test_auto_mode_switches_when_the_load_changes() -> None:
+    policy, events = _policy(ckpt_every=1)
+    _steps(policy, 10)
+    policy.disk_saved(1, policy.disk_mode(), blocked=0.01)
+    policy.writer_done(1, 0.5)  # async: nothing lost by the steps
+    policy.disk_saved(2, policy.disk_mode(), blocked=0.3)  # sync: dearer
+    assert policy.mode == ASYNC
+    # The disk slows the loop down: the next async saves cost more than sync did.
+    for step in range(3, 12):
+        mode = policy.disk_mode()
+        policy.disk_saved(step, mode, blocked=0.3 if mode == SYNC else 0.01)
+        if mode == ASYNC:
+            _steps(policy, 4, seconds=0.3, busy=True)
+            policy.writer_done(step, 2.0)
+    assert policy.mode == SYNC
+    switches = [f for t, f in events if t == "checkpoint_mode" and f["previous"] != f["mode"]]
+    assert switches and switches[-1]["mode"] == SYNC
+
+
+def test_fixed_mode_is_never_probed() -> None:
+    policy, events = _policy(ckpt_every=1, mode=SYNC)
+    for step in range(1, 30):
+        assert policy.disk_mode() == SYNC
+        policy.disk_saved(step, SYNC, 0.1)
+    assert not [e for e in events if e[0] == "checkpoint_mode"]
+
+
+def test_auto_interval_follows_young_daly_and_its_bounds() -> None:
+    clock = Clock()
+    mtbf = Mtbf(prior=3600.0, failures=1, seconds=200.0, clock=clock, started=clock())
+    policy, events = _policy(mode=SYNC, mtbf=mtbf)
+    assert not policy.disk_due(1)  # nothing trained yet
+    _steps(policy, 30, seconds=0.1)  # 3 s of training: the first save is due
+    assert policy.disk_due(30)
+    policy.disk_saved(30, SYNC, blocked=0.25)
+    expected = round(math.sqrt(2 * 0.25 * 200.0) / 0.1)  # 10 s of 0.1-s steps
+    assert policy.disk.current == expected == 100
+    assert not policy.disk_due(129) and policy.disk_due(130)
+    ((kind, fields),) = [e for e in events if e[1].get("tier") == "disk"]
+    assert kind == "checkpoint_interval" and fields["every"] == 100 and fields["mtbf"] == 200.0
+    # A cheaper tier gets a shorter interval, never under one step.
+    policy.memory_saved(30, 0.0)
+    assert policy.memory.current == 1
+    # At most MAX_INTERVAL_SECONDS, however rare the failures.
+    calm, _ = _policy(mode=SYNC, mtbf=Mtbf(prior=1e9, clock=clock, started=clock()))
+    _steps(calm, 30)
+    calm.disk_saved(30, SYNC, blocked=10.0)
+    assert calm.disk.current == round(save_policy.MAX_INTERVAL_SECONDS / 0.1)
+
+
+def test_an_async_interval_is_never_shorter_than_a_write() -> None:
+    policy, _ = _policy(mode=ASYNC)
+    _steps(policy, 30, seconds=0.1)
+    policy.disk_saved(30, ASYNC, blocked=0.001)
+    # Until the writer is done, the next save is not placed (its cost is unknown).
+    assert not any(policy.disk_due(s) for s in range(31, 500))
+    policy.writer_done(30, write_seconds=20.0)
+    # sqrt(2 x 0.001 x 3600) = 2.7 s, but a write takes 20 s: 200 steps of 0.1 s.
+    assert policy.disk.current == 200
+
+
+def test_a_skipped_save_waits_for_the_interval_not_the_next_step() -> None:
+    policy, _ = _policy(mode=SYNC)
+    _steps(policy, 30)
+    policy.disk_saved(30, SYNC, 0.05)
+    every = policy.disk.current
+    assert every is not None
+    policy.disk_skipped(30 + every)
+    assert not policy.disk_due(31 + every) and policy.disk_due(30 + 2 * every)
+
+
+def test_failure_history_counts_failures_and_attempt_time_across_supervisors() -> None:
+    events = [
+        {"type": "supervisor_started", "time": 0.0},
+        {"type": "launch", "time": 1.0},
+        {"type": "checkpoint_saved", "time": 5.0, "source": "trainer"},
+        {"type": "worker_failed", "time": 11.0, "source": "worker"},
+        {"type": "stopped", "time": 12.0},
+        {"type": "launch", "time": 13.0},
+        {"type": "hang_detected", "time": 20.0},
+        {"type": "stopped", "time": 23.0},
+        {"type": "launch", "time": 24.0},
+        {"type": "interrupted", "time": 30.0},  # a preemption: not a failure
+        {"type": "stopped", "time": 34.0},
+        {"type": "launch", "time": 100.0},
+        {"type": "fault_injected", "time": 101.0, "source": "chaos"},
+        # The supervisor was SIGKILLed: the next one's start ends this attempt's time.
+        {"type": "supervisor_started", "time": 110.0},
+        {"type": "launch", "time": 111.0},
+    ]
+    history = failure_history(events)
+    assert history.failures == 2
+    assert history.seconds == pytest.approx(11 + 10 + 10 + 10)
+    assert history.environment() == {env.FAILURES: "2", env.RUN_SECONDS: "41.0"}
+
+
+def test_auto_mode_measures_both_ways_early_then_spaces_saves_by_young_daly() -> None:
+    policy, events = _policy()  # --ckpt-mode auto, --ckpt-every auto
+    _steps(policy, 20, seconds=0.1)  # 2 s: the first save
+    assert policy.disk_due(20) and policy.disk_mode() == ASYNC
+    policy.disk_saved(20, ASYNC, 0.01)
+    _steps(policy, 2, seconds=0.1, busy=True)
+    policy.writer_done(20, 0.15)
+    # The sync measurement comes one first save's time later, not a whole interval.
+    assert policy.disk_due(40) and not policy.disk_due(39)
+    assert policy.disk_mode() == SYNC
+    policy.disk_saved(40, SYNC, 0.5)
+    assert policy.mode == ASYNC
+    # Both known: Young/Daly from the cheaper (async: 0.01 s), M the prior 3600 s.
+    assert policy.disk.current == round(math.sqrt(2 * 0.01 * 3600) / 0.1)
+    assert [e[1]["mode"] for e in events if e[0] == "checkpoint_mode"] == [ASYNC]

@@ -1,0 +1,106 @@
+"""End to end: the default save policy (--ckpt-mode auto, --ckpt-every auto, --mem-every auto)
+under the real supervisor and trainer (tiny preset, CPU, 2 ranks, gloo). Both ways of writing
+are measured and one chosen, each tier's interval is announced with the prior MTBF, the next
+attempt learns of the failure, and the recovered run ends bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from runcontract import exit_codes
+from runcontract.env import MEM_ROOT
+from tests.scripts.harness import FAST, Launched
+
+pytestmark = [pytest.mark.distributed, pytest.mark.chaos, pytest.mark.slow]
+
+HELD_TRAINER = Path(__file__).parent / "scripts" / "held_trainer.py"
+# Long enough on each side of the hold for each attempt to train past its first auto save
+# (2 s of steps) even at 8 ms a step.
+STEPS, HOLD = 500, 250
+TRAIN_ARGS = [
+    "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
+    "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
+    "--dropout", "0.1", "--mtbf", "3600",
+]  # fmt: skip
+FLAGS = ["--nproc", "2", *FAST, "--require-heartbeats", "yes", "--hang-timeout", "300"]
+TIMEOUT = 300.0
+
+
+def _launch(run_dir: Path, env: dict[str, str], hold: str = "") -> Launched:
+    return Launched(run_dir, [*FLAGS, str(HELD_TRAINER), *TRAIN_ARGS], env={**env, "HOLD_AT": hold})
+
+
+def _params(run_dir: Path) -> str:
+    manifest = run_dir / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json"
+    return str(json.loads(manifest.read_text())["params_sha256"])
+
+
+def _by_attempt(events: list[dict[str, Any]], type_: str) -> dict[int, list[dict[str, Any]]]:
+    """The trainer's events of ``type_``, by the attempt launched before them."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    attempt = 0
+    for e in events:
+        if e["type"] == "launch":
+            attempt = e["attempt"]
+        elif e["type"] == type_ and e.get("source") == "trainer":
+            out.setdefault(attempt, []).append(e)
+    return out
+
+
+@pytest.fixture
+def env(tmp_path: Path, train_env: dict[str, str]) -> dict[str, str]:
+    (tmp_path / "shm").mkdir()
+    return {**train_env, MEM_ROOT: str(tmp_path / "shm")}
+
+
+@pytest.mark.timeout(900)
+def test_auto_policy_chooses_announces_learns_and_stays_exact(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    reference = _launch(tmp_path / "reference", env)
+    try:
+        assert reference.wait(TIMEOUT) == exit_codes.SUCCESS, reference.stderr[-3000:]
+    finally:
+        reference.kill_all()
+
+    run = _launch(tmp_path / "run", env, hold=f"1:{HOLD}")
+    try:
+        workers = run.wait_event("workers_started", TIMEOUT)["workers"]
+        rank0 = psutil.Process(int(workers["0"]))
+        deadline = time.monotonic() + TIMEOUT
+        while rank0.status() != psutil.STATUS_STOPPED:
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.types()
+            time.sleep(0.05)
+        os.kill(int(workers["1"]), signal.SIGKILL)
+        rank0.send_signal(signal.SIGCONT)
+        assert run.wait(TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        events = run.events()
+    finally:
+        run.kill_all()
+
+    assert _params(run.run_dir) == _params(reference.run_dir)  # bitwise equal
+    # Attempt 1 measured both ways of writing and chose one, giving both costs.
+    modes = _by_attempt(events, "checkpoint_mode")[1]
+    assert modes[0]["mode"] in ("sync", "async")
+    assert modes[0]["sync_cost"] >= 0 and modes[0]["async_cost"] >= 0
+    # Each tier's interval, from the prior: no failure seen yet.
+    intervals = _by_attempt(events, "checkpoint_interval")
+    first = {e["tier"]: e for e in intervals[1]}
+    assert set(first) == {"disk", "memory"}
+    for e in first.values():
+        assert e["mtbf"] >= 3600.0 and e["every"] >= 1 and e["rule"] == "sqrt(2 x cost x mtbf)"
+    # Attempt 2 was told of the failure: M is now the run's time over one failure.
+    ran = [e for e in events if e["type"] in ("launch", "stopped")]
+    attempt1 = ran[1]["time"] - ran[0]["time"]
+    later = intervals[2]
+    assert later and all(attempt1 <= e["mtbf"] < 3600.0 for e in later), later
+    assert any(e["type"] == "memory_saved" for e in events)
