@@ -93,16 +93,20 @@ def test_auto_mode_measures_both_then_keeps_the_cheaper_and_says_why() -> None:
     assert kind == "checkpoint_mode" and chosen["mode"] == SYNC
     assert chosen["sync_cost"] == pytest.approx(0.2)
     assert chosen["async_cost"] == pytest.approx(0.91)
-    # From now on the cheaper one, except one probe of the other every PROBE_EVERY saves.
+    # From now on the cheaper one, except a probe of the other after PROBE_EVERY saves, then
+    # after twice as many each time a probe confirms the choice.
     modes = []
-    for step in range(3, 3 + 2 * save_policy.PROBE_EVERY):
+    for step in range(3, 3 + 8 * save_policy.PROBE_EVERY):
         mode = policy.disk_mode()
         modes.append(mode)
         policy.disk_saved(step, mode, blocked=0.2 if mode == SYNC else 0.01)
         if mode == ASYNC:
             _steps(policy, 3, seconds=0.4, busy=True)
             policy.writer_done(step, 1.0)
-    assert modes.count(ASYNC) == 2 and modes.count(SYNC) == 2 * save_policy.PROBE_EVERY - 2
+    probes = [i + 3 for i, m in enumerate(modes) if m == ASYNC]  # save k is at step k
+    every = save_policy.PROBE_EVERY
+    first = 2 + every + 1  # the choice after save 2, then every saves
+    assert probes == [first, first + 2 * every + 1, first + 6 * every + 2]
     assert policy.mode == SYNC
 
 

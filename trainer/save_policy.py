@@ -11,8 +11,8 @@ The cost of a save (δ) is what it takes from the training loop:
 
 ``--ckpt-mode auto`` writes the first periodic save asynchronously and the second synchronously
 (``FIRST_SAVE_SECONDS`` of training apart), then always the cheaper of the two by the mean of
-their recent costs. Every ``PROBE_EVERY``-th save is written the other way once more, so that a
-change of load is seen.
+their recent costs. After ``PROBE_EVERY`` saves one is written the other way once more, so that a
+change of load is seen; each such probe that confirms the choice doubles the wait for the next.
 
 The interval of a tier is T = sqrt(2·δ·M) (Young 1974, Daly 2006), M the mean time between
 failures (``Mtbf``), turned into steps with the median step time. Bounds: at least one step;
@@ -36,7 +36,9 @@ from runcontract import env
 
 SYNC, ASYNC = "sync", "async"
 PROBE_EVERY = 10
-"""Every this many disk saves under ``--ckpt-mode auto``, the mode not in use is measured again."""
+"""Disk saves under ``--ckpt-mode auto`` before the way not in use is measured again; doubled
+each time that confirms the choice (at most ``MAX_PROBE_EVERY``), reset when it changes it."""
+MAX_PROBE_EVERY = 160
 FIRST_SAVE_SECONDS = 2.0
 """Training seconds before a tier's first save under an auto interval: enough steps to know the
 step time, early enough that a save that cannot be written is found at once."""
@@ -162,7 +164,11 @@ class SavePolicy:
         self._all_steps: deque[float] = deque(maxlen=STEP_WINDOW)
         self._trained = 0.0
         self._disk_saves = 0
-        self._probing: str | None = None
+        self._probe_every = PROBE_EVERY
+        self._next_probe: int | None = None
+        """The disk save count at which the way not in use is tried again (None: before the
+        first choice, or while a probe is under way)."""
+        self._chosen = False
         self._pending: _AsyncSave | None = None
 
     # -- what the loop reports ------------------------------------------------------------------
@@ -226,15 +232,16 @@ class SavePolicy:
         if self.mode_setting != "auto":
             return self.mode_setting
         sync_cost, async_cost = self.costs[SYNC].mean(), self.costs[ASYNC].mean()
-        if async_cost is None and self._pending is None:
-            self._probing = ASYNC
-        elif sync_cost is None and self._pending is None:
-            self._probing = SYNC
-        elif self._disk_saves and self._disk_saves % PROBE_EVERY == 0 and self._pending is None:
-            self._probing = SYNC if self.mode == ASYNC else ASYNC
-        else:
-            self._probing = None
-        return self._probing or self.mode
+        if self._pending is not None:
+            return self.mode  # nothing new is learnt until that write is done
+        if async_cost is None:
+            return ASYNC
+        if sync_cost is None:
+            return SYNC
+        if self._next_probe is not None and self._disk_saves >= self._next_probe:
+            self._next_probe = None  # a probe is under way
+            return SYNC if self.mode == ASYNC else ASYNC
+        return self.mode
 
     def step_time(self) -> float | None:
         """The median recent step that no background write overlapped (any step, while
@@ -255,8 +262,16 @@ class SavePolicy:
         if sync_cost is None or async_cost is None:
             return
         best = SYNC if sync_cost < async_cost else ASYNC
-        if best == self.mode and self._disk_saves > 2:
+        if self._next_probe is None:  # the first choice, or a probe's: when to look again
+            # A probe that confirms the choice halves how often the other way is tried.
+            confirmed = self._chosen and best == self.mode
+            self._probe_every = (
+                min(self._probe_every * 2, MAX_PROBE_EVERY) if confirmed else PROBE_EVERY
+            )
+            self._next_probe = self._disk_saves + self._probe_every
+        if self._chosen and best == self.mode:
             return
+        self._chosen = True
         previous, self.mode = self.mode, best
         self.emit(
             "checkpoint_mode",
