@@ -62,7 +62,7 @@ def _start(run_dir: Path, train: Sequence[str], env: dict[str, str]) -> subproce
         )  # fmt: skip
 
 
-def _train_args(args: argparse.Namespace, steps: int, mem_every: int) -> list[str]:
+def _train_args(args: argparse.Namespace, steps: int, mem_every: int | str) -> list[str]:
     train = job_args(
         steps=steps, ckpt_every=args.ckpt_every, micro_batch=args.micro_batch,
         seq_len=args.seq_len,
@@ -70,7 +70,9 @@ def _train_args(args: argparse.Namespace, steps: int, mem_every: int) -> list[st
     return [*train, "--mem-every", str(mem_every), "--log-every", "1"]
 
 
-def fault_free(run_dir: Path, args: argparse.Namespace, mem_every: int, env: dict[str, str]) -> Any:
+def fault_free(
+    run_dir: Path, args: argparse.Namespace, mem_every: int | str, env: dict[str, str]
+) -> Any:
     """Steps per wall-clock second over the steps after the first 20 (None: the run failed)."""
     proc = _start(run_dir, _train_args(args, args.clean_steps, mem_every), env)
     try:
@@ -84,7 +86,7 @@ def fault_free(run_dir: Path, args: argparse.Namespace, mem_every: int, env: dic
 
 
 def with_kills(
-    run_dir: Path, args: argparse.Namespace, mem_every: int, env: dict[str, str]
+    run_dir: Path, args: argparse.Namespace, mem_every: int | str, env: dict[str, str]
 ) -> list[int]:
     """Steps lost per kill, over ``args.kills`` worker SIGKILLs. Each kill lands a random time
     (uniform in ``--after``) after the attempt's first completed step, so that every attempt
@@ -149,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, nargs=2, default=[2.0, 8.0],
                         help="each kill: seconds after the attempt's first step, uniform in "
                         "[A, B] (default 2 8)")  # fmt: skip
-    parser.add_argument("--mem-every", type=int, default=5, help="(default 5)")
-    parser.add_argument("--ckpt-every", type=int, default=40, help="(default 40)")
+    parser.add_argument("--mem-every", default="5", help="steps, or auto (default 5)")
+    parser.add_argument("--ckpt-every", default="40", help="steps, or auto (default 40)")
     parser.add_argument("--steps", type=int, default=200000, help="steps of the faulted runs")
     parser.add_argument("--clean-steps", type=int, default=300, help="steps of fault-free runs")
     parser.add_argument("--micro-batch", type=int, default=8, help="(default 8)")

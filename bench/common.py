@@ -36,7 +36,7 @@ TRAIN_PY = REPO_ROOT / "trainer" / "train.py"
 def job_args(
     model: str = "tiny",
     steps: int = 30,
-    ckpt_every: int = 5,
+    ckpt_every: int | str = 5,
     micro_batch: int = 4,
     seq_len: int = 32,
 ) -> list[str]:

@@ -295,6 +295,30 @@ def test_hang_and_relaunched_supervisor_without_metrics(tmp_path: Path) -> None:
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_auto_checkpoint_intervals_are_listed_and_drawn(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    interval = {"type": "checkpoint_interval", "source": "trainer", "rule": "sqrt(2 x cost x mtbf)"}
+    _write_events(
+        run_dir,
+        [
+            {"time": 100.0, "type": "supervisor_started"},
+            {"time": 100.2, "type": "launch", "attempt": 1, "resume_step": 0},
+            {**interval, "time": 103.0, "step": 40, "tier": "memory", "every": 12},
+            {**interval, "time": 103.1, "step": 40, "tier": "disk", "every": 90},
+            {**interval, "time": 109.0, "step": 130, "tier": "disk", "every": 30},
+            {**interval, "time": 109.5, "step": 131, "tier": "cache", "every": 3},  # not ours
+            {"time": 120.0, "type": "done", "attempt": 1, "step": 200},
+        ],
+    )
+    report = build_report(run_dir)
+    assert report.intervals == [(40, "memory", 12), (40, "disk", 90), (130, "disk", 30)]
+    text = render_text(report)
+    assert "disk every:  30 steps at the end (auto; 30-90 over 2 choice(s))" in text
+    assert "mem every:   12 steps at the end (auto; 12-12 over 1 choice(s))" in text
+    assert render_png(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_without_matplotlib_the_text_report_works_and_the_plot_is_skipped(
     tmp_path: Path,
 ) -> None:
