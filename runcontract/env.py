@@ -39,7 +39,9 @@ or on RANK only) of the step that reads the data step STEP reads in a run that s
 so a divergence happens at a chosen step, deterministically; once a rollback skipped that data it
 does not happen again."""
 
-SUPERVISED = (RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID, EVENTS_FILE)
+SUPERVISED = (
+    RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID, EVENTS_FILE, FAILURES, RUN_SECONDS
+)  # fmt: skip
 """The variables the supervisor sets for every worker."""
 
 
