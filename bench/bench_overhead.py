@@ -19,7 +19,7 @@ with the standby, two more windows separate its one-time cost from its steady st
 that ran while the standby imported (``standby_started`` → ``standby_ready`` in events.jsonl)
 and the steps that began after it was ready.
 
-    python bench/bench_overhead.py                     # small preset, 3 rounds of 5 runs
+    python bench/bench_overhead.py                     # small preset, 4 rounds of 5 runs
     python bench/bench_overhead.py --rounds 1 --steps 15
 """
 
@@ -219,9 +219,9 @@ def tables(rounds: list[dict[str, Run | None]], warmup: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the rounds and print Markdown tables; returns 0 (1 when no run completed)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of 5 runs (default 3)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of 5 runs (default 4)")
     parser.add_argument("--model", default="small", help="model preset (default small)")
-    parser.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
+    parser.add_argument("--steps", type=int, default=120, help="steps per run (default 120)")
     parser.add_argument("--warmup", type=int, default=5, help="steps not counted (default 5)")
     parser.add_argument("--ckpt-every", type=int, default=10, help="(default 10)")
     parser.add_argument("--micro-batch", type=int, default=16, help="(default 16)")

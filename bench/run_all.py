@@ -53,7 +53,7 @@ BENCHES = (
         "overhead",
         "2. Supervision overhead",
         "bench_overhead.py",
-        ("--rounds", "3"),
+        ("--rounds", "4"),
         ("--rounds", "1", "--steps", "12", "--warmup", "3"),
         "Tokens/s of the same job under the supervisor (heartbeats on) and under bare torchrun, "
         "asynchronous checkpoints on in both; the supervised runs with the standby attempt and "
