@@ -4,8 +4,9 @@ Starts one supervised run of the overhead benchmark's job (standby on, its defau
 its ``standby_ready`` event, then measures over ``--seconds`` the CPU time (user + system, from
 psutil) and the voluntary context switches (wake-ups) of the standby's torchrun and of each of
 its workers, and, beside them for scale, of the supervisor and of the training attempt's
-torchrun and workers. Then it reports each worker's resident memory (RSS, and PSS and USS:
-the libraries torch maps are shared between processes).
+torchrun and workers. Then it reports each standby worker's CPU seconds before the windows
+(its start and imports: the one-time cost of a standby) and its resident memory (RSS, and PSS
+and USS: the libraries torch maps are shared between processes).
 
     python bench/bench_standby_idle.py                  # 3 windows of 10 s
     python bench/bench_standby_idle.py --windows 1 --seconds 30
@@ -94,13 +95,18 @@ def cpu_table(
     return "\n".join(lines)
 
 
-def memory_table(procs: dict[str, psutil.Process]) -> str:
-    """Resident memory of each standby worker: RSS, PSS and USS, MB."""
-    lines = ["| standby worker | RSS (MB) | PSS (MB) | USS (MB) |", "|---|---:|---:|---:|"]
+def memory_table(procs: dict[str, psutil.Process], before: dict[str, tuple[float, int]]) -> str:
+    """Each standby worker's CPU seconds before the windows (its start and imports, the
+    one-time cost), and its resident memory: RSS, PSS and USS, MB."""
+    lines = ["| standby worker | CPU s before waiting | RSS (MB) | PSS (MB) | USS (MB) |"]
+    lines.append("|---|---:|---:|---:|---:|")
     for name, p in procs.items():
         if name.startswith("standby worker"):
             m = p.memory_full_info()
-            lines.append(f"| {name} | {m.rss / 1e6:.0f} | {m.pss / 1e6:.0f} | {m.uss / 1e6:.0f} |")
+            lines.append(
+                f"| {name} | {before[name][0]:.1f} | {m.rss / 1e6:.0f} | {m.pss / 1e6:.0f} | "
+                f"{m.uss / 1e6:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -117,6 +123,7 @@ def observe(run_dir: Path, proc: Popen, args: argparse.Namespace) -> int:
         **family("training", int(launch["torchrun_pid"])),
         f"supervisor (pid {proc.pid})": psutil.Process(proc.pid),
     }
+    before = sample(procs)
     windows = [measure(procs, args.seconds) for _ in range(args.windows)]
     step = max((m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "step" in m), default=0)
     print(
@@ -129,7 +136,7 @@ def observe(run_dir: Path, proc: Popen, args: argparse.Namespace) -> int:
     print()
     print(cpu_table(procs, windows))
     print()
-    print(memory_table(procs))
+    print(memory_table(procs, before))
     return 0
 
 
