@@ -15,6 +15,7 @@ and USS: the libraries torch maps are shared between processes).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import psutil
 from common import fmt, job_args, machine_line, read_jsonl, start_supervised, stop_run
 
+from runcontract import layout
 from runcontract.events import EventType
 
 START_TIMEOUT = 300.0
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return observe(run_dir, proc, args)
         finally:
             stop_run(proc, run_dir)
+            # Killed, the run could not remove its memory snapshots.
+            shutil.rmtree(layout.memory_dir(run_dir), ignore_errors=True)
 
 
 if __name__ == "__main__":
