@@ -53,10 +53,11 @@ BENCHES = (
         "overhead",
         "2. Supervision overhead",
         "bench_overhead.py",
-        ("--pairs", "3"),
-        ("--pairs", "1", "--steps", "12", "--warmup", "3"),
+        ("--rounds", "4"),
+        ("--rounds", "1", "--steps", "12", "--warmup", "3"),
         "Tokens/s of the same job under the supervisor (heartbeats on) and under bare torchrun, "
-        "asynchronous checkpoints on in both.",
+        "asynchronous checkpoints on in both; the supervised runs with the standby attempt and "
+        "the memory tier each on and off.",
     ),
     Bench(
         "goodput",
