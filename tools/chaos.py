@@ -319,7 +319,6 @@ class Injector:
         pid = snap.workers[0]
         deadline = time.monotonic() + self.config.writer_wait
         next_check = 0.0
-        committed_before = set(self.view.committed())
         # A tiny model's write lasts milliseconds: look often (a directory listing is cheap),
         # and check the much dearer process table only now and then.
         while time.monotonic() < deadline and not self._stop:
@@ -332,9 +331,10 @@ class Injector:
                 # On a busy machine the whole write can fall between two looks. A writer that
                 # stopped itself just after renaming a new checkpoint into place (the store's
                 # test pause hook) is still taken there.
-                new = sorted(set(self.view.committed()) - committed_before)
-                if new and _stopped(pid):
-                    return self._kill_renamed_writer(snap, pid, new[-1])
+                if _stopped(pid):
+                    new = self.view.committed_since(snap.attempt)
+                    if new:
+                        return self._kill_renamed_writer(snap, pid, new[-1])
                 next_check = time.monotonic() + 0.1
             time.sleep(0.001)
         return None

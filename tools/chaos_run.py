@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from runcontract import env, layout
+from runcontract.events import EventType, read_jsonl
 from runcontract.heartbeat import Phase
 from runcontract.layout import node_tags, valid_node_tag
 from runcontract.states import is_final
@@ -156,6 +157,28 @@ class RunView:
     def step_dir(self, step: int) -> Path:
         """The committed directory of ``step``."""
         return self.ckpt_dir / layout.step_name(step)
+
+    def committed_since(self, attempt: int) -> list[int]:
+        """Committed steps whose files were written after ``attempt`` was launched (its
+        ``launch`` event): what that attempt's writer wrote. All committed steps when the
+        launch cannot be found."""
+        launches = [
+            e["time"]
+            for e in read_jsonl(self.events_path)
+            if e.get("type") == EventType.LAUNCH and e.get("attempt") == attempt
+        ]
+        steps = self.committed()
+        if not launches:
+            return steps
+        out = []
+        for step in steps:
+            try:
+                # File times come from the kernel's coarse clock, up to a tick behind.
+                if self.step_dir(step).stat().st_mtime >= launches[-1] - 0.05:
+                    out.append(step)
+            except OSError:
+                continue  # pruned meanwhile
+        return out
 
     # -- processes -----------------------------------------------------------------------------
 

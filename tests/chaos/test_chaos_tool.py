@@ -171,10 +171,16 @@ def test_kill_writer_takes_a_writer_stopped_just_after_its_rename(
     tmp_path: Path, fake_runs: list[FakeRun]
 ) -> None:
     """On a busy machine a whole checkpoint write can fall between two of the tool's looks, so
-    it never sees the temp directory. A writer found stopped after a new checkpoint appeared
-    (the store's after-rename pause hook) is still the one killed."""
+    it never sees the temp directory. A writer found stopped after this attempt committed a
+    checkpoint (the store's after-rename pause hook) is still the one killed, and the step is
+    this attempt's, not one an earlier attempt left."""
     run = FakeRun(tmp_path / "run")
     fake_runs.append(run)
+    ckpt = run.run_dir / "checkpoints"
+    earlier = ckpt / f"step-{500:08d}"  # a higher step, committed before this attempt
+    earlier.mkdir(parents=True)
+    os.utime(earlier, (time.time() - 100, time.time() - 100))
+    EventLog(run.run_dir / "events.jsonl").emit("launch", attempt=1)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.chaos", str(run.run_dir), "--fault", "kill-writer"],
         cwd=REPO_ROOT,
@@ -189,14 +195,9 @@ def test_kill_writer_takes_a_writer_stopped_just_after_its_rename(
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
             time.sleep(0.02)
         writer = run.workers[0]
-        # The tool notes what is committed when it starts to watch: commit until it watched
-        # from before one of them.
-        for step in range(4, 400, 4):
-            (run.run_dir / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
-            os.kill(writer, signal.SIGSTOP)
-            if dead(writer, timeout=2):
-                break
-            os.kill(writer, signal.SIGCONT)
+        (ckpt / f"step-{4:08d}").mkdir()
+        os.kill(writer, signal.SIGSTOP)  # as if paused right after renaming step 4 into place
+        assert dead(writer, timeout=20)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
     finally:
@@ -206,7 +207,7 @@ def test_kill_writer_takes_a_writer_stopped_just_after_its_rename(
     (fault,) = injected(run.run_dir)
     assert fault["kind"] == "kill-writer" and fault["pid"] == writer
     assert fault["renamed"] and fault["writer_paused_itself"] and fault["temp_dir"] is None
-    assert fault["writing_step"] == step
+    assert fault["writing_step"] == 4
 
 
 def test_fill_disk_refuses_to_fill_a_large_disk(tmp_path: Path, fake_runs: list[FakeRun]) -> None:
