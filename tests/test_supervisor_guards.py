@@ -176,7 +176,7 @@ PAUSED_TRAINER = Path(__file__).parent / "chaos" / "paused_trainer.py"
 SLOW_SAVE_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "12",
     "--warmup-steps", "2", "--eval-every", "0", "--log-every", "0", "--threads", "1",
-    "--no-ckpt-skip-busy", "--ckpt-every", "4", "--ckpt-sync",
+    "--mem-every", "0", "--no-ckpt-skip-busy", "--ckpt-every", "4", "--ckpt-sync",
 ]  # fmt: skip
 
 
