@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from runcontract import env
 
@@ -332,15 +331,3 @@ class SavePolicy:
         return self.mode_setting == "auto" and any(
             self.costs[m].mean() is None for m in (SYNC, ASYNC)
         )
-
-    def summary(self) -> dict[str, Any]:
-        """The current estimates, for the end-of-run log."""
-        return {
-            "mode": self.mode,
-            "disk_every": self.disk.every if self.disk.every is not None else self.disk.current,
-            "memory_every": self.memory.every
-            if self.memory.every is not None
-            else self.memory.current,
-            "costs": {k: c.mean() for k, c in self.costs.items()},
-            "mtbf": self.mtbf.value(),
-        }
