@@ -96,7 +96,13 @@ def test_auto_policy_chooses_announces_learns_and_stays_exact(
     first = {e["tier"]: e for e in intervals[1]}
     assert set(first) == {"disk", "memory"}
     for e in first.values():
-        assert e["mtbf"] >= 3600.0 and e["every"] >= 1 and e["rule"] == "sqrt(2 x cost x mtbf)"
+        assert e["mtbf"] >= 3600.0 and e["every"] >= 1
+    assert first["disk"]["rule"] == "sqrt(2 x cost x mtbf)"
+    # A snapshot of milliseconds under an hour's MTBF: the default budget (2 % of the loop)
+    # places it far sooner than Young and Daly would.
+    mem = first["memory"]
+    assert mem["rule"] == "cost / mem_budget"
+    assert mem["seconds"] < (2 * mem["cost"] * mem["mtbf"]) ** 0.5
     # Attempt 2 was told of the failure: M is now the run's time over one failure.
     ran = [e for e in events if e["type"] in ("launch", "stopped")]
     attempt1 = ran[1]["time"] - ran[0]["time"]

@@ -168,6 +168,12 @@ class TrainConfig:
         "when it is newer than the newest disk checkpoint (0: off; only under the supervisor, "
         "on one node); 'auto': Young and Daly's interval, as for --ckpt-every",
     )
+    mem_budget: float = option(
+        0.02,
+        "under --mem-every auto, the share of the training loop's time memory snapshots may "
+        "take: a snapshot comes as often as that allows when Young and Daly's interval is "
+        "longer (0: Young and Daly's interval alone)",
+    )
     mtbf: float = option(
         3600.0,
         "mean time between failures assumed, seconds, for the 'auto' intervals until the run "
@@ -222,6 +228,8 @@ class TrainConfig:
         for name in ("ckpt_every", "mem_every"):
             if _interval(getattr(self, name)) is _BAD:
                 bad(name, "must be 'auto' or a whole number >= 0")
+        if not 0.0 <= self.mem_budget < 1.0:  # also rejects NaN
+            bad("mem_budget", "must be a fraction in [0, 1)")
         if not 0.0 < self.mtbf < float("inf"):
             bad("mtbf", "must be a finite number of seconds > 0")
         if self.min_lr > self.lr:

@@ -104,6 +104,8 @@ CLEAN_EXITS = frozenset({TrainerExit.OK, TrainerExit.PREEMPTED, TrainerExit.DIVE
 
 # Rollbacks to one checkpoint, each skipping N more batches, before the run gives up (exit 74).
 MAX_ROLLBACKS_PER_CHECKPOINT = 3
+#: A memory snapshot longer than this (the last one's time) gets a heartbeat phase of its own.
+SLOW_SNAPSHOT_SECONDS = 0.2
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -255,6 +257,7 @@ class Trainer:
             and d.one_node,
             on_event=events,
         )
+        self._mem_seconds = float("inf")  # the first snapshot's cost is not known yet
         self.sample_log = None
         if cfg.sample_log:
             Path(cfg.sample_log).mkdir(parents=True, exist_ok=True)
@@ -275,6 +278,7 @@ class Trainer:
             mem_every=mem_every,
             mode=cfg.disk_mode,
             mtbf=Mtbf.from_env(cfg.mtbf),
+            mem_budget=cfg.mem_budget,
             emit=lambda type_, **fields: self._emit(EventType(type_), **fields),
         )
 
@@ -808,12 +812,18 @@ class Trainer:
         """The same state as a disk checkpoint, committed to the memory tier (rank 0 only)."""
         if not self.mem.enabled:
             return
-        self.beat(self.step, phase=Phase.CHECKPOINT)
+        # A snapshot shorter than a heartbeat's throttle needs no phase of its own: two forced
+        # beats would cost more than the snapshot of a small model.
+        slow = self._mem_seconds > SLOW_SNAPSHOT_SECONDS
+        if slow:
+            self.beat(self.step, phase=Phase.CHECKPOINT)
         started = time.perf_counter()
         state, meta = self._checkpoint_state()
         self.mem.save(self.step, self.model, self.optimizer, self.scaler, state, meta)
-        self.policy.memory_saved(self.step, time.perf_counter() - started)
-        self.beat(self.step, phase=Phase.TRAIN)
+        self._mem_seconds = time.perf_counter() - started
+        self.policy.memory_saved(self.step, self._mem_seconds)
+        if slow:
+            self.beat(self.step, phase=Phase.TRAIN)
 
     def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(train_state, meta)`` of a checkpoint of the current step: what exact resume

@@ -63,7 +63,7 @@ def write_checkpoint(
         man = manifest.build(
             snap.step,
             files,
-            snap.params_sha256(),
+            snap.params_digest(file_hash),
             snap.train_state,
             snap.meta,
             finite=not snap.nonfinite,

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from . import fsio
+from . import fsio, manifest
 from . import state as st
 from .errors import CheckpointIncompatible, CheckpointUnloadable, invalid_on_error
 from .integrity import verify
@@ -81,7 +81,7 @@ def load(
 
     ``verified``: the manifest ``verify(path)`` returned, in this process or another (a peer
     rank that verified for every rank): the files are then not read and hashed again; the loaded
-    parameters are still checked against its ``params_sha256``.
+    parameters are still checked against its ``params_sha256`` (``params_xxh3_128`` in memory).
 
     ``model`` may be DDP-wrapped; its tensors are read onto ``map_location``. The optimizer's are
     read into host memory whatever ``map_location`` says: ``optimizer.load_state_dict`` moves
@@ -111,8 +111,11 @@ def load(
     _check_model(st.model_state(inner), tensors, ckpt)
     _check_finite(ckpt, [(n, tensors[n]) for n, _ in inner.named_parameters() if n in tensors])
     inner.load_state_dict(tensors, strict=True)
-    if st.params_sha256(inner) != man["params_sha256"]:
-        raise CheckpointUnloadable("loaded parameters do not match params_sha256", ckpt)
+    algo = manifest.file_hash(man)
+    if st.params_digest(inner, algo) != man[manifest.params_key(algo)]:
+        raise CheckpointUnloadable(
+            f"loaded parameters do not match {manifest.params_key(algo)}", ckpt
+        )
     _load_optimizer(ckpt, man, saved_state, optimizer, scaler)
     return man
 

@@ -5,8 +5,10 @@ Fields (all written by :func:`build`):
 ``format_version``, ``step``, ``tokens_seen``, ``config``, ``world_size``, ``torch_version``,
 ``created_at`` (unix seconds), ``files`` (``{name: {"size": int, "sha256": hex}}``; the digest
 is under the name of ``file_hash`` when a manifest records one: ``xxh3_128`` in the memory tier),
-``params_sha256``, ``finite`` (no parameter or optimizer tensor holds a NaN or an infinity; a
-checkpoint without the field, written before it existed, is not judged by it), ``train_state``,
+``params_sha256`` (sha256 over the parameters' bytes in ``named_parameters()`` order; under
+``params_xxh3_128`` instead when ``file_hash`` is xxh3), ``finite`` (no parameter or optimizer
+tensor holds a NaN or an infinity; a checkpoint without the field, written before it existed, is
+not judged by it), ``train_state``,
 any extra keys the trainer passed in ``meta``, and
 ``manifest_sha256``: sha256 of the manifest's canonical JSON without that field, so a flipped byte
 inside the manifest itself is caught too.
@@ -35,6 +37,7 @@ RESERVED = (
     "files",
     "file_hash",
     "params_sha256",
+    "params_xxh3_128",
     "finite",
     "train_state",
     "manifest_sha256",
@@ -55,10 +58,15 @@ def check_meta(meta: dict[str, Any]) -> None:
         raise ValueError(f"meta may not set the manifest's own fields {clash}")
 
 
+def params_key(algo: str) -> str:
+    """The manifest field of the parameters' digest under the file hash ``algo``."""
+    return f"params_{algo}"
+
+
 def build(
     step: int,
     files: dict[str, dict[str, Any]],
-    params_sha256: str,
+    params_digest: str,
     train_state: dict[str, Any],
     meta: dict[str, Any],
     *,
@@ -68,7 +76,7 @@ def build(
     """The manifest of one checkpoint; ``meta`` keys other than the reserved ones are kept as-is.
     ``finite`` records whether every parameter and optimizer tensor is finite; ``file_hash``
     names the files' checksum, recorded only when it is not sha256 (so disk manifests read as
-    they always did).
+    they always did), and the algorithm of ``params_digest`` (:func:`params_key`).
 
     Raises ValueError when ``meta`` tries to set a field the store owns.
     """
@@ -84,7 +92,7 @@ def build(
         "torch_version": torch.__version__,
         "created_at": time.time(),
         "files": files,
-        "params_sha256": params_sha256,
+        params_key(file_hash): params_digest,
         "finite": bool(finite),
         "train_state": train_state,
     }
@@ -139,7 +147,11 @@ def read(ckpt: Path, dir_fd: int | None = None) -> dict[str, Any]:
             f"{ckpt} has checkpoint format_version {version}; this code reads up to "
             f"{FORMAT_VERSION}: a rosetrainer release that reads format {version} is needed"
         )
-    for key, typ in (("step", int), ("files", dict), ("params_sha256", str), ("train_state", dict)):
+    required: list[tuple[str, type]] = [("step", int), ("files", dict), ("train_state", dict)]
+    algo = manifest.get("file_hash", hashing.SHA256)
+    if algo in hashing.NAMES:  # an unknown one is reported by file_hash(), by name
+        required.append((params_key(algo), str))
+    for key, typ in required:
         value = manifest.get(key)
         if not isinstance(value, typ) or (typ is int and not _is_int(value)):
             raise CheckpointInvalid(

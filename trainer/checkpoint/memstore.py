@@ -1,9 +1,10 @@
 """``MemoryStore``: the writer of the memory tier (rank 0 only, like the disk store).
 
 Every K steps the same snapshot a disk checkpoint holds is committed into shared memory on the
-node by the same code (``commit.write_checkpoint``: temp directory, manifest last, rename), with
-the fast xxh3 checksum. At most two snapshots are kept: the older one is dropped before the next
-is written, so the slots alternate and the newest committed one is always there. The write is
+node, in a disk checkpoint's layout (temp directory, manifest last, rename) with the fast xxh3
+checksum. Two slots are rewritten in place, alternately (``memslots``), so the newest committed
+snapshot is always there and a snapshot costs about one copy of the state. A layout the slots
+cannot map falls back to writing each snapshot anew (``commit.write_checkpoint``). The write is
 synchronous: it costs a memory copy and a hash at memory speed, and a snapshot that lands in the
 background could not bound the steps a kill loses.
 
@@ -31,10 +32,9 @@ from .commit import write_checkpoint
 from .errors import describe
 from .integrity import EventSink, emit, remove_stale_work_dirs, step_dirs, warn
 from .layout import step_name
-from .state import Snapshot, capture
+from .memslots import SLOTS, SlotWriter
+from .state import Snapshot, collect, host_copy
 
-#: Snapshots kept: the newest, and the one before it while the next is written.
-SLOTS = 2
 #: A snapshot is written only when this much more than its size is free in the root.
 ROOM_MARGIN = 1.05
 
@@ -62,6 +62,7 @@ class MemoryStore:
         self.off_reason: str | None = None if enabled else "disabled"
         self.last_path: Path | None = None
         self._claimed = False
+        self._slots: SlotWriter | None = SlotWriter(self.dir, self._ensure_room)
 
     @property
     def enabled(self) -> bool:
@@ -82,7 +83,8 @@ class MemoryStore:
         if not self.enabled:
             return False
         started = time.monotonic()
-        snap = capture(step, model, optimizer, scaler, train_state, meta)
+        # The live tensors: the slot writer copies them once, straight into the mapped files.
+        snap = collect(step, model, optimizer, scaler, train_state, meta, take=torch.Tensor.detach)
         if snap.nonfinite:
             return False  # never a snapshot a resume would diverge from; the loop will say why
         try:
@@ -110,18 +112,26 @@ class MemoryStore:
         if not self._claimed or not self.dir.is_dir():  # also: removed under us, by hand
             self._claim()
         self._drop_from(snap.step)
+        if self._slots is not None:
+            try:
+                return self._slots.commit(snap)
+            except ValueError:  # a layout the slots cannot map: each snapshot is written anew
+                self._slots = None
         older = [path for step, path in step_dirs(self.dir) if step < snap.step]
         for path in older[SLOTS - 1 :]:  # the older slot goes before the next is written
             shutil.rmtree(path)
-        need = int(snap.nbytes * ROOM_MARGIN)
+        self._ensure_room(snap.nbytes)
+        path, _ = write_checkpoint(self.dir, host_copy(snap), file_hash=hashing.FAST, durable=False)
+        return path
+
+    def _ensure_room(self, nbytes: int) -> None:
+        need = int(nbytes * ROOM_MARGIN)
         free = shutil.disk_usage(self.dir).free
         if free < need:
             raise OSError(
                 errno.ENOSPC,
-                f"{free} bytes free in {root}, a snapshot needs about {need}",
+                f"{free} bytes free in {memory_root()}, a snapshot needs about {need}",
             )
-        path, _ = write_checkpoint(self.dir, snap, file_hash=hashing.FAST, durable=False)
-        return path
 
     def drop_from(self, step: int) -> None:
         """Remove the snapshots of ``step`` and later: after a rollback they belong to a past

@@ -11,16 +11,18 @@ Non-tensor state is JSON: tensors are replaced by ``{"__tensor__": name}``, tupl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from . import hashing
 
 _DDP_PREFIX = "module."
 
@@ -37,15 +39,18 @@ def params_sha256(model: nn.Module) -> str:
     A DDP wrapper is looked through, so a wrapped and an unwrapped model give the same digest.
     Parameters on an accelerator are copied to the host to be hashed.
     """
-    h = hashlib.sha256()
-    for _, p in unwrap(model).named_parameters():
-        h.update(_raw_bytes(p.detach()))
-    return h.hexdigest()
+    return params_digest(model, hashing.SHA256)
 
 
-def tensors_sha256(tensors: list[torch.Tensor]) -> str:
-    """sha256 over the raw bytes of ``tensors`` in order (the snapshot's :func:`params_sha256`)."""
-    h = hashlib.sha256()
+def params_digest(model: nn.Module, algo: str) -> str:
+    """:func:`params_sha256` under the file hash ``algo`` (xxh3 for memory snapshots)."""
+    return tensors_digest([p.detach() for _, p in unwrap(model).named_parameters()], algo)
+
+
+def tensors_digest(tensors: list[torch.Tensor], algo: str = hashing.SHA256) -> str:
+    """The ``algo`` digest of the raw bytes of ``tensors`` in order (a snapshot's
+    :func:`params_digest`)."""
+    h = hashing.new(algo)
     for t in tensors:
         h.update(_raw_bytes(t))
     return h.hexdigest()
@@ -80,6 +85,10 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
+#: How a tensor of the live state is taken into a snapshot.
+Take = Callable[[torch.Tensor], torch.Tensor]
+
+
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous host copy that shares nothing with ``t`` (the loop may change ``t`` next)."""
     t = t.detach()
@@ -108,9 +117,9 @@ class Snapshot:
         """The parameters' host copies by name, in ``named_parameters()`` order."""
         return [(n, self.model_tensors[self.model_aliases.get(n, n)]) for n in self.param_names]
 
-    def params_sha256(self) -> str:
-        """Same digest as :func:`params_sha256` of the model at capture time."""
-        return tensors_sha256([t for _, t in self.params()])
+    def params_digest(self, algo: str = hashing.SHA256) -> str:
+        """Same digest as :func:`params_digest` of the model at capture time."""
+        return tensors_digest([t for _, t in self.params()], algo)
 
     @functools.cached_property
     def nonfinite(self) -> list[str]:
@@ -118,6 +127,15 @@ class Snapshot:
         infinity; computed once, on the host copies. Buffers are not judged: a mask may hold
         -inf by design, and a buffer is not what training updates."""
         return nonfinite_names([*self.params(), *self.optim_tensors.items()])
+
+
+def host_copy(snap: Snapshot) -> Snapshot:
+    """``snap`` with every tensor copied to the host (one collected from the live tensors)."""
+    return dataclasses.replace(
+        snap,
+        model_tensors={k: _host_copy(t) for k, t in snap.model_tensors.items()},
+        optim_tensors={k: _host_copy(t) for k, t in snap.optim_tensors.items()},
+    )
 
 
 def strip_prefix(sd: dict[str, Any]) -> dict[str, Any]:
@@ -142,26 +160,31 @@ def check_json(value: Any, what: str) -> None:
         ) from e
 
 
-def encode(value: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
-    """JSON skeleton of ``value``; each tensor is host-copied into ``tensors`` under a path name."""
+def encode(
+    value: Any, tensors: dict[str, torch.Tensor], prefix: str, take: Take = _host_copy
+) -> Any:
+    """JSON skeleton of ``value``; each tensor goes into ``tensors`` under a path name, as
+    ``take`` gives it (a host copy, unless told otherwise)."""
     if isinstance(value, torch.Tensor):
-        tensors[prefix] = _host_copy(value)
+        tensors[prefix] = take(value)
         return {"__tensor__": prefix}
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value):
-            return {k: encode(v, tensors, f"{prefix}.{k}") for k, v in value.items()}
+            return {k: encode(v, tensors, f"{prefix}.{k}", take) for k, v in value.items()}
         items = []
         for k, v in value.items():
             if not isinstance(k, (str, int, float, bool)) and k is not None:
                 raise ValueError(
                     f"cannot store dict key {k!r} of type {type(k).__name__} at {prefix}"
                 )
-            items.append([k, encode(v, tensors, f"{prefix}.{k}")])
+            items.append([k, encode(v, tensors, f"{prefix}.{k}", take)])
         return {"__dict__": items}
     if isinstance(value, tuple):
-        return {"__tuple__": [encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]}
+        return {
+            "__tuple__": [encode(v, tensors, f"{prefix}.{i}", take) for i, v in enumerate(value)]
+        }
     if isinstance(value, list):
-        return [encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]
+        return [encode(v, tensors, f"{prefix}.{i}", take) for i, v in enumerate(value)]
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
@@ -189,9 +212,12 @@ def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def _model_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Host copies of a model state dict's tensors, and the names that alias another: tied
-    weights (e.g. embedding and output head) share storage and are stored once."""
+def _model_tensors(
+    sd: dict[str, Any], take: Take = _host_copy
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A model state dict's tensors as ``take`` gives them (host copies), and the names that
+    alias another: tied weights (e.g. embedding and output head) share storage and are stored
+    once."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[object, ...], str] = {}
@@ -210,7 +236,7 @@ def _model_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[st
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = _host_copy(t)
+        tensors[name] = take(t)
     return tensors, aliases
 
 
@@ -218,6 +244,53 @@ def scaler_enabled(scaler: Any) -> bool:
     """Whether ``scaler`` (a ``torch.amp.GradScaler`` or an object like it) is enabled."""
     is_enabled = getattr(scaler, "is_enabled", None)
     return bool(is_enabled()) if callable(is_enabled) else True
+
+
+def collect(
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: Any,
+    train_state: dict[str, Any] | None,
+    meta: dict[str, Any] | None,
+    take: Take = _host_copy,
+) -> Snapshot:
+    """Everything a checkpoint holds, each tensor as ``take`` gives it: :func:`capture` takes
+    host copies; the memory tier takes the live tensors (detached) and copies them itself.
+
+    Raises ValueError when ``train_state``/``meta`` are not JSON or state holds an unsupported type.
+    """
+    train_state = dict(train_state or {})
+    meta = dict(meta or {})
+    check_json(train_state, "train_state")
+    check_json(meta, "meta")
+    with torch.no_grad():
+        tensors, aliases = _model_tensors(model_state(model), take)
+        param_names = [n for n, _ in unwrap(model).named_parameters()]
+        param_names = list(strip_prefix(dict.fromkeys(param_names)).keys())
+        optim_tensors: dict[str, torch.Tensor] = {}
+        optim_skeleton = (
+            encode(optimizer.state_dict(), optim_tensors, "optim", take)
+            if optimizer is not None
+            else None
+        )
+        scaler_state = None
+        # A disabled scaler has no state: stored as none (null), as a run without one stores it.
+        if scaler is not None and scaler_enabled(scaler):
+            scaler_state = encode(scaler.state_dict(), optim_tensors, "scaler", take)
+    nbytes = sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in optim_tensors.values())
+    return Snapshot(
+        step=step,
+        model_tensors=tensors,
+        model_aliases=aliases,
+        param_names=param_names,
+        optim_tensors=optim_tensors,
+        optim_skeleton=optim_skeleton,
+        scaler_state=scaler_state,
+        train_state=train_state,
+        meta=meta,
+        nbytes=nbytes,
+    )
 
 
 def capture(
@@ -232,34 +305,4 @@ def capture(
 
     Raises ValueError when ``train_state``/``meta`` are not JSON or state holds an unsupported type.
     """
-    train_state = dict(train_state or {})
-    meta = dict(meta or {})
-    check_json(train_state, "train_state")
-    check_json(meta, "meta")
-    with torch.no_grad():
-        tensors, aliases = _model_tensors(model_state(model))
-        param_names = [n for n, _ in unwrap(model).named_parameters()]
-        param_names = list(strip_prefix(dict.fromkeys(param_names)).keys())
-        optim_tensors: dict[str, torch.Tensor] = {}
-        optim_skeleton = (
-            encode(optimizer.state_dict(), optim_tensors, "optim")
-            if optimizer is not None
-            else None
-        )
-        scaler_state = None
-        # A disabled scaler has no state: stored as none (null), as a run without one stores it.
-        if scaler is not None and scaler_enabled(scaler):
-            scaler_state = encode(scaler.state_dict(), optim_tensors, "scaler")
-    nbytes = sum(t.nbytes for t in tensors.values()) + sum(t.nbytes for t in optim_tensors.values())
-    return Snapshot(
-        step=step,
-        model_tensors=tensors,
-        model_aliases=aliases,
-        param_names=param_names,
-        optim_tensors=optim_tensors,
-        optim_skeleton=optim_skeleton,
-        scaler_state=scaler_state,
-        train_state=train_state,
-        meta=meta,
-        nbytes=nbytes,
-    )
+    return collect(step, model, optimizer, scaler, train_state, meta)

@@ -45,25 +45,29 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def _pieces(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    views = []
+def header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The head of a file holding ``tensors`` in order (length, JSON header, padding) and each
+    tensor's ``(start, end)`` in the data after it. Raises ValueError for a dtype the format
+    does not store."""
+    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    spans = []
     offset = 0
     for name, t in tensors.items():
         dtype = _DTYPES.get(t.dtype)
         if dtype is None:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which checkpoints do not store")
-        view = _bytes_of(t)
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(view)],
-        }
-        offset += len(view)
-        views.append(view)
-    raw = json.dumps(header, separators=(",", ":")).encode()
+        span = (offset, offset + t.nbytes)
+        meta[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": list(span)}
+        spans.append(span)
+        offset = span[1]
+    raw = json.dumps(meta, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)  # data starts 8-byte aligned, as the library writes it
-    return struct.pack("<Q", len(raw)) + raw, views
+    return struct.pack("<Q", len(raw)) + raw, spans
+
+
+def _pieces(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
+    head, _ = header(tensors)
+    return head, [_bytes_of(t) for t in tensors.values()]
 
 
 def _chunks(head: bytes, views: list[memoryview]) -> Iterator[memoryview]:
