@@ -315,3 +315,105 @@ def test_the_real_dev_shm_is_left_empty(run_dir: Path, monkeypatch: pytest.Monke
         assert not mem.exists()
     finally:
         shutil.rmtree(mem, ignore_errors=True)
+
+
+def test_slots_are_rewritten_in_place_and_each_loads_exactly(root: Path, run_dir: Path):
+    store = MemoryStore(run_dir, enabled=True)
+    mem = memory_dir(run_dir)
+    inodes = {}
+    for step in (5, 10, 15, 20):
+        assert _mem_save(store, step)
+        inodes[step] = (mem / f"step-{step:08d}" / MODEL_FILE).stat().st_ino
+        model, opt = fresh(seed=3)
+        man = load(mem / f"step-{step:08d}", model, opt)  # the rewritten bytes, not stale ones
+        assert "params_sha256" not in man and man["params_xxh3_128"]
+        ref_model, ref_opt = trained(step)
+        assert_same_state(ref_model, model, ref_opt, opt)
+    # Two files in all, written alternately: no new file after the second snapshot.
+    assert inodes[15] == inodes[5] and inodes[20] == inodes[10] and inodes[5] != inodes[10]
+
+
+def test_a_changed_layout_makes_a_new_slot(root: Path, run_dir: Path):
+    store = MemoryStore(run_dir, enabled=True)
+    mem = memory_dir(run_dir)
+    assert _mem_save(store, 5) and _mem_save(store, 10)
+    old = (mem / "step-00000005" / MODEL_FILE).stat().st_size
+    model, opt = trained(15, hidden=48)  # another shape: the slot of step 5 cannot take it
+    assert store.save(15, model, opt, None, {"step": 15}, {})
+    assert _steps(run_dir) == [15, 10]
+    assert (mem / "step-00000015" / MODEL_FILE).stat().st_size > old
+    loaded, loaded_opt = fresh(seed=3, hidden=48)
+    load(mem / "step-00000015", loaded, loaded_opt)
+    assert_same_state(model, loaded, opt, loaded_opt)
+
+
+def test_no_room_for_a_new_slot_turns_the_tier_off_and_keeps_the_last(
+    root: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A full tmpfs refuses the slot's allocation with ENOSPC: never a SIGBUS in a later copy."""
+    events: list[dict] = []
+    store = MemoryStore(run_dir, enabled=True, on_event=events.append)
+    assert _mem_save(store, 5)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert not _mem_save(store, 10)
+    assert events[-1]["type"] == "memory_save_failed" and events[-1]["errno"] == "ENOSPC"
+    mem = memory_dir(run_dir)
+    assert sorted(p.name for p in mem.iterdir()) == ["RUN.json", "step-00000005"]
+    verify(mem / "step-00000005")
+
+
+_KILLED_REWRITE = """
+import os, sys
+from tests.scripts.ckpt_model import trained
+from trainer.checkpoint.memstore import MemoryStore
+store = MemoryStore(sys.argv[1], enabled=True)
+for step in (5, 10):
+    assert store.save(step, *trained(step), None, {"step": step}, {})
+os.environ[sys.argv[3]] = sys.argv[2]  # the pause point, for this save only
+store.save(15, *trained(15), None, {"step": 15}, {})
+"""
+
+
+@pytest.mark.parametrize("phase", ["manifest-mid", "before-rename"])
+def test_a_writer_killed_while_rewriting_a_slot_leaves_the_newest_valid(
+    root: Path, run_dir: Path, phase: str
+):
+    """SIGKILL while the older slot (step 5) is being rewritten as step 15: the newest snapshot
+    (step 10) is still chosen and loads exactly, and the next writer clears the debris."""
+    import subprocess
+    import sys
+
+    from runcontract.env import CKPT_PAUSE_AT
+    from tests.test_checkpoint_faults import reap, wait_stopped
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_REWRITE, str(run_dir), phase, CKPT_PAUSE_AT],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_stopped(proc.pid, proc)
+        os.kill(proc.pid, 9)
+    finally:
+        reap(proc)
+    mem = memory_dir(run_dir)
+    names = sorted(p.name for p in mem.iterdir())
+    # The older slot was taken out of sight first: only the temp directory is left of it.
+    assert [n for n in names if n.startswith("step-")] == ["step-00000010"]
+    assert any(n.startswith(".tmp-step-00000015-") for n in names)
+    chosen = find_latest_valid_memory(run_dir)
+    assert chosen == mem / "step-00000010"
+    model, opt = fresh(seed=3)
+    load(chosen, model, opt)
+    ref_model, ref_opt = trained(10)
+    assert_same_state(ref_model, model, ref_opt, opt)
+
+    store = MemoryStore(run_dir, enabled=True)
+    assert _mem_save(store, 20)
+    assert sorted(p.name for p in mem.iterdir()) == ["RUN.json", "step-00000010", "step-00000020"]

@@ -27,6 +27,7 @@ def _policy(
     mem_every: int | None = None,
     mode: str = "auto",
     mtbf: Mtbf | None = None,
+    mem_budget: float = 0.0,
 ) -> tuple[SavePolicy, list[tuple[str, dict[str, Any]]]]:
     events: list[tuple[str, dict[str, Any]]] = []
     clock = Clock()
@@ -36,6 +37,7 @@ def _policy(
         mode=mode,
         mtbf=mtbf or Mtbf(prior=3600.0, clock=clock, started=clock()),
         emit=lambda type_, **fields: events.append((type_, fields)),
+        mem_budget=mem_budget,
         clock=clock,
     )
     return policy, events
@@ -158,6 +160,35 @@ def test_auto_interval_follows_young_daly_and_its_bounds() -> None:
     _steps(calm, 30)
     calm.disk_saved(30, SYNC, blocked=10.0)
     assert calm.disk.current == round(save_policy.MAX_INTERVAL_SECONDS / 0.1)
+
+
+def test_a_memory_budget_snapshots_as_often_as_it_allows() -> None:
+    policy, events = _policy(mode=SYNC, mem_budget=0.02)
+    assert not policy.memory_due(0)  # nothing trained yet
+    _steps(policy, 1, seconds=0.1)
+    assert policy.memory_due(1)  # the first snapshot at the first step, not after 2 s
+    # 4 ms a snapshot at 2 % of the loop: one every 0.2 s, 2 steps of 0.1 s. Young and Daly
+    # alone would wait sqrt(2 x 0.004 x 3600) = 5.4 s.
+    policy.memory_saved(1, 0.004)
+    assert policy.memory.current == 2 and policy.memory_due(3) and not policy.memory_due(2)
+    ((kind, fields),) = [e for e in events if e[1].get("tier") == "memory"]
+    assert fields["rule"] == "cost / mem_budget" and fields["seconds"] == 0.2
+    # A snapshot too dear for the budget is placed by Young and Daly, as without one.
+    _steps(policy, 2)
+    for _ in range(save_policy.COST_WINDOW):
+        policy.memory_saved(3, 40.0)
+    assert policy.memory.current == round(math.sqrt(2 * 40.0 * 3600) / 0.1)
+    assert [e for e in events if e[1].get("tier") == "memory"][-1][1]["rule"] == (
+        "sqrt(2 x cost x mtbf)"
+    )
+    # No budget: Young and Daly alone, and the first snapshot after 2 s of training.
+    plain, _ = _policy(mode=SYNC)
+    _steps(plain, 1, seconds=0.1)
+    assert not plain.memory_due(1)
+    _steps(plain, 20, seconds=0.1)
+    assert plain.memory_due(21)
+    plain.memory_saved(21, 0.004)
+    assert plain.memory.current == round(math.sqrt(2 * 0.004 * 3600) / 0.1)
 
 
 def test_an_async_interval_is_never_shorter_than_a_write() -> None:
