@@ -64,7 +64,7 @@ def _start(run_dir: Path, train: Sequence[str], env: dict[str, str]) -> subproce
 
 def _train_args(args: argparse.Namespace, steps: int, mem_every: int | str) -> list[str]:
     train = job_args(
-        steps=steps, ckpt_every=args.ckpt_every, micro_batch=args.micro_batch,
+        model=args.model, steps=steps, ckpt_every=args.ckpt_every, micro_batch=args.micro_batch,
         seq_len=args.seq_len,
     )  # fmt: skip
     return [*train, "--mem-every", str(mem_every), "--log-every", "1"]
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt-every", default="40", help="steps, or auto (default 40)")
     parser.add_argument("--steps", type=int, default=200000, help="steps of the faulted runs")
     parser.add_argument("--clean-steps", type=int, default=300, help="steps of fault-free runs")
+    parser.add_argument("--model", default="tiny", help="model preset (default tiny)")
     parser.add_argument("--micro-batch", type=int, default=8, help="(default 8)")
     parser.add_argument("--seq-len", type=int, default=64, help="(default 64)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(machine_line())
     print(
-        f"job: tiny preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
+        f"job: {args.model} preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
         f"{args.seq_len}, async disk checkpoint every {args.ckpt_every} steps; memory tier "
         f"--mem-every {args.mem_every} vs 0; {args.kills} SIGKILLs of a random worker per "
         f"mode, each {args.after[0]:g}-{args.after[1]:g} s (uniform) after the attempt's first "
