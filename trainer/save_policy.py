@@ -108,6 +108,9 @@ class Cost:
     def mean(self) -> float | None:
         return statistics.fmean(self.samples) if self.samples else None
 
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
 
 @dataclass
 class _AsyncSave:
@@ -299,7 +302,8 @@ class SavePolicy:
 
     def _tier_cost(self, tier: TierInterval) -> float | None:
         if tier.tier == "memory":
-            return self.costs["memory"].mean()
+            # The median: a slot's first snapshot also makes its files, once.
+            return self.costs["memory"].median()
         cost = self.costs[self.mode].mean()
         other = SYNC if self.mode == ASYNC else ASYNC
         return cost if cost is not None else self.costs[other].mean()
