@@ -164,7 +164,7 @@ class SlotWriter:
         files: dict[str, dict] = {}
         for name, mapped in slot.files.items():
             h = hashing.new(file_hash)
-            h.update(memoryview(mapped.data.numpy()))
+            h.update(memoryview(mapped.data.numpy()))  # type: ignore[arg-type]
             files[name] = {"size": mapped.size, file_hash: h.hexdigest()}
         host = Snapshot(
             step=snap.step,
