@@ -69,7 +69,9 @@ is full, ``checkpoints/`` vanished): the final state is lost. The newest durable
 CHECKPOINTS_LOCKED = 9
 """Another process holds the run's checkpoint writer lock (a second training job on the same run
 directory, or a worker of an earlier run still alive); found before a launch, or reported by a
-worker's exit 77. No restart is spent: stop that process, or use another run directory."""
+worker's exit 77. Before a relaunch the holder first gets 10 s to let go (a worker of the attempt
+just stopped can hold it while its last threads exit). No restart is spent: stop that process, or
+use another run directory."""
 
 RUN_DIR_UNWRITABLE = 10
 """The supervisor could no longer write its event log (a full disk, an immutable or replaced

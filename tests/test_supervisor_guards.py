@@ -66,6 +66,34 @@ time.sleep(600)
 """
 
 
+def test_a_relaunch_waits_for_a_stopped_attempts_lock_to_be_let_go(tmp_path: Path) -> None:
+    """The writer lock outlives the failed attempt by 2 s (a killed writer's last threads can
+    hold it for a moment after its main thread is reaped): the relaunch waits for it instead of
+    calling it another job's (exit 9), and the run goes on. (This worker writes no checkpoint
+    into the ``checkpoints/`` the lock lives in, so the finished run says its final state is not
+    saved, exit 8: never a success without one.)"""
+    run = _run(
+        tmp_path / "run",
+        *("--max-restarts", "3", str(WORKER), "exit", "--until-attempt", "2"),
+        *("--lock-straggler", "2"),
+    )
+    try:
+        code = run.wait(ATTEMPT_TIMEOUT)
+        assert code == exit_codes.FINAL_STATE_UNSAVED, run.stderr[-2000:]
+        types = run.types()
+        assert types.count("launch") == 2 and "fatal" not in types
+        assert "attempt 2 running" in run.stderr
+        stopped = next(e for e in run.events() if e["type"] == "stopped")
+        second = [e for e in run.events() if e["type"] == "launch"][1]
+        assert second["time"] - stopped["time"] >= 1.0  # it waited for the straggler
+    finally:
+        run.kill_all()
+        pid_file = run.run_dir / "straggler.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def test_a_workers_exit_77_stops_the_run_at_once_and_spends_no_restart(tmp_path: Path) -> None:
     run = _run(tmp_path / "run", "--max-restarts", "5", str(WORKER), "exit", "--code", "77")
     try:

@@ -18,7 +18,10 @@ recovers. ``--ignore-sigterm`` makes every rank ignore SIGTERM; otherwise SIGTER
 exit with ``--term-code`` (75, like the trainer's emergency checkpoint exit). With
 ``--peers-exit C`` the other ranks exit with C a few milliseconds after rank R's fault, as peers
 do when a collective breaks under them. ``--abort-at-exit R``: rank R ends with SIGABRT after
-reporting ``done``.
+reporting ``done``. ``--lock-straggler S``: before its fault rank R starts a process outside the
+attempt (its own session, which a stop does not walk) that holds the run's checkpoint writer
+lock for S seconds, as a killed writer's last threads can for a moment; its pid goes to
+``straggler.pid`` in the run directory.
 """
 
 import argparse
@@ -43,6 +46,7 @@ p.add_argument("--term-code", type=int, default=75)
 p.add_argument("--no-guard", action="store_true", help="do not watch the supervisor")
 p.add_argument("--peers-exit", type=int, default=None)
 p.add_argument("--abort-at-exit", type=int, default=None, help="rank that aborts after done")
+p.add_argument("--lock-straggler", type=float, default=None, help="seconds the lock outlives R")
 args = p.parse_args()
 
 rank = int(os.environ.get("RANK", "0"))
@@ -76,8 +80,35 @@ if mode == "finish":
         os.abort()
     sys.exit(0)
 fault_marker = os.path.join(os.environ.get("ROSE_RUN_DIR", "."), f"fault-{attempt}")
+STRAGGLER = """
+import os, sys, time, filelock
+lock = filelock.FileLock(sys.argv[1], timeout=0, thread_local=False, preserve_lock_file=True)
+lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def start_lock_straggler(seconds: float) -> None:
+    import subprocess
+
+    run_dir = os.environ.get("ROSE_RUN_DIR", ".")
+    lock = os.path.join(run_dir, "checkpoints", ".writer.lock")
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STRAGGLER, lock, str(seconds)],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    with open(os.path.join(run_dir, "straggler.pid"), "w") as f:
+        f.write(str(proc.pid))
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+
+
 if rank == args.rank and mode != "forever":
     print(f"rank {rank}: {mode} at step {step}", file=sys.stderr, flush=True)
+    if args.lock_straggler is not None:
+        start_lock_straggler(args.lock_straggler)
     open(fault_marker, "w").close()
     if mode == "exit":
         sys.exit(args.code)
