@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import tenacity
-
 from runcontract import exit_codes
 from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
@@ -25,6 +23,7 @@ from supervisor.config import LaunchConfig
 from supervisor.events import EventLog, read_events
 from supervisor.policy import RestartPolicy
 from supervisor.resume import (
+    LOCK_RELEASE_WAIT,
     checkpoint_step,
     release_memory_tier,
     select_checkpoint,
@@ -52,11 +51,6 @@ _FATAL_REASONS: dict[int, str] = {
     "again",
 }
 
-
-#: Seconds a relaunch waits for the writer lock to be released before calling its holder another
-#: job: a SIGKILLed worker whose main thread is already reaped can hold its files until its
-#: last thread is gone.
-LOCK_RELEASE_WAIT = 10.0
 
 # Notes from the runner after which supervisor.json is rewritten at once.
 _STATE_CHANGING_NOTES = frozenset(
@@ -679,17 +673,10 @@ class Supervisor:
         After an attempt, a holder gets ``LOCK_RELEASE_WAIT`` seconds to let go first."""
         if not self.config.single_node:
             return None
-        holder = writer_lock_holder(self.config.run_dir)
-        if holder is None or self.attempt == 0:
-            return holder  # before the first launch, a holder is another job's
-        # After an attempt, most likely one of its workers still exiting: wait for it.
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_result(lambda held: held is not None),
-            stop=tenacity.stop_after_delay(LOCK_RELEASE_WAIT),
-            wait=tenacity.wait_fixed(0.05),
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome else holder,
-        )
-        return retrying(writer_lock_holder, self.config.run_dir)
+        # Before the first launch a holder is another job's; after an attempt, most likely one
+        # of its workers still exiting.
+        wait = LOCK_RELEASE_WAIT if self.attempt > 0 else 0.0
+        return writer_lock_holder(self.config.run_dir, wait=wait)
 
     def _checkpoints_locked(self, holder: str) -> int:
         self.events.emit(

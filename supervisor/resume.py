@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import filelock
+import tenacity
 
 from runcontract import layout
 from runcontract.states import State
@@ -81,12 +82,13 @@ def release_memory_tier(run_dir: Path, emit: Callable[..., object], state: State
     """Remove ``run_dir``'s memory tier once the run ends in ``state``: always after a success
     or a failure (the run is finished or abandoned); after an interrupt only when it holds no
     step newer than the disk (else a relaunch on this node resumes from it). Left alone while
-    another process holds the checkpoint writer lock: a live writer's. Never raises."""
+    another process holds the checkpoint writer lock (a live writer's) after
+    ``LOCK_RELEASE_WAIT`` seconds: a stopped worker may still be letting go. Never raises."""
     from trainer.checkpoint.memtier import memory_slots, remove_memory
 
     try:
         slots = memory_slots(run_dir)
-        if not slots or writer_lock_holder(run_dir) is not None:
+        if not slots or writer_lock_holder(run_dir, wait=LOCK_RELEASE_WAIT) is not None:
             return
         if state == State.INTERRUPTED and slots[0][0] > (_newest_disk_step(run_dir) or 0):
             return
@@ -112,9 +114,27 @@ def checkpoint_step(path: Path | None) -> int:
     return int(verify(path)["step"])
 
 
-def writer_lock_holder(run_dir: Path) -> str | None:
+#: Seconds a lock held after an attempt's stop gets to be let go: a SIGKILLed worker whose main
+#: thread is already reaped can hold its files until its last thread is gone.
+LOCK_RELEASE_WAIT = 10.0
+
+
+def writer_lock_holder(run_dir: Path, wait: float = 0.0) -> str | None:
     """Who holds ``checkpoints/.writer.lock`` of ``run_dir`` when another process does ("pid N
-    on HOST", or "an unknown process"); None when it is free. Takes and drops the lock at once."""
+    on HOST", or "an unknown process"); None when it is free. Takes and drops the lock at once;
+    with ``wait``, looks again every 50 ms for up to that many seconds until it is free."""
+    if wait <= 0:
+        return _lock_holder(run_dir)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda held: held is not None),
+        stop=tenacity.stop_after_delay(wait),
+        wait=tenacity.wait_fixed(0.05),
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+    )
+    return retrying(_lock_holder, run_dir)
+
+
+def _lock_holder(run_dir: Path) -> str | None:
     ckpt_dir = run_dir / layout.CHECKPOINTS
     if not ckpt_dir.is_dir():
         return None
