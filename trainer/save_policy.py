@@ -24,8 +24,9 @@ The memory tier may spend a budget (``--mem-budget``, a share of the loop's time
 its interval is the shorter of Young and Daly's and δ / budget. Young and Daly minimise the
 expected time lost, and for a snapshot of a few milliseconds under an hour's MTBF that is a
 snapshot every few seconds; a kill then still loses those seconds of every rank's work, which
-snapshots spaced by the budget cut to a fraction for a bounded slowdown. With a budget its first snapshot comes
-at the attempt's first step: it costs little, and a kill right after a resume loses nothing.
+snapshots spaced by the budget cut to a fraction for a bounded slowdown. With a budget its
+first snapshot comes at the attempt's first step: it costs little, and a kill right after a
+resume loses nothing.
 """
 
 from __future__ import annotations
