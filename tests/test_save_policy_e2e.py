@@ -107,5 +107,7 @@ def test_auto_policy_chooses_announces_learns_and_stays_exact(
     ran = [e for e in events if e["type"] in ("launch", "stopped")]
     attempt1 = ran[1]["time"] - ran[0]["time"]
     later = intervals[2]
-    assert later and all(attempt1 <= e["mtbf"] < 3600.0 for e in later), later
+    # The supervisor counts attempt 1 up to its failure, in tenths of a second, and attempt 2's
+    # first snapshot comes at its first step: M may fall short of launch -> stopped by a little.
+    assert later and all(attempt1 - 1.0 <= e["mtbf"] < 3600.0 for e in later), later
     assert any(e["type"] == "memory_saved" for e in events)

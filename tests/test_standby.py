@@ -98,9 +98,9 @@ def test_a_killed_worker_is_recovered_through_the_standby(
         # The standby's workers became attempt 2's: the same pids, from the checkpoint chosen.
         started = [e for e in events if e["type"] == "workers_started"]
         assert started[1]["workers"] == ready["workers"]
-        # Disk's step 20, or the memory tier's 25 when rank 0, continued after the kill,
-        # committed its snapshot of step 25 before the stop reached it.
-        assert launches[1]["resume_step"] in (20, 25) and launches[1]["standby_ready"]
+        # Disk's step 20, or a newer memory snapshot: the memory tier's budget places them at
+        # any step, up to 25 where rank 0 holds (it may go on after the kill before the stop).
+        assert 20 <= launches[1]["resume_step"] <= 25 and launches[1]["standby_ready"]
         assert [e["attempt"] for e in events if e["type"] == "first_step"] == [1, 2]
         assert _params(run.run_dir) == reference  # bitwise equal to the uninterrupted run
         # Attempt 2 gets a standby of its own only after 5 s of training, which this short run
