@@ -153,7 +153,8 @@ def test_summary_matches_the_events_file(recovered_run: Path) -> None:
         assert got.step == exp["step"]
         assert got.resumed_from == exp["resumed_from"]
         assert got.resumed_from is not None and got.step is not None
-        assert got.resumed_from % CKPT_EVERY == 0 and got.resumed_from <= got.step
+        # A disk checkpoint (a multiple of CKPT_EVERY) or a memory snapshot (any step).
+        assert got.resumed_from <= got.step
         assert got.steps_lost == exp["lost"] >= 0
         for phase in ("detect", "stop", "backoff", "launch"):
             assert rec.phases[phase] == pytest.approx(exp[phase], abs=1e-6), phase
