@@ -20,6 +20,7 @@ that call with ENOSPC, never a later write into the mapping with SIGBUS.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -166,17 +167,10 @@ class SlotWriter:
             h = hashing.new(file_hash)
             h.update(memoryview(mapped.data.numpy()))  # type: ignore[arg-type]
             files[name] = {"size": mapped.size, file_hash: h.hexdigest()}
-        host = Snapshot(
-            step=snap.step,
+        host = dataclasses.replace(  # the same snapshot, its tensors now the mapped copies
+            snap,
             model_tensors=slot.files[MODEL_FILE].views,
-            model_aliases=snap.model_aliases,
-            param_names=snap.param_names,
             optim_tensors=slot.files[OPTIM_FILE].views if OPTIM_FILE in slot.files else {},
-            optim_skeleton=snap.optim_skeleton,
-            scaler_state=snap.scaler_state,
-            train_state=snap.train_state,
-            meta=snap.meta,
-            nbytes=snap.nbytes,
         )
         state = {
             "model_aliases": host.model_aliases,

@@ -33,7 +33,7 @@ from .errors import describe
 from .integrity import EventSink, emit, remove_stale_work_dirs, step_dirs, warn
 from .layout import step_name
 from .memslots import SLOTS, SlotWriter
-from .state import Snapshot, collect, host_copy
+from .state import Snapshot, capture, host_copy
 
 #: A snapshot is written only when this much more than its size is free in the root.
 ROOM_MARGIN = 1.05
@@ -84,7 +84,7 @@ class MemoryStore:
             return False
         started = time.monotonic()
         # The live tensors: the slot writer copies them once, straight into the mapped files.
-        snap = collect(step, model, optimizer, scaler, train_state, meta, take=torch.Tensor.detach)
+        snap = capture(step, model, optimizer, scaler, train_state, meta, take=torch.Tensor.detach)
         if snap.nonfinite:
             return False  # never a snapshot a resume would diverge from; the loop will say why
         try:

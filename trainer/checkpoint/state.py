@@ -246,7 +246,7 @@ def scaler_enabled(scaler: Any) -> bool:
     return bool(is_enabled()) if callable(is_enabled) else True
 
 
-def collect(
+def capture(
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -255,8 +255,9 @@ def collect(
     meta: dict[str, Any] | None,
     take: Take = _host_copy,
 ) -> Snapshot:
-    """Everything a checkpoint holds, each tensor as ``take`` gives it: :func:`capture` takes
-    host copies; the memory tier takes the live tensors (detached) and copies them itself.
+    """Everything a checkpoint holds, each tensor as ``take`` gives it: by default a host copy,
+    so the caller may train on at once; the memory tier takes the live tensors (detached) and
+    copies them itself.
 
     Raises ValueError when ``train_state``/``meta`` are not JSON or state holds an unsupported type.
     """
@@ -291,18 +292,3 @@ def collect(
         meta=meta,
         nbytes=nbytes,
     )
-
-
-def capture(
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scaler: Any,
-    train_state: dict[str, Any] | None,
-    meta: dict[str, Any] | None,
-) -> Snapshot:
-    """Copy everything a checkpoint holds into host memory; the caller may train on at once.
-
-    Raises ValueError when ``train_state``/``meta`` are not JSON or state holds an unsupported type.
-    """
-    return collect(step, model, optimizer, scaler, train_state, meta)
