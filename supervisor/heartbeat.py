@@ -5,7 +5,9 @@ A rank hangs when its heartbeat stops advancing for longer than its phase allows
 - ``startup`` (or no heartbeat yet): ``startup_timeout`` from the launch;
 - ``train``: the hang timeout, either given or derived from observed step times
   (``max(hang_floor, hang_factor × slowest recent step)``);
-- ``eval`` and ``checkpoint``: the longer of the hang timeout and ``checkpoint_timeout``;
+- ``eval`` and ``checkpoint``: the longer of the hang timeout and ``checkpoint_timeout``, for the
+  rank in it and for its peers in ``train`` (they wait for it in their next collective, and their
+  stall counts from its end);
 - ``done``: never (the rank finished; its peers' own timeouts still apply).
 
 Stall time is measured on the supervisor's monotonic clock from when it last saw the rank's step
@@ -80,6 +82,10 @@ class HangConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
 
 
+_WAITED_FOR = (Phase.CHECKPOINT, Phase.EVAL)
+"""Phases a rank's peers wait out in their next collective."""
+
+
 @dataclass
 class RankState:
     """The newest heartbeat of one rank, as the supervisor saw it."""
@@ -107,6 +113,8 @@ class HeartbeatMonitor:
     ranks: dict[int, RankState] = field(default_factory=dict)
     _step_times: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     _logged_timeout: float | None = None
+    _wait_ended_at: float = float("-inf")
+    """Supervisor monotonic time when a rank was last seen leaving ``checkpoint`` or ``eval``."""
 
     def poll(self, worker_pids: Iterable[int] | None = None) -> None:
         """Read every rank's file. Only files of this attempt (and, when given, of these pids)
@@ -144,6 +152,8 @@ class HeartbeatMonitor:
             self._step_times.append((stamp - old.time) / (step - old.step))
         if step != old.step or phase != old.phase:
             old.changed_at = now
+        if old.phase in _WAITED_FOR and phase != old.phase:
+            self._wait_ended_at = now
         old.pid, old.step, old.phase, old.time = pid, step, phase, stamp
 
     def hang_timeout(self) -> float:
@@ -189,12 +199,16 @@ class HeartbeatMonitor:
         worst: Hang | None = None
         # While one rank checkpoints or evaluates, its peers wait for it in their next
         # collective: they are judged by the same, longer allowance, not called hung.
-        waiting = any(r.phase in (Phase.CHECKPOINT, Phase.EVAL) for r in self.ranks.values())
+        # The wait is over when the checkpoint is: their stall counts from its end, since the
+        # step they wait to finish needs a moment after it (and the next poll) to show.
+        waiting = any(r.phase in _WAITED_FOR for r in self.ranks.values())
         for state in self.ranks.values():
             phase = Phase.CHECKPOINT if waiting and state.phase == Phase.TRAIN else state.phase
             allowed = self.allowance(phase)
             if state.phase == Phase.STARTUP:
                 stalled = now - self.started_at
+            elif state.phase == Phase.TRAIN:
+                stalled = now - max(state.changed_at, self._wait_ended_at)
             else:
                 stalled = now - state.changed_at
             if allowed is not None and stalled > allowed:

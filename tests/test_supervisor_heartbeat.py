@@ -169,13 +169,31 @@ def test_peers_waiting_for_a_checkpointing_rank_get_the_checkpoint_allowance(
     monitor.poll()
     hang = monitor.check([])
     assert hang is not None and hang.timeout == 60.0
-    # Once the checkpoint is done, a peer that stalls is judged by the train allowance again.
+    # Once the checkpoint is done, ranks that stall are judged by the train allowance again.
     beats[0](4)
     monitor.poll()
     clock.now += 6.0
     monitor.poll()
     hang = monitor.check([])
-    assert hang is not None and hang.rank == 1 and hang.timeout == 5.0
+    assert hang is not None and hang.timeout == 5.0
+
+
+def test_a_peer_that_waited_out_a_checkpoint_is_not_hung_as_it_ends(tmp_path: Path) -> None:
+    # The checkpoint ends; the poll sees the writer back in train before the peer's next step
+    # shows. The peer waited 30 s, but all of it for the checkpoint: its stall starts now.
+    monitor, clock, beats = _setup(tmp_path, hang_timeout=5.0, checkpoint_timeout=60.0)
+    beats[0](4, phase="checkpoint")
+    beats[1](4)
+    monitor.poll()
+    clock.now += 30.0
+    beats[0](4)
+    monitor.poll()
+    assert monitor.check([]) is None
+    clock.now += 4.0
+    assert monitor.check([]) is None
+    clock.now += 2.0  # then the train allowance holds again, for every rank
+    hang = monitor.check([])
+    assert hang is not None and hang.timeout == 5.0 and 5.0 < hang.stalled_for < 7.0
 
 
 def test_the_rank_behind_is_blamed_before_peers_that_stalled_longer(tmp_path: Path) -> None:
