@@ -104,6 +104,8 @@ CLEAN_EXITS = frozenset({TrainerExit.OK, TrainerExit.PREEMPTED, TrainerExit.DIVE
 
 # Rollbacks to one checkpoint, each skipping N more batches, before the run gives up (exit 74).
 MAX_ROLLBACKS_PER_CHECKPOINT = 3
+#: At most one ``memory_saved`` event this often: snapshots may come every few steps.
+MEMORY_EVENT_SECONDS = 10.0
 #: A memory snapshot longer than this (the last one's time) gets a heartbeat phase of its own.
 SLOW_SNAPSHOT_SECONDS = 0.2
 
@@ -256,8 +258,12 @@ class Trainer:
             and d.is_main
             and d.one_node,
             on_event=events,
+            event_every=MEMORY_EVENT_SECONDS,
         )
         self._mem_seconds = float("inf")  # the first snapshot's cost is not known yet
+        # Every checkpoint records the configuration; it does not change, and a memory
+        # snapshot every few steps should not rebuild it each time (built at the first).
+        self._config_record: dict[str, Any] | None = None
         self.sample_log = None
         if cfg.sample_log:
             Path(cfg.sample_log).mkdir(parents=True, exist_ok=True)
@@ -463,6 +469,7 @@ class Trainer:
             )
         accum = global_batch // per_micro_step
         self.cfg = dataclasses.replace(self.cfg, grad_accum=accum)
+        self._config_record = None
         self.sampler = dataclasses.replace(self.sampler, grad_accum=accum)
         self._log(
             f"resumed with {self.d.world_size} rank(s): grad_accum {accum} keeps the "
@@ -837,10 +844,15 @@ class Trainer:
             metrics_offset=self.metrics.offset,
             skipped=self.skipped,
         )
+        if self._config_record is None:
+            self._config_record = {
+                "model": dataclasses.asdict(self.model_cfg),
+                "train": self.cfg.to_dict(),
+            }
         meta = {
             "tokens_seen": (self.position - state.skipped_samples) * self.cfg.seq_len,
             "world_size": self.d.world_size,
-            "config": {"model": dataclasses.asdict(self.model_cfg), "train": self.cfg.to_dict()},
+            "config": self._config_record,
             "data": self.corpus.name,
         }
         return state.to_dict(), meta

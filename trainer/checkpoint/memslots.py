@@ -16,17 +16,23 @@ A kill before 4 leaves a temp directory (the next writer removes it); the other 
 the newest snapshot, is not touched. A slot whose tensors changed in name, shape or dtype is made
 anew. The files are allocated in full when a slot is made: a full shared-memory root then fails
 that call with ENOSPC, never a later write into the mapping with SIGBUS.
+
+The checks run on the copies, where they are cheapest: the parameters' digest is one hash over
+their bytes in the model file (runs of adjacent tensors merged), and the non-finite check one sum
+per run of same-dtype parameters and optimizer tensors. A sum that is not finite (a NaN, an
+infinity, or finite values that overflow it) is checked tensor by tensor; a snapshot that truly
+holds one is refused (:class:`NonFiniteSnapshot`), since a resume from it would diverge.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +46,18 @@ from .tensorfile import header
 SLOTS = 2
 
 _Layout = tuple[tuple[str, str, torch.dtype, tuple[int, ...]], ...]
+#: What a slot is made for: its tensors, and which of the model's are the parameters, in order.
+_Key = tuple[_Layout, tuple[str, ...]]
+#: Sums in float32 for these: a half-precision sum would overflow long before its values do.
+_WIDEN = (torch.float16, torch.bfloat16)
+
+
+class NonFiniteSnapshot(Exception):
+    """The snapshot holds a NaN or an infinity in these parameter or optimizer tensors."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"non-finite values in {', '.join(names[:5])}")
+        self.names = names
 
 
 @dataclass
@@ -47,13 +65,17 @@ class _MappedFile:
     size: int
     data: torch.Tensor  #: the whole file, mapped (uint8)
     views: dict[str, torch.Tensor]  #: each tensor's bytes in it, typed and shaped
+    spans: dict[str, tuple[int, int]]  #: each tensor's byte range in the file
 
 
 @dataclass
 class _Slot:
     path: Path  #: its directory: committed (``step-XXXXXXXX``) or being written (temp name)
-    layout: _Layout
+    key: _Key
     files: dict[str, _MappedFile]
+    dst: list[torch.Tensor]  #: every tensor's view, in the snapshot's order
+    param_bytes: list[memoryview]  #: the parameters' bytes, in order, adjacent ones merged
+    judged: list[torch.Tensor]  #: flat runs of the parameters and optimizer tensors
 
 
 def _payload(snap: Snapshot) -> dict[str, dict[str, torch.Tensor]]:
@@ -63,12 +85,47 @@ def _payload(snap: Snapshot) -> dict[str, dict[str, torch.Tensor]]:
     return files
 
 
-def _layout(snap: Snapshot) -> _Layout:
-    return tuple(
+def _key(snap: Snapshot) -> _Key:
+    layout = tuple(
         (file, name, t.dtype, tuple(t.shape))
         for file, tensors in _payload(snap).items()
         for name, t in tensors.items()
     )
+    return layout, tuple(snap.model_aliases.get(n, n) for n in snap.param_names)
+
+
+def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` with each one that starts where the one before it ends merged into it."""
+    runs: list[tuple[int, int]] = []
+    for start, end in spans:
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def _judged_runs(mapped: _MappedFile, names: set[str] | None) -> list[torch.Tensor]:
+    """Flat typed views over the floating-point tensors of ``mapped`` that are judged (all of
+    them when ``names`` is None), each over a run of adjacent tensors of one dtype."""
+    runs: list[tuple[torch.dtype, int, int]] = []
+    for name, view in mapped.views.items():
+        if not view.is_floating_point() or not view.numel() or (names and name not in names):
+            continue
+        start, end = mapped.spans[name]
+        if runs and runs[-1][0] == view.dtype and runs[-1][2] == start:
+            runs[-1] = (view.dtype, runs[-1][1], end)
+        else:
+            runs.append((view.dtype, start, end))
+    return [mapped.data[start:end].view(dtype) for dtype, start, end in runs]
+
+
+def _all_finite(runs: list[torch.Tensor]) -> bool:
+    """True when every run sums to a finite number: then none holds a NaN or an infinity."""
+    if not runs:
+        return True
+    sums = [r.sum(dtype=torch.float32) if r.dtype in _WIDEN else r.sum() for r in runs]
+    return bool(torch.isfinite(torch.stack([s.float() for s in sums])).all())
 
 
 def _map_file(path: Path, tensors: dict[str, torch.Tensor]) -> _MappedFile:
@@ -84,14 +141,15 @@ def _map_file(path: Path, tensors: dict[str, torch.Tensor]) -> _MappedFile:
     finally:
         os.close(fd)
     data = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-    views = {}
+    views, at = {}, {}
     for (name, t), (start, end) in zip(tensors.items(), spans, strict=True):
-        raw = data[len(head) + start : len(head) + end]
+        at[name] = (len(head) + start, len(head) + end)
+        raw = data[at[name][0] : at[name][1]]
         try:
             views[name] = raw.view(t.dtype).view(t.shape)
         except RuntimeError as e:  # safetensors packs tensors with no padding between them
             raise ValueError(f"tensor {name!r} cannot be mapped at its offset: {e}") from e
-    return _MappedFile(size, data, views)
+    return _MappedFile(size, data, views, at)
 
 
 def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -113,16 +171,18 @@ class SlotWriter:
         self.dir = mem_dir
         self.ensure_room = ensure_room
         self.slots: list[_Slot] = []
+        self._last_key: tuple[dict, dict, _Key] | None = None
+        self._state_json: tuple[Any, dict[str, str], str] | None = None
 
     def commit(self, snap: Snapshot, file_hash: str = hashing.FAST) -> Path:
         """Commit ``snap`` (the live tensors: they are copied here) as ``step-XXXXXXXX`` and
-        return its path. Raises OSError and ValueError; nothing of this snapshot is then left
-        visible, and the newest earlier one is untouched."""
-        layout = _layout(snap)
+        return its path. Raises OSError, ValueError and :class:`NonFiniteSnapshot`; nothing of
+        this snapshot is then left visible, and the newest earlier one is untouched."""
+        key = self._key_of(snap)
         self.slots = [s for s in self.slots if s.path.is_dir()]  # dropped by a rollback, by hand
         committed = step_dirs(self.dir)
         newest = committed[0][1] if committed else None
-        reusable = [s for s in self.slots if s.path != newest and s.layout == layout]
+        reusable = [s for s in self.slots if s.path != newest and s.key == key]
         slot = reusable[0] if reusable else None
         for _, path in committed:
             if path not in (newest, slot.path if slot else None):
@@ -131,7 +191,7 @@ class SlotWriter:
         tmp = self.dir / work_name(TMP_PREFIX, snap.step)
         try:
             if slot is None:
-                slot = self._make(tmp, snap, layout)
+                slot = self._make(tmp, snap, key)
             else:
                 os.rename(slot.path, tmp)
                 slot.path = tmp
@@ -145,48 +205,94 @@ class SlotWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def _key_of(self, snap: Snapshot) -> _Key:
+        # Snapshots from one plan (``liveplan``) share their tensor dicts: their key is known.
+        last = self._last_key
+        if last is not None and last[0] is snap.model_tensors and last[1] is snap.optim_tensors:
+            return last[2]
+        key = _key(snap)
+        self._last_key = (snap.model_tensors, snap.optim_tensors, key)
+        return key
+
+    def _state_bytes(self, snap: Snapshot) -> bytes:
+        """``state.json``: the model's aliases, the optimizer's skeleton and the scaler's state.
+        The skeleton's ``state`` part (every tensor's name) is the same object in snapshots of
+        one plan, and is encoded once; its ``param_groups`` (the learning rate) change."""
+        skeleton = snap.optim_skeleton
+        if not isinstance(skeleton, dict) or not isinstance(skeleton.get("state"), dict):
+            return json.dumps(
+                {
+                    "model_aliases": snap.model_aliases,
+                    "optimizer": skeleton,
+                    "scaler": snap.scaler_state,
+                }
+            ).encode()
+        cached = self._state_json
+        if (
+            cached is None
+            or cached[0] is not skeleton["state"]
+            or cached[1] is not snap.model_aliases
+        ):
+            cached = (skeleton["state"], snap.model_aliases, json.dumps(skeleton["state"]))
+            self._state_json = cached
+        optimizer = ", ".join(
+            f"{json.dumps(k)}: {cached[2] if k == 'state' else json.dumps(v)}"
+            for k, v in skeleton.items()
+        )
+        return (
+            f'{{"model_aliases": {json.dumps(snap.model_aliases)}, "optimizer": {{{optimizer}}}, '
+            f'"scaler": {json.dumps(snap.scaler_state)}}}'
+        ).encode()
+
     def _forget(self, path: Path) -> None:
         self.slots = [s for s in self.slots if s.path != path]
 
-    def _make(self, tmp: Path, snap: Snapshot, layout: _Layout) -> _Slot:
+    def _make(self, tmp: Path, snap: Snapshot, key: _Key) -> _Slot:
         self.ensure_room(snap.nbytes)
         tmp.mkdir()
         files = {name: _map_file(tmp / name, tensors) for name, tensors in _payload(snap).items()}
-        slot = _Slot(tmp, layout, files)
+        model = files[MODEL_FILE]
+        params = _runs([model.spans[name] for name in key[1]])
+        judged = _judged_runs(model, set(key[1]))
+        if OPTIM_FILE in files:
+            judged += _judged_runs(files[OPTIM_FILE], None)
+        slot = _Slot(
+            tmp,
+            key,
+            files,
+            dst=[v for mapped in files.values() for v in mapped.views.values()],
+            param_bytes=[memoryview(model.data[a:b].numpy()) for a, b in params],  # type: ignore[arg-type]
+            judged=judged,
+        )
         self.slots.append(slot)
         return slot
 
     def _write(self, slot: _Slot, snap: Snapshot, file_hash: str) -> Path:
-        payload = _payload(snap)
-        dst = [v for name in payload for v in slot.files[name].views.values()]
-        src = [t.detach() for tensors in payload.values() for t in tensors.values()]
+        src = [t for tensors in _payload(snap).values() for t in tensors.values()]
         with torch.no_grad():
-            _copy_into(dst, src)
+            _copy_into(slot.dst, src)
+        if not _all_finite(slot.judged):
+            bad = snap.nonfinite  # exact, tensor by tensor: the sum may only have overflowed
+            if bad:
+                raise NonFiniteSnapshot(bad)
         files: dict[str, dict] = {}
         for name, mapped in slot.files.items():
             h = hashing.new(file_hash)
             h.update(memoryview(mapped.data.numpy()))  # type: ignore[arg-type]
             files[name] = {"size": mapped.size, file_hash: h.hexdigest()}
-        host = dataclasses.replace(  # the same snapshot, its tensors now the mapped copies
-            snap,
-            model_tensors=slot.files[MODEL_FILE].views,
-            optim_tensors=slot.files[OPTIM_FILE].views if OPTIM_FILE in slot.files else {},
-        )
-        state = {
-            "model_aliases": host.model_aliases,
-            "optimizer": host.optim_skeleton,
-            "scaler": host.scaler_state,
-        }
+        digest = hashing.new(file_hash)
+        for run in slot.param_bytes:
+            digest.update(run)
         files[STATE_FILE] = fsio.write_file(
-            slot.path / STATE_FILE, json.dumps(state).encode(), algo=file_hash, durable=False
+            slot.path / STATE_FILE, self._state_bytes(snap), algo=file_hash, durable=False
         )
         man = manifest.build(
-            host.step,
+            snap.step,
             files,
-            host.params_digest(file_hash),
-            host.train_state,
-            host.meta,
-            finite=not snap.nonfinite,  # the live tensors', judged once by the caller
+            digest.hexdigest(),
+            snap.train_state,
+            snap.meta,
+            finite=True,  # a snapshot that is not was refused above
             file_hash=file_hash,
         )
         fsio.write_file(

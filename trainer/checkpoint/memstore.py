@@ -32,8 +32,9 @@ from .commit import write_checkpoint
 from .errors import describe
 from .integrity import EventSink, emit, remove_stale_work_dirs, step_dirs, warn
 from .layout import step_name
-from .memslots import SLOTS, SlotWriter
-from .state import Snapshot, capture, host_copy
+from .liveplan import LivePlan
+from .memslots import SLOTS, NonFiniteSnapshot, SlotWriter
+from .state import Snapshot, host_copy
 
 #: A snapshot is written only when this much more than its size is free in the root.
 ROOM_MARGIN = 1.05
@@ -47,6 +48,9 @@ class MemoryStore:
         enabled: False (another rank than 0, several nodes, ``--mem-every 0``): every method
             returns at once.
         on_event: called with ``memory_saved`` / ``memory_save_failed`` events.
+        event_every: seconds between two ``memory_saved`` events (0: one per snapshot). A
+            snapshot every few steps would otherwise flood the events file; each event counts
+            the snapshots since the one before it.
     """
 
     def __init__(
@@ -55,14 +59,20 @@ class MemoryStore:
         *,
         enabled: bool,
         on_event: EventSink | None = None,
+        event_every: float = 0.0,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.event_every = event_every
+        self._event_due = float("-inf")
+        self._unreported = 0
+        self._newest: int | None = None  # the newest step this store committed
         self.on_event = on_event
         self.dir = memory_dir(run_dir)
         self.off_reason: str | None = None if enabled else "disabled"
         self.last_path: Path | None = None
         self._claimed = False
         self._slots: SlotWriter | None = SlotWriter(self.dir, self._ensure_room)
+        self._live = LivePlan()
 
     @property
     def enabled(self) -> bool:
@@ -84,25 +94,31 @@ class MemoryStore:
             return False
         started = time.monotonic()
         # The live tensors: the slot writer copies them once, straight into the mapped files.
-        snap = capture(step, model, optimizer, scaler, train_state, meta, take=torch.Tensor.detach)
-        if snap.nonfinite:
-            return False  # never a snapshot a resume would diverge from; the loop will say why
+        snap = self._live.capture(step, model, optimizer, scaler, train_state, meta)
         try:
             path = self._commit(snap)
+        except NonFiniteSnapshot:
+            return False  # never a snapshot a resume would diverge from; the loop will say why
         except Exception as e:  # noqa: BLE001 - whatever it is, the run goes on without the tier
             self._turn_off(step, e)
             return False
-        self.last_path = path
-        emit(
-            self.on_event,
-            {
-                "type": EventType.MEMORY_SAVED,
-                "step": step,
-                "path": str(path),
-                "bytes": snap.nbytes,
-                "seconds": round(time.monotonic() - started, 4),
-            },
-        )
+        self.last_path, self._newest = path, step
+        self._unreported += 1
+        now = time.monotonic()
+        if now >= self._event_due:
+            self._event_due = now + self.event_every
+            emit(
+                self.on_event,
+                {
+                    "type": EventType.MEMORY_SAVED,
+                    "step": step,
+                    "path": str(path),
+                    "bytes": snap.nbytes,
+                    "seconds": round(now - started, 4),
+                    "snapshots": self._unreported,
+                },
+            )
+            self._unreported = 0
         return True
 
     def _commit(self, snap: Snapshot) -> Path:
@@ -111,7 +127,9 @@ class MemoryStore:
             raise OSError(errno.ENOENT, f"the memory tier's root {root} is not a directory")
         if not self._claimed or not self.dir.is_dir():  # also: removed under us, by hand
             self._claim()
-        self._drop_from(snap.step)
+            self._newest = None
+        if self._newest is None or snap.step <= self._newest:  # else none so new can be there
+            self._drop_from(snap.step)
         if self._slots is not None:
             try:
                 return self._slots.commit(snap)
@@ -120,6 +138,8 @@ class MemoryStore:
         older = [path for step, path in step_dirs(self.dir) if step < snap.step]
         for path in older[SLOTS - 1 :]:  # the older slot goes before the next is written
             shutil.rmtree(path)
+        if snap.nonfinite:
+            raise NonFiniteSnapshot(snap.nonfinite)
         self._ensure_room(snap.nbytes)
         path, _ = write_checkpoint(self.dir, host_copy(snap), file_hash=hashing.FAST, durable=False)
         return path
@@ -143,6 +163,7 @@ class MemoryStore:
             if not self._claimed:
                 self._claim()
             self._drop_from(step)
+            self._newest = None
         except Exception as e:  # noqa: BLE001
             self._turn_off(step, e)
 

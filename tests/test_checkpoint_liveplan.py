@@ -1,0 +1,154 @@
+"""The memory tier's cheap snapshots: the live state is walked once and reused while nothing
+moved, and the checks run on the mapped copies. Each test changes the live state the way a user
+or the trainer can, and compares what the tier committed with a full walk, bitwise."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from runcontract.env import MEM_ROOT
+from tests.scripts.ckpt_model import assert_same_state, fresh, train, trained
+from trainer.checkpoint import load
+from trainer.checkpoint.layout import STATE_FILE
+from trainer.checkpoint.liveplan import LivePlan
+from trainer.checkpoint.memstore import MemoryStore
+from trainer.checkpoint.memtier import memory_slots
+from trainer.checkpoint.state import capture
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MemoryStore:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setenv(MEM_ROOT, str(shm))
+    (tmp_path / "run").mkdir()
+    return MemoryStore(tmp_path / "run", enabled=True)
+
+
+def _same_as_a_full_walk(snap, model, opt) -> None:
+    full = capture(
+        snap.step, model, opt, None, snap.train_state, snap.meta, take=torch.Tensor.detach
+    )
+    assert snap.model_tensors.keys() == full.model_tensors.keys()
+    assert snap.optim_tensors.keys() == full.optim_tensors.keys()
+    for name, t in [*full.model_tensors.items(), *full.optim_tensors.items()]:
+        mine = snap.model_tensors.get(name, snap.optim_tensors.get(name))
+        assert mine.dtype == t.dtype and torch.equal(mine, t), name
+    assert snap.optim_skeleton == full.optim_skeleton
+    assert (snap.model_aliases, snap.param_names) == (full.model_aliases, full.param_names)
+
+
+def _loads_back(store: MemoryStore, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    again, opt_again = fresh()
+    load(memory_slots(store.run_dir)[0][1], again, opt_again)
+    assert_same_state(model, again, opt, opt_again)
+
+
+def test_a_snapshot_reuses_the_walk_while_training_updates_in_place() -> None:
+    model, opt = trained(2)
+    plan = LivePlan()
+    first = plan.capture(2, model, opt, None, {"step": 2}, {})
+    train(model, opt, 2, 3)
+    opt.param_groups[0]["lr"] = 0.005  # a scheduler's step: encoded afresh
+    second = plan.capture(3, model, opt, None, {"step": 3}, {"note": "x"})
+    assert second.model_tensors is first.model_tensors  # the walk was reused
+    assert second.optim_skeleton["param_groups"][0]["lr"] == 0.005
+    assert (second.step, second.train_state, second.meta) == (3, {"step": 3}, {"note": "x"})
+    _same_as_a_full_walk(second, model, opt)
+
+
+def _replace_parameter(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    model.down = nn.Linear(32, 16)  # a new module: the old one's parameters are gone
+
+
+def _swap_storage(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    model.up.weight.data = model.up.weight.data.clone() + 1  # same object, new storage
+
+
+def _reload_optimizer(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # every state tensor a new one
+
+
+def _new_buffer(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    model.norm.register_buffer("extra", torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "change", [_replace_parameter, _swap_storage, _reload_optimizer, _new_buffer]
+)
+def test_anything_that_moved_makes_a_new_walk(change) -> None:
+    model, opt = trained(2)
+    plan = LivePlan()
+    first = plan.capture(2, model, opt, None, {}, {})
+    change(model, opt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # new values, wherever they now live
+    second = plan.capture(3, model, opt, None, {}, {})
+    assert second.model_tensors is not first.model_tensors
+    _same_as_a_full_walk(second, model, opt)
+
+
+def test_an_optimizer_state_that_is_not_a_plain_value_is_walked_every_time() -> None:
+    model, opt = trained(2)
+    next(iter(opt.state.values()))["history"] = [1.0]  # a list may change in place, unseen
+    plan = LivePlan()
+    first = plan.capture(2, model, opt, None, {}, {})
+    second = plan.capture(3, model, opt, None, {}, {})
+    assert second.model_tensors is not first.model_tensors
+
+
+def test_committed_snapshots_of_a_reused_walk_load_back_bitwise(store: MemoryStore) -> None:
+    model, opt = trained(2)
+    for step in (3, 4, 5):
+        train(model, opt, step - 1, step)
+        opt.param_groups[0]["lr"] *= 0.5
+        assert store.save(step, model, opt, None, {"step": step}, {})
+    _loads_back(store, model, opt)
+    # state.json, written in pieces, is the JSON a full walk gives.
+    full = capture(5, model, opt, None, {}, {}, take=torch.Tensor.detach)
+    state = json.loads((memory_slots(store.run_dir)[0][1] / STATE_FILE).read_text())
+    assert state == json.loads(
+        json.dumps(
+            {"model_aliases": full.model_aliases, "optimizer": full.optim_skeleton, "scaler": None}
+        )
+    )
+
+
+@pytest.mark.parametrize("where", ["parameter", "optimizer"])
+def test_a_nonfinite_value_found_on_the_copy_is_not_committed(
+    store: MemoryStore, where: str
+) -> None:
+    model, opt = trained(2)
+    assert store.save(2, model, opt, None, {}, {})
+    assert store.save(3, model, opt, None, {}, {})
+    with torch.no_grad():
+        if where == "parameter":
+            model.up.weight[3, 4] = float("nan")
+        else:
+            next(iter(opt.state.values()))["exp_avg_sq"].view(-1)[0] = float("inf")
+    assert not store.save(4, model, opt, None, {}, {})
+    assert [s for s, _ in memory_slots(store.run_dir)] == [3]  # the newest is untouched
+    assert store.enabled  # refused, not failed: the tier stays on
+
+
+def test_values_whose_sum_overflows_are_finite_and_committed(store: MemoryStore) -> None:
+    model, opt = trained(2)
+    with torch.no_grad():
+        model.up.weight[0, :2] = 3e38  # each finite; their float32 sum is not
+    assert store.save(2, model, opt, None, {}, {})
+    _loads_back(store, model, opt)
+
+
+def test_a_buffer_may_hold_infinity_in_a_snapshot(store: MemoryStore) -> None:
+    model, opt = trained(2)
+    model.register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1))
+    assert store.save(2, model, opt, None, {}, {})
+    assert store.save(3, model, opt, None, {}, {})
+    assert [s for s, _ in memory_slots(store.run_dir)] == [3, 2]

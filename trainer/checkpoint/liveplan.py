@@ -1,0 +1,153 @@
+"""The live state of a run, collected once for the memory tier and checked at each snapshot.
+
+``state.capture`` walks the model's state dict, the optimizer's nested state and the scaler's
+to find every tensor: for the tiny preset's 112 tensors that took longer than copying them. Between
+two snapshots training updates the same tensors in place, so a snapshot can reuse what the last
+walk found, once a cheap check says nothing moved: the same parameter, buffer and optimizer
+state objects, each with its storage, shape and dtype, and the same non-tensor optimizer state.
+Anything else (a parameter replaced, a new optimizer state entry, a load, a changed dtype) fails
+the check and the state is walked anew. The optimizer's ``param_groups`` (the learning rate
+moves every step) and the scaler's state are encoded afresh each time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .state import Snapshot, capture, check_json, encode, scaler_enabled, unwrap
+
+#: Optimizer state values compared by value; any other kind makes every snapshot a full walk.
+_PLAIN = (int, float, bool, str, type(None))
+#: One tensor as the check sees it: the object, its storage, shape and dtype.
+_Mark = tuple[int, int, torch.Size, torch.dtype]
+
+
+def _marks(tensors: list[torch.Tensor]) -> list[_Mark]:
+    return [(id(t), t.data_ptr(), t.shape, t.dtype) for t in tensors]
+
+
+@dataclass
+class _Walk:
+    """What one walk of the live objects finds: enough to tell whether anything moved."""
+
+    held: list[Any]
+    """The tensors and state values themselves: kept alive, so no id in ``marks`` is reused."""
+    marks: list[Any]
+    groups: dict[str, Any]
+    """The optimizer's state dict without its ``state`` (``param_groups`` and any extra keys)."""
+
+
+def _walk(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, modules: list[nn.Module]
+) -> _Walk:
+    """The tensors and state of ``modules`` (the model's, as the last walk found them) and of
+    ``optimizer``. A submodule added or replaced shows as a changed child of its parent."""
+    tensors: list[torch.Tensor] = []
+    others: list[Any] = [unwrap(model)]
+    for module in modules:
+        tensors += [t for t in module._parameters.values() if t is not None]
+        tensors += [t for t in module._buffers.values() if t is not None]
+        others += module._modules.values()
+    groups: dict[str, Any] = {}
+    if optimizer is not None:
+        packed = optimizer.state_dict()
+        for index, entry in packed["state"].items():
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+                elif isinstance(value, _PLAIN):
+                    others.append((index, name, value))
+                else:  # a container may change in place, unseen: never reuse this walk
+                    others.append(object())
+            others.append((index, len(entry)))
+        groups = {k: v for k, v in packed.items() if k != "state"}
+    return _Walk([*tensors, *others], [*_marks(tensors), *others], groups)
+
+
+@dataclass
+class _Plan:
+    snap: Snapshot
+    """The full capture it came from; its tensors are views of the live ones."""
+    modules: list[nn.Module]
+    walk: _Walk
+
+
+class LivePlan:
+    """Snapshots of one model, optimizer and scaler for the memory tier (``take=detach``: the
+    tensors are the live ones, which the slot writer copies)."""
+
+    def __init__(self) -> None:
+        self._plan: _Plan | None = None
+
+    def capture(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scaler: Any,
+        train_state: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
+    ) -> Snapshot:
+        """The snapshot :func:`state.capture` would give, from the last walk when nothing
+        moved. Raises ValueError as it does."""
+        plan = self._plan
+        if plan is not None:
+            walk = _walk(model, optimizer, plan.modules)
+            if walk.marks == plan.walk.marks:
+                snap = self._reuse(plan, walk, step, scaler, train_state, meta)
+                if snap is not None:
+                    return snap
+        self._plan = None
+        snap = capture(step, model, optimizer, scaler, train_state, meta, take=torch.Tensor.detach)
+        modules = list(unwrap(model).modules())
+        self._plan = _Plan(snap, modules, _walk(model, optimizer, modules))
+        return snap
+
+    def forget(self) -> None:
+        """Walk the state anew at the next snapshot (after a load or a rollback)."""
+        self._plan = None
+
+    @staticmethod
+    def _reuse(
+        plan: _Plan,
+        walk: _Walk,
+        step: int,
+        scaler: Any,
+        train_state: dict[str, Any] | None,
+        meta: dict[str, Any] | None,
+    ) -> Snapshot | None:
+        """The plan's snapshot with this step's non-tensor state; None when that state holds a
+        tensor (the plan's files would not have it)."""
+        train_state = dict(train_state or {})
+        meta = dict(meta or {})
+        check_json(train_state, "train_state")
+        check_json(meta, "meta")
+        extra: dict[str, torch.Tensor] = {}
+        skeleton = plan.snap.optim_skeleton
+        if skeleton is not None:
+            skeleton = {
+                k: skeleton["state"] if k == "state" else encode(v, extra, f"optim.{k}", _no_take)
+                for k, v in {"state": None, **walk.groups}.items()
+            }
+        scaler_state = None
+        if scaler is not None and scaler_enabled(scaler):
+            scaler_state = encode(scaler.state_dict(), extra, "scaler", _no_take)
+        if extra:
+            return None
+        return dataclasses.replace(
+            plan.snap,
+            step=step,
+            optim_skeleton=skeleton,
+            scaler_state=scaler_state,
+            train_state=train_state,
+            meta=meta,
+        )
+
+
+def _no_take(t: torch.Tensor) -> torch.Tensor:
+    return t
