@@ -104,9 +104,11 @@ def build(
     return manifest
 
 
-def to_bytes(manifest: dict[str, Any]) -> bytes:
-    """The bytes written to ``manifest.json`` (indented: people read it with ``inspect``)."""
-    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+def to_bytes(manifest: dict[str, Any], indent: int | None = 1) -> bytes:
+    """The bytes written to ``manifest.json``: indented, since people read a disk checkpoint's
+    with ``inspect``; a memory snapshot's on one line (``indent=None``), which costs a fraction
+    of the time to write."""
+    return (json.dumps(manifest, indent=indent, sort_keys=True) + "\n").encode()
 
 
 #: A manifest is a few KB; anything far larger is not one (and is not read into memory).

@@ -297,7 +297,7 @@ class SlotWriter:
         )
         fsio.write_file(
             slot.path / MANIFEST,
-            manifest.to_bytes(man),
+            manifest.to_bytes(man, indent=None),
             pause_phase="manifest-mid",
             durable=False,
         )
