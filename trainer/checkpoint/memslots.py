@@ -110,7 +110,8 @@ def _judged_runs(mapped: _MappedFile, names: set[str] | None) -> list[torch.Tens
     them when ``names`` is None), each over a run of adjacent tensors of one dtype."""
     runs: list[tuple[torch.dtype, int, int]] = []
     for name, view in mapped.views.items():
-        if not view.is_floating_point() or not view.numel() or (names and name not in names):
+        judged = names is None or name in names
+        if not judged or not view.is_floating_point() or not view.numel():
             continue
         start, end = mapped.spans[name]
         if runs and runs[-1][0] == view.dtype and runs[-1][2] == start:
@@ -172,7 +173,7 @@ class SlotWriter:
         self.ensure_room = ensure_room
         self.slots: list[_Slot] = []
         self._last_key: tuple[dict, dict, _Key] | None = None
-        self._state_json: tuple[Any, dict[str, str], str] | None = None
+        self._state_json: tuple[Any, str] | None = None
 
     def commit(self, snap: Snapshot, file_hash: str = hashing.FAST) -> Path:
         """Commit ``snap`` (the live tensors: they are copied here) as ``step-XXXXXXXX`` and
@@ -228,15 +229,10 @@ class SlotWriter:
                 }
             ).encode()
         cached = self._state_json
-        if (
-            cached is None
-            or cached[0] is not skeleton["state"]
-            or cached[1] is not snap.model_aliases
-        ):
-            cached = (skeleton["state"], snap.model_aliases, json.dumps(skeleton["state"]))
-            self._state_json = cached
+        if cached is None or cached[0] is not skeleton["state"]:
+            cached = self._state_json = (skeleton["state"], json.dumps(skeleton["state"]))
         optimizer = ", ".join(
-            f"{json.dumps(k)}: {cached[2] if k == 'state' else json.dumps(v)}"
+            f"{json.dumps(k)}: {cached[1] if k == 'state' else json.dumps(v)}"
             for k, v in skeleton.items()
         )
         return (
