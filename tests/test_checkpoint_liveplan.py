@@ -14,7 +14,7 @@ from torch import nn
 
 from runcontract.env import MEM_ROOT
 from tests.scripts.ckpt_model import assert_same_state, fresh, train, trained
-from trainer.checkpoint import load
+from trainer.checkpoint import load, memstore
 from trainer.checkpoint.layout import STATE_FILE
 from trainer.checkpoint.liveplan import LivePlan
 from trainer.checkpoint.memstore import MemoryStore
@@ -152,3 +152,20 @@ def test_a_buffer_may_hold_infinity_in_a_snapshot(store: MemoryStore) -> None:
     assert store.save(2, model, opt, None, {}, {})
     assert store.save(3, model, opt, None, {}, {})
     assert [s for s, _ in memory_slots(store.run_dir)] == [3, 2]
+
+
+def test_memory_saved_events_come_at_most_every_interval_with_a_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MEM_ROOT, str(tmp_path))
+    (tmp_path / "run").mkdir()
+    now = [1000.0]
+    monkeypatch.setattr(memstore.time, "monotonic", lambda: now[0])
+    events: list[dict] = []
+    store = MemoryStore(tmp_path / "run", enabled=True, on_event=events.append, event_every=10.0)
+    model, opt = trained(2)
+    for step in (2, 3, 4):
+        assert store.save(step, model, opt, None, {}, {})
+        now[0] += 4.0
+    assert store.save(5, model, opt, None, {}, {})  # 12 s after the first event
+    assert [(e["step"], e["snapshots"]) for e in events] == [(2, 1), (5, 3)]
