@@ -128,7 +128,8 @@ class MemoryStore:
         if not self._claimed or not self.dir.is_dir():  # also: removed under us, by hand
             self._claim()
             self._newest = None
-        if self._newest is None or snap.step <= self._newest:  # else none so new can be there
+        # Under the writer lock only this store writes here: past its newest step, none to drop.
+        if self._newest is None or snap.step <= self._newest:
             self._drop_from(snap.step)
         if self._slots is not None:
             try:
