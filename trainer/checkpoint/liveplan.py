@@ -108,10 +108,6 @@ class LivePlan:
         self._plan = _Plan(snap, modules, _walk(model, optimizer, modules))
         return snap
 
-    def forget(self) -> None:
-        """Walk the state anew at the next snapshot (after a load or a rollback)."""
-        self._plan = None
-
     @staticmethod
     def _reuse(
         plan: _Plan,
