@@ -104,6 +104,57 @@ def test_an_optimizer_state_that_is_not_a_plain_value_is_walked_every_time() -> 
     assert second.model_tensors is not first.model_tensors
 
 
+def _new_param_group(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    extra = nn.Parameter(torch.zeros(3))
+    model.register_parameter("extra", extra)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+
+
+def _state_dict_hook(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": len(o.state)})
+
+
+def test_a_new_param_group_makes_a_new_walk() -> None:
+    model, opt = trained(2)
+    plan = LivePlan()
+    first = plan.capture(2, model, opt, None, {}, {})
+    _new_param_group(model, opt)
+    second = plan.capture(3, model, opt, None, {}, {})
+    assert second.model_tensors is not first.model_tensors
+    assert len(second.optim_skeleton["param_groups"]) == 2
+    _same_as_a_full_walk(second, model, opt)
+
+
+def test_a_parameter_moved_between_groups_makes_a_new_walk() -> None:
+    """Nothing but the groups' membership changes; yet every state entry's index in
+    state_dict() moves with it, so the cached skeleton must not be reused."""
+    model, opt = trained(2)
+    params = opt.param_groups[0]["params"]
+    opt.param_groups[0]["params"] = params[:-2]
+    opt.add_param_group({"params": params[-2:], "lr": 0.5})
+    plan = LivePlan()
+    first = plan.capture(2, model, opt, None, {}, {})
+    moved = opt.param_groups[0]["params"].pop(0)
+    opt.param_groups[1]["params"].append(moved)
+    second = plan.capture(3, model, opt, None, {}, {})
+    assert second.model_tensors is not first.model_tensors
+    _same_as_a_full_walk(second, model, opt)
+
+
+def test_an_optimizer_whose_state_dict_adds_to_its_state_is_walked_every_time() -> None:
+    """The walk reads the optimizer directly; a state_dict() that is not what that reading
+    gives (here a hook adds a key) must never be stood in for by it."""
+    model, opt = trained(2)
+    _state_dict_hook(model, opt)
+    plan = LivePlan()
+    first = plan.capture(2, model, opt, None, {}, {})
+    train(model, opt, 2, 3)
+    second = plan.capture(3, model, opt, None, {}, {})
+    assert second.model_tensors is not first.model_tensors
+    assert second.optim_skeleton["note"] == len(opt.state)
+    _same_as_a_full_walk(second, model, opt)
+
+
 def test_committed_snapshots_of_a_reused_walk_load_back_bitwise(store: MemoryStore) -> None:
     model, opt = trained(2)
     for step in (3, 4, 5):

@@ -191,6 +191,26 @@ def test_a_memory_budget_snapshots_as_often_as_it_allows() -> None:
     assert plain.memory.current == round(math.sqrt(2 * 0.004 * 3600) / 0.1)
 
 
+def test_the_memory_cost_is_the_mean_of_many_without_the_snapshots_that_made_slots() -> None:
+    policy, _ = _policy(mode=SYNC, mem_budget=0.02)
+    _steps(policy, 10, seconds=0.1)
+    policy.memory_saved(10, 0.05)  # makes the first slot: its files, mapped
+    assert policy.memory.current == round(0.05 / 0.02 / 0.1)  # all there is to go by
+    policy.memory_saved(35, 0.03)  # makes the second
+    # The first rewrite of a slot: only what rewriting costs counts from now on.
+    policy.memory_saved(50, 0.002)
+    assert list(policy.costs["memory"].samples) == [0.002]
+    # A long tail is paid in full: 15 snapshots of 1 ms and 5 of 5 ms cost 2 ms each on
+    # average (their median says 1 ms).
+    for _ in range(15):
+        policy.memory_saved(60, 0.001)
+    for _ in range(5):
+        policy.memory_saved(60, 0.005)
+    assert len(policy.costs["memory"].samples) == save_policy.MEMORY_COST_WINDOW
+    assert policy.costs["memory"].mean() == pytest.approx(0.002)
+    assert policy.memory.current == 1  # 2 ms / 2 % = 0.1 s: one step
+
+
 def test_an_async_interval_is_never_shorter_than_a_write() -> None:
     policy, _ = _policy(mode=ASYNC)
     _steps(policy, 30, seconds=0.1)

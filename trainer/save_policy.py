@@ -53,12 +53,19 @@ MAX_INTERVAL_SECONDS = 1800.0
 """The longest auto interval: at most half an hour of work is lost, whatever the estimates."""
 COST_WINDOW = 5
 """A cost is the mean of this many recent measurements."""
+MEMORY_COST_WINDOW = 20
+"""The memory tier's cost is the mean of this many recent snapshots: they come every few steps,
+and a short window makes a noisy interval (a steady one loses fewer steps for the same cost)."""
+MEMORY_SLOTS_MADE = 2
+"""An attempt's first snapshots each make a slot (files made and mapped, once): their cost is
+dropped from the memory tier's once a snapshot rewrites a slot."""
 STEP_WINDOW = 50
 """The step time is the median of this many recent steps that no background write overlapped."""
 NOT_YET = 2**62
 """A due step that never comes: the next save waits for a measurement."""
 RECOMPUTE_CHANGE = 0.25
-"""An interval is announced again (event ``checkpoint_interval``) when it moves by this much."""
+"""An interval is announced again (event ``checkpoint_interval``) when it moves by this much, and
+by more than one step."""
 
 
 @dataclass
@@ -173,7 +180,12 @@ class SavePolicy:
         self.memory = TierInterval(
             "memory", mem_every, first_after=0.0 if mem_budget else FIRST_SAVE_SECONDS
         )
-        self.costs = {SYNC: Cost(), ASYNC: Cost(), "memory": Cost()}
+        self.costs = {
+            SYNC: Cost(),
+            ASYNC: Cost(),
+            "memory": Cost(deque(maxlen=MEMORY_COST_WINDOW)),
+        }
+        self._snapshots = 0
         self.write_seconds = Cost()
         """How long the asynchronous writer took per save (it bounds the disk interval)."""
         self.mode = ASYNC if mode == "auto" else mode
@@ -233,6 +245,9 @@ class SavePolicy:
             self.disk.due_at = step + self.disk.current if self.disk.current else NOT_YET
 
     def memory_saved(self, step: int, seconds: float) -> None:
+        self._snapshots += 1
+        if self._snapshots == MEMORY_SLOTS_MADE + 1:
+            self.costs["memory"].samples.clear()
         self.costs["memory"].add(seconds)
         self._place(self.memory, step)
 
@@ -303,8 +318,10 @@ class SavePolicy:
 
     def _tier_cost(self, tier: TierInterval) -> float | None:
         if tier.tier == "memory":
-            # The median: a slot's first snapshot also makes its files, once.
-            return self.costs["memory"].median()
+            # The mean, not the median: a snapshot's cost has a long tail (a cold cache, a
+            # collection), and the loop pays all of it. Under the median, a 2 % budget cost
+            # the tiny preset 3 % of its steps/s.
+            return self.costs["memory"].mean()
         cost = self.costs[self.mode].mean()
         other = SYNC if self.mode == ASYNC else ASYNC
         return cost if cost is not None else self.costs[other].mean()
@@ -334,7 +351,7 @@ class SavePolicy:
         tier.current = every
         tier.due_at = step + every
         last = tier.announced
-        if last is None or abs(every - last) > RECOMPUTE_CHANGE * last:
+        if last is None or abs(every - last) > max(RECOMPUTE_CHANGE * last, 1):
             tier.announced = every
             self.emit(
                 "checkpoint_interval",

@@ -4,10 +4,11 @@
 to find every tensor: for the tiny preset's 112 tensors that took longer than copying them. Between
 two snapshots training updates the same tensors in place, so a snapshot can reuse what the last
 walk found, once a cheap check says nothing moved: the same parameter, buffer and optimizer
-state objects, each with its storage, shape and dtype, and the same non-tensor optimizer state.
-Anything else (a parameter replaced, a new optimizer state entry, a load, a changed dtype) fails
-the check and the state is walked anew. The optimizer's ``param_groups`` (the learning rate
-moves every step) and the scaler's state are encoded afresh each time.
+state objects, each with its storage, shape and dtype, the same non-tensor optimizer state, and
+the same parameters in each optimizer group. Anything else (a parameter replaced, a new optimizer
+state entry, a load, a changed dtype, a parameter moved to another group) fails the check and
+the state is walked anew. The optimizer's ``param_groups`` (the learning rate moves every step)
+and the scaler's state are encoded afresh each time.
 """
 
 from __future__ import annotations
@@ -38,25 +39,28 @@ class _Walk:
     held: list[Any]
     """The tensors and state values themselves: kept alive, so no id in ``marks`` is reused."""
     marks: list[Any]
-    groups: dict[str, Any]
-    """The optimizer's state dict without its ``state`` (``param_groups`` and any extra keys)."""
+    groups: list[dict[str, Any]]
+    """The optimizer's ``param_groups``, each without its ``params``."""
 
 
 def _walk(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, modules: list[nn.Module]
 ) -> _Walk:
     """The tensors and state of ``modules`` (the model's, as the last walk found them) and of
-    ``optimizer``. A submodule added or replaced shows as a changed child of its parent."""
+    ``optimizer``. A submodule added or replaced shows as a changed child of its parent.
+
+    The optimizer is read directly, not through ``state_dict()``, which packs every group and
+    state entry anew: what it would give is checked once per plan (:meth:`LivePlan.capture`)."""
     tensors: list[torch.Tensor] = []
     others: list[Any] = [unwrap(model)]
     for module in modules:
         tensors += [t for t in module._parameters.values() if t is not None]
         tensors += [t for t in module._buffers.values() if t is not None]
         others += module._modules.values()
-    groups: dict[str, Any] = {}
+    groups: list[dict[str, Any]] = []
     if optimizer is not None:
-        packed = optimizer.state_dict()
-        for index, entry in packed["state"].items():
+        for index, (param, entry) in enumerate(optimizer.state.items()):
+            others.append((index, id(param), len(entry)))
             for name, value in entry.items():
                 if isinstance(value, torch.Tensor):
                     tensors.append(value)
@@ -64,8 +68,9 @@ def _walk(
                     others.append((index, name, value))
                 else:  # a container may change in place, unseen: never reuse this walk
                     others.append(object())
-            others.append((index, len(entry)))
-        groups = {k: v for k, v in packed.items() if k != "state"}
+        for group in optimizer.param_groups:
+            others.append(tuple(map(id, group["params"])))
+            groups.append({k: v for k, v in group.items() if k != "params"})
     return _Walk([*tensors, *others], [*_marks(tensors), *others], groups)
 
 
@@ -75,6 +80,9 @@ class _Plan:
     """The full capture it came from; its tensors are views of the live ones."""
     modules: list[nn.Module]
     walk: _Walk
+    reusable: bool
+    """False when the optimizer's ``state_dict()`` is not what a direct read gives (a subclass
+    that adds to it, a hook): every snapshot then walks the state anew."""
 
 
 class LivePlan:
@@ -96,7 +104,7 @@ class LivePlan:
         """The snapshot :func:`state.capture` would give, from the last walk when nothing
         moved. Raises ValueError as it does."""
         plan = self._plan
-        if plan is not None:
+        if plan is not None and plan.reusable:
             walk = _walk(model, optimizer, plan.modules)
             if walk.marks == plan.walk.marks:
                 snap = self._reuse(plan, walk, step, scaler, train_state, meta)
@@ -105,7 +113,10 @@ class LivePlan:
         self._plan = None
         snap = capture(step, model, optimizer, scaler, train_state, meta, take=torch.Tensor.detach)
         modules = list(unwrap(model).modules())
-        self._plan = _Plan(snap, modules, _walk(model, optimizer, modules))
+        plan = _Plan(snap, modules, _walk(model, optimizer, modules), reusable=True)
+        again = self._reuse(plan, plan.walk, step, scaler, train_state, meta)
+        plan.reusable = again is not None and again.optim_skeleton == snap.optim_skeleton
+        self._plan = plan
         return snap
 
     @staticmethod
@@ -126,10 +137,16 @@ class LivePlan:
         extra: dict[str, torch.Tensor] = {}
         skeleton = plan.snap.optim_skeleton
         if skeleton is not None:
-            skeleton = {
-                k: skeleton["state"] if k == "state" else encode(v, extra, f"optim.{k}", _no_take)
-                for k, v in {"state": None, **walk.groups}.items()
-            }
+            packed = skeleton["param_groups"]
+            if len(packed) != len(walk.groups):
+                return None
+            groups = []
+            for i, group in enumerate(walk.groups):
+                at = f"optim.param_groups.{i}"
+                encoded = {k: encode(v, extra, f"{at}.{k}", _no_take) for k, v in group.items()}
+                encoded["params"] = packed[i]["params"]  # the same parameters: the marks say so
+                groups.append(encoded)
+            skeleton = {"state": skeleton["state"], "param_groups": groups}
         scaler_state = None
         if scaler is not None and scaler_enabled(scaler):
             scaler_state = encode(scaler.state_dict(), extra, "scaler", _no_take)

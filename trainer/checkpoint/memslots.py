@@ -36,10 +36,11 @@ from typing import Any
 
 import torch
 
+from runcontract.layout import parse_step
+
 from . import fsio, hashing, manifest
-from .integrity import step_dirs
 from .layout import MANIFEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, TMP_PREFIX, step_name, work_name
-from .state import Snapshot
+from .state import Snapshot, nonfinite_names
 from .tensorfile import header
 
 #: Snapshots kept: the newest, and the slot the next one is written into.
@@ -76,6 +77,7 @@ class _Slot:
     dst: list[torch.Tensor]  #: every tensor's view, in the snapshot's order
     param_bytes: list[memoryview]  #: the parameters' bytes, in order, adjacent ones merged
     judged: list[torch.Tensor]  #: flat runs of the parameters and optimizer tensors
+    judged_views: list[tuple[str, torch.Tensor]]  #: the same tensors, one by one
 
 
 def _payload(snap: Snapshot) -> dict[str, dict[str, torch.Tensor]]:
@@ -180,8 +182,7 @@ class SlotWriter:
         return its path. Raises OSError, ValueError and :class:`NonFiniteSnapshot`; nothing of
         this snapshot is then left visible, and the newest earlier one is untouched."""
         key = self._key_of(snap)
-        self.slots = [s for s in self.slots if s.path.is_dir()]  # dropped by a rollback, by hand
-        committed = step_dirs(self.dir)
+        committed = self._committed()
         newest = committed[0][1] if committed else None
         reusable = [s for s in self.slots if s.path != newest and s.key == key]
         slot = reusable[0] if reusable else None
@@ -205,6 +206,24 @@ class SlotWriter:
                 self._forget(slot.path)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _committed(self) -> list[tuple[int, Path]]:
+        """``step_dirs(self.dir)``, and the slots not among them forgotten (dropped by a
+        rollback, or by hand). A name this writer committed is known to be its directory;
+        only another name costs a stat."""
+        mine = {s.path.name: s.path for s in self.slots}
+        committed = []
+        for name in os.listdir(self.dir):
+            step = parse_step(name)
+            if step is None:
+                continue
+            path = mine.get(name) or self.dir / name
+            if name in mine or path.is_dir():
+                committed.append((step, path))
+        committed.sort(reverse=True)
+        on_disk = {path for _, path in committed}
+        self.slots = [s for s in self.slots if s.path in on_disk]
+        return committed
 
     def _key_of(self, snap: Snapshot) -> _Key:
         # Snapshots from one plan (``liveplan``) share their tensor dicts: their key is known.
@@ -250,8 +269,10 @@ class SlotWriter:
         model = files[MODEL_FILE]
         params = _runs([model.spans[name] for name in key[1]])
         judged = _judged_runs(model, set(key[1]))
+        judged_views = [(name, model.views[name]) for name in key[1]]
         if OPTIM_FILE in files:
             judged += _judged_runs(files[OPTIM_FILE], None)
+            judged_views += list(files[OPTIM_FILE].views.items())
         slot = _Slot(
             tmp,
             key,
@@ -259,6 +280,7 @@ class SlotWriter:
             dst=[v for mapped in files.values() for v in mapped.views.values()],
             param_bytes=[memoryview(model.data[a:b].numpy()) for a, b in params],  # type: ignore[arg-type]
             judged=judged,
+            judged_views=judged_views,
         )
         self.slots.append(slot)
         return slot
@@ -268,7 +290,8 @@ class SlotWriter:
         with torch.no_grad():
             _copy_into(slot.dst, src)
         if not _all_finite(slot.judged):
-            bad = snap.nonfinite  # exact, tensor by tensor: the sum may only have overflowed
+            # Exact, tensor by tensor, on the copies: the sum may only have overflowed.
+            bad = nonfinite_names(slot.judged_views)
             if bad:
                 raise NonFiniteSnapshot(bad)
         files: dict[str, dict] = {}
@@ -282,7 +305,7 @@ class SlotWriter:
         files[STATE_FILE] = fsio.write_file(
             slot.path / STATE_FILE, self._state_bytes(snap), algo=file_hash, durable=False
         )
-        man = manifest.build(
+        man = manifest.compact_bytes(
             snap.step,
             files,
             digest.hexdigest(),
@@ -291,12 +314,7 @@ class SlotWriter:
             finite=True,  # a snapshot that is not was refused above
             file_hash=file_hash,
         )
-        fsio.write_file(
-            slot.path / MANIFEST,
-            manifest.to_bytes(man, indent=None),
-            pause_phase="manifest-mid",
-            durable=False,
-        )
+        fsio.write_file(slot.path / MANIFEST, man, pause_phase="manifest-mid", durable=False)
         fsio.pause_point("before-rename")
         final = self.dir / step_name(snap.step)
         if final.exists():  # rename would replace an empty directory silently

@@ -122,10 +122,10 @@ class MemoryStore:
         return True
 
     def _commit(self, snap: Snapshot) -> Path:
-        root = memory_root()
-        if not root.is_dir():
-            raise OSError(errno.ENOENT, f"the memory tier's root {root} is not a directory")
         if not self._claimed or not self.dir.is_dir():  # also: removed under us, by hand
+            root = memory_root()
+            if not root.is_dir():
+                raise OSError(errno.ENOENT, f"the memory tier's root {root} is not a directory")
             self._claim()
             self._newest = None
         # Under the writer lock only this store writes here: past its newest step, none to drop.
