@@ -116,9 +116,6 @@ class Cost:
     def mean(self) -> float | None:
         return statistics.fmean(self.samples) if self.samples else None
 
-    def median(self) -> float | None:
-        return statistics.median(self.samples) if self.samples else None
-
 
 @dataclass
 class _AsyncSave:
