@@ -316,8 +316,7 @@ class SavePolicy:
     def _tier_cost(self, tier: TierInterval) -> float | None:
         if tier.tier == "memory":
             # The mean, not the median: a snapshot's cost has a long tail (a cold cache, a
-            # collection), and the loop pays all of it. Under the median, a 2 % budget cost
-            # the tiny preset 3 % of its steps/s.
+            # collection), and the loop pays all of it.
             return self.costs["memory"].mean()
         cost = self.costs[self.mode].mean()
         other = SYNC if self.mode == ASYNC else ASYNC
