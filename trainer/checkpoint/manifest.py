@@ -72,29 +72,16 @@ def build(
     *,
     finite: bool,
     file_hash: str = hashing.DEFAULT,
+    sealed: bool = True,
 ) -> dict[str, Any]:
     """The manifest of one checkpoint; ``meta`` keys other than the reserved ones are kept as-is.
     ``finite`` records whether every parameter and optimizer tensor is finite; ``file_hash``
     names the files' checksum, recorded only when it is not sha256 (so disk manifests read as
     they always did), and the algorithm of ``params_digest`` (:func:`params_key`).
+    ``sealed``: with its ``manifest_sha256`` (else :func:`compact_bytes` adds it).
 
     Raises ValueError when ``meta`` tries to set a field the store owns.
     """
-    manifest = _unsealed(step, files, params_digest, train_state, meta, finite, file_hash)
-    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
-    return manifest
-
-
-def _unsealed(
-    step: int,
-    files: dict[str, dict[str, Any]],
-    params_digest: str,
-    train_state: dict[str, Any],
-    meta: dict[str, Any],
-    finite: bool,
-    file_hash: str,
-) -> dict[str, Any]:
-    """What :func:`build` returns, without ``manifest_sha256``."""
     check_meta(meta)
     import torch  # here, not at the top: verifying must not pay for importing torch
 
@@ -115,29 +102,21 @@ def _unsealed(
         manifest["file_hash"] = file_hash
     for k, v in meta.items():
         manifest.setdefault(k, v)
+    if sealed:
+        manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
     return manifest
 
 
-def to_bytes(manifest: dict[str, Any], indent: int | None = 1) -> bytes:
+def to_bytes(manifest: dict[str, Any]) -> bytes:
     """The bytes written to ``manifest.json``: indented, since people read a disk checkpoint's
     with ``inspect``."""
-    return (json.dumps(manifest, indent=indent, sort_keys=True) + "\n").encode()
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 
-def compact_bytes(
-    step: int,
-    files: dict[str, dict[str, Any]],
-    params_digest: str,
-    train_state: dict[str, Any],
-    meta: dict[str, Any],
-    *,
-    finite: bool,
-    file_hash: str = hashing.DEFAULT,
-) -> bytes:
-    """The manifest :func:`build` makes, as bytes in its canonical form with
+def compact_bytes(body: dict[str, Any]) -> bytes:
+    """The bytes of ``body`` (from ``build(..., sealed=False)``) in canonical form, with
     ``manifest_sha256`` appended: one JSON encoding instead of two, for the memory tier's
     snapshots, which nobody reads by eye. :func:`read` takes either form."""
-    body = _unsealed(step, files, params_digest, train_state, meta, finite, file_hash)
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     return f'{canonical[:-1]},"manifest_sha256":"{digest}"}}\n'.encode()

@@ -305,7 +305,7 @@ class SlotWriter:
         files[STATE_FILE] = fsio.write_file(
             slot.path / STATE_FILE, self._state_bytes(snap), algo=file_hash, durable=False
         )
-        man = manifest.compact_bytes(
+        body = manifest.build(
             snap.step,
             files,
             digest.hexdigest(),
@@ -313,7 +313,9 @@ class SlotWriter:
             snap.meta,
             finite=True,  # a snapshot that is not was refused above
             file_hash=file_hash,
+            sealed=False,
         )
+        man = manifest.compact_bytes(body)
         fsio.write_file(slot.path / MANIFEST, man, pause_phase="manifest-mid", durable=False)
         fsio.pause_point("before-rename")
         final = self.dir / step_name(snap.step)
