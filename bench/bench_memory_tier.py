@@ -15,6 +15,7 @@ root is a temporary directory, removed at the end.
     python bench/bench_memory_tier.py                        # 20 kills per mode
     python bench/bench_memory_tier.py --kills 5 --after 2 4  # a quick look
     python bench/bench_memory_tier.py --kills 0 --clean-rounds 2  # fault-free speed alone
+    python bench/bench_memory_tier.py --in-run 3 6 --clean-steps 3000  # cost, within one run
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from common import (
     wait_exit,
 )
 
-from runcontract.env import MEM_ROOT
+from runcontract.env import MEM_ALTERNATE, MEM_ROOT
 from runcontract.heartbeat import read_heartbeat
 
 _STEP_LINE = re.compile(r"^step (\d+)/", re.MULTILINE)
@@ -84,6 +86,55 @@ def fault_free(
     if code != 0 or len(steps) < 2:
         return None
     return (steps[-1]["step"] - steps[0]["step"]) / (steps[-1]["time"] - steps[0]["time"])
+
+
+def in_run_cost(
+    run_dir: Path, args: argparse.Namespace, every: int, env: dict[str, str]
+) -> dict[str, float] | None:
+    """What snapshots every ``every`` steps cost, measured within one fault-free run: the
+    trainer takes them only in every other stretch of ``--stretch`` steps
+    (``ROSE_MEM_ALTERNATE``), and the wall time per step of the stretches with snapshots is set
+    against that of the stretches without. Separate runs drift by as much as the effect.
+
+    Returns ms per step with and without, and the cost per snapshot (ms), split into the step
+    whose snapshot it is and the steps after it (a snapshot leaves the caches cold); None when
+    the run failed."""
+    proc = _start(
+        run_dir,
+        _train_args(args, args.clean_steps, every),
+        {**env, MEM_ALTERNATE: str(args.stretch)},
+    )
+    try:
+        code = wait_exit(proc, args.timeout)
+    finally:
+        stop_run(proc, run_dir)
+    times = {m["step"]: m["time"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m}
+    if code != 0 or not times:
+        return None
+    # (stretch with snapshots?, steps since the last snapshot step) -> wall times per step: the
+    # time from step s-1's record to step s's holds the snapshot of s-1, if one was taken.
+    gaps: dict[tuple[bool, bool], list[float]] = {
+        key: [] for key in product((True, False), repeat=2)
+    }
+    for step, t in times.items():
+        before = step - 1
+        if before in times and before > 20:
+            with_snapshots = (before // args.stretch) % 2 == 0
+            gaps[(with_snapshots, before % every == 0)].append(t - times[before])
+    if not all(gaps.values()):
+        return None
+    on = [g for key, g in gaps.items() if key[0] for g in g]
+    off = [g for key, g in gaps.items() if not key[0] for g in g]
+    mean = statistics.fmean
+    in_step = mean(gaps[(True, True)]) - mean(gaps[(False, True)])
+    after = (mean(gaps[(True, False)]) - mean(gaps[(False, False)])) * (every - 1)
+    return {
+        "on": mean(on) * 1e3,
+        "off": mean(off) * 1e3,
+        "snapshot": (mean(on) - mean(off)) * every * 1e3,
+        "in_step": in_step * 1e3,
+        "after": after * 1e3,
+    }
 
 
 def with_kills(
@@ -145,6 +196,40 @@ def steps_lost(run_dir: Path) -> list[int]:
     return lost
 
 
+def print_in_run(args: argparse.Namespace) -> int:
+    """Measure and print the in-run cost of each ``--in-run`` interval; 0, or 1 when a run
+    failed."""
+    print(
+        f"job: {args.model} preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
+        f"{args.seq_len}, async disk checkpoint every {args.ckpt_every} steps, "
+        f"{args.clean_steps} steps per run; memory snapshots every K steps, only in every "
+        f"other stretch of {args.stretch} steps"
+    )
+    print()
+    print(
+        "| K | ms a step, stretches with snapshots | without | speed with / without "
+        "| cost a snapshot, ms | in its own step | in the steps after |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        root = Path(tmp) / "shm"
+        root.mkdir()
+        env = {**clean_env(), MEM_ROOT: str(root)}
+        for every in args.in_run:
+            r = in_run_cost(Path(tmp) / f"in-run-{every}", args, every, env)
+            if r is None:
+                print(f"| {every} | run failed | | | | | |")
+                failed = True
+                continue
+            print(
+                f"| {every} | {r['on']:.3f} | {r['off']:.3f} | {r['off'] / r['on']:.3f} "
+                f"| {r['snapshot']:.2f} | {r['in_step']:.2f} | {r['after']:.2f} |",
+                flush=True,
+            )
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both modes; print a Markdown table. Returns 0, or 1 when a run failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -162,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="rounds of fault-free runs, each on, off, off, on (default 1)",
     )
+    parser.add_argument(
+        "--in-run",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="instead: the cost of a snapshot every K steps, measured within one fault-free run "
+        "of --clean-steps per K (stretches with and without snapshots)",
+    )
+    parser.add_argument("--stretch", type=int, default=20, help="steps per stretch (default 20)")
     parser.add_argument("--model", default="tiny", help="model preset (default tiny)")
     parser.add_argument("--micro-batch", type=int, default=8, help="(default 8)")
     parser.add_argument("--seq-len", type=int, default=64, help="(default 64)")
@@ -169,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print(machine_line())
+    if args.in_run:
+        return print_in_run(args)
     print(
         f"job: {args.model} preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
         f"{args.seq_len}, async disk checkpoint every {args.ckpt_every} steps; memory tier "

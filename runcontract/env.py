@@ -39,6 +39,11 @@ or on RANK only) of the step that reads the data step STEP reads in a run that s
 so a divergence happens at a chosen step, deterministically; once a rollback skipped that data it
 does not happen again."""
 
+MEM_ALTERNATE = "ROSE_MEM_ALTERNATE"
+"""Benchmark only: ``N``. The built-in trainer takes memory snapshots only in every other
+stretch of N steps (steps 1 to N-1 on, N to 2N-1 off, ...), so that one run measures what the
+tier costs, stretch against stretch, free of the drift between separate runs."""
+
 SUPERVISED = (
     RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID, EVENTS_FILE, FAILURES, RUN_SECONDS
 )  # fmt: skip

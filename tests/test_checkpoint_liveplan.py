@@ -220,3 +220,21 @@ def test_memory_saved_events_come_at_most_every_interval_with_a_count(
         now[0] += 4.0
     assert store.save(5, model, opt, None, {}, {})  # 12 s after the first event
     assert [(e["step"], e["snapshots"]) for e in events] == [(2, 1), (5, 3)]
+
+
+def test_a_tensor_that_is_not_contiguous_is_committed_bitwise(store: MemoryStore) -> None:
+    # Contiguous tensors are copied as bytes; one that is not takes torch's copy, for all.
+    from safetensors.torch import load_file
+
+    model, opt = trained(2)
+    model.norm.register_buffer("odd", torch.arange(12.0).reshape(3, 4).t())
+    assert not model.norm.odd.is_contiguous()
+    for step in (3, 4):
+        train(model, opt, step - 1, step)
+        with torch.no_grad():
+            model.norm.odd.add_(step)  # in place: the walk is reused
+        assert store.save(step, model, opt, None, {"step": step}, {})
+    slot = memory_slots(store.run_dir)[0][1]
+    stored = load_file(str(slot / "model.safetensors"))
+    assert torch.equal(stored["norm.odd"], model.norm.odd)
+    assert torch.equal(stored["up.weight"], model.up.weight.detach())

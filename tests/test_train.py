@@ -762,3 +762,30 @@ def test_resume_reads_older_train_states_and_refuses_invalid_ones(
     with pytest.raises(CheckpointUnloadable, match=r"train_state position is -8"):
         broken_path = tmp_path / "broken" / "checkpoints" / "step-00000002"
         in_process_trainer(data_cache, tmp_path / "bad", "--steps", "3", resume=broken_path)
+
+
+def test_the_benchmark_stretches_take_snapshots_every_other_stretch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from runcontract.env import MEM_ALTERNATE
+    from trainer import train as train_module
+
+    monkeypatch.delenv(MEM_ALTERNATE, raising=False)
+    assert train_module._snapshot_stretch() == 0
+    monkeypatch.setenv(MEM_ALTERNATE, "3")
+    assert train_module._snapshot_stretch() == 3
+
+    def on(stretch: int, step: int) -> bool:
+        fake = SimpleNamespace(_snapshot_stretch=stretch, step=step)
+        return train_module.Trainer._snapshots_on(fake)  # type: ignore[arg-type]
+
+    # Steps 1-2 on, 3-5 off, 6-8 on, 9-11 off, 12 on: the snapshot of step s is taken or not.
+    pattern = "110001110001"
+    assert [on(3, step) for step in range(1, 13)] == [c == "1" for c in pattern]
+    assert all(on(0, step) for step in range(1, 13))
+    for bad in ("x", "-1"):
+        monkeypatch.setenv(MEM_ALTERNATE, bad)
+        with pytest.raises(train_module.UsageError, match=MEM_ALTERNATE):
+            train_module._snapshot_stretch()

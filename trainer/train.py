@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from runcontract.env import DIVERGE_AT_STEP, RUN_DIR
+from runcontract.env import DIVERGE_AT_STEP, MEM_ALTERNATE, RUN_DIR
 from runcontract.events import EventType
 from runcontract.exit_codes import TrainerExit
 from runcontract.heartbeat import Phase
@@ -231,6 +231,7 @@ class Trainer:
         self.skipped: tuple[tuple[int, int], ...] = ()  # positions a rollback skipped
         self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it so far
         self.poison_step = _poison_step(d.rank)
+        self._snapshot_stretch = _snapshot_stretch()
         self.last_loss = float("nan")
         self.last_saved_step = -1
         # A fresh start empties metrics.jsonl; a resume cuts it back to its checkpoint.
@@ -504,7 +505,7 @@ class Trainer:
             if policy.disk_due(self.step):
                 self._save_periodic()
             # Not at the last step: the final checkpoint goes to disk right after.
-            if policy.memory_due(self.step) and self.step < cfg.steps:
+            if policy.memory_due(self.step) and self.step < cfg.steps and self._snapshots_on():
                 self._save_memory()
         return self._finished()
 
@@ -815,6 +816,11 @@ class Trainer:
         self.beat(self.step, phase=Phase.TRAIN)
         return saved
 
+    def _snapshots_on(self) -> bool:
+        """False in a stretch of steps without snapshots (``ROSE_MEM_ALTERNATE``)."""
+        stretch = self._snapshot_stretch
+        return not stretch or (self.step // stretch) % 2 == 0
+
     def _save_memory(self) -> None:
         """The same state as a disk checkpoint, committed to the memory tier (rank 0 only)."""
         if not self.mem.enabled:
@@ -923,6 +929,20 @@ def _poison_step(rank: int) -> int | None:
         return int(step)
     except ValueError:
         raise UsageError(f"{DIVERGE_AT_STEP}={raw!r} is not STEP or STEP:RANK") from None
+
+
+def _snapshot_stretch() -> int:
+    """Benchmark only (``ROSE_MEM_ALTERNATE=N``): the length of the stretches of steps that
+    alternately take memory snapshots and do not; 0 (unset): every stretch takes them. Raises
+    UsageError when malformed."""
+    raw = os.environ.get(MEM_ALTERNATE, "")
+    try:
+        n = int(raw or "0")
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError(f"{MEM_ALTERNATE}={raw!r} is not a number of steps")
+    return n
 
 
 def _agree_on_resume(chosen: Path | None, d: Dist) -> Path | None:

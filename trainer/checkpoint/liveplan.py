@@ -14,6 +14,7 @@ and the scaler's state are encoded afresh each time.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +25,8 @@ from .state import Snapshot, capture, check_json, encode, scaler_enabled, unwrap
 
 #: Optimizer state values compared by value; any other kind makes every snapshot a full walk.
 _PLAIN = (int, float, bool, str, type(None))
-#: One tensor as the check sees it: the object, its storage, shape and dtype.
-_Mark = tuple[int, int, torch.Size, torch.dtype]
-
-
-def _marks(tensors: list[torch.Tensor]) -> list[_Mark]:
-    return [(id(t), t.data_ptr(), t.shape, t.dtype) for t in tensors]
+#: Each tensor's shape and dtype, read in one call.
+_SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
 
 
 @dataclass
@@ -50,28 +47,38 @@ def _walk(
     ``optimizer``. A submodule added or replaced shows as a changed child of its parent.
 
     The optimizer is read directly, not through ``state_dict()``, which packs every group and
-    state entry anew: what it would give is checked once per plan (:meth:`LivePlan.capture`)."""
-    tensors: list[torch.Tensor] = []
-    others: list[Any] = [unwrap(model)]
-    for module in modules:
-        tensors += [t for t in module._parameters.values() if t is not None]
-        tensors += [t for t in module._buffers.values() if t is not None]
-        others += module._modules.values()
+    state entry anew: what it would give is checked once per plan (:meth:`LivePlan.capture`).
+    It runs at every snapshot, so it reads in bulk (one call per kind of mark, not one per
+    tensor): a tensor is the same object at the same storage, with the same shape and dtype."""
+    held: list[Any] = [
+        t
+        for own in [m._parameters for m in modules] + [m._buffers for m in modules]
+        for t in own.values()
+    ]
+    others: list[Any] = [unwrap(model), [c for m in modules for c in m._modules.values()]]
     groups: list[dict[str, Any]] = []
+    plain: list[Any] = []
     if optimizer is not None:
-        for index, (param, entry) in enumerate(optimizer.state.items()):
-            others.append((index, id(param), len(entry)))
-            for name, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    tensors.append(value)
-                elif isinstance(value, _PLAIN):
-                    others.append((index, name, value))
-                else:  # a container may change in place, unseen: never reuse this walk
-                    others.append(object())
+        entries = list(optimizer.state.values())
+        values = [v for entry in entries for v in entry.values()]
+        plain = [v for v in values if not isinstance(v, torch.Tensor)]
+        held += [v for v in values if isinstance(v, torch.Tensor)]
+        # Which parameters hold state, under which names: the places of the values.
+        others += [list(map(id, optimizer.state)), [k for entry in entries for k in entry]]
+        others.append(plain)
+        if not all(isinstance(v, _PLAIN) for v in plain):
+            others.append(object())  # a container may change in place, unseen: never reuse
         for group in optimizer.param_groups:
-            others.append(tuple(map(id, group["params"])))
+            others.append(list(map(id, group["params"])))
             groups.append({k: v for k, v in group.items() if k != "params"})
-    return _Walk([*tensors, *others], [*_marks(tensors), *others], groups)
+    tensors = [t for t in held if t is not None]
+    marks = [
+        list(map(id, held)),
+        list(map(torch.Tensor.data_ptr, tensors)),
+        list(map(_SHAPE_DTYPE, tensors)),
+        *others,
+    ]
+    return _Walk([*held, *plain], marks, groups)
 
 
 @dataclass

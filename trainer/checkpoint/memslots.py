@@ -41,7 +41,7 @@ from runcontract.layout import parse_step
 from . import fsio, hashing, manifest
 from .layout import MANIFEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, TMP_PREFIX, step_name, work_name
 from .state import Snapshot, nonfinite_names
-from .tensorfile import header
+from .tensorfile import header, host_bytes
 
 #: Snapshots kept: the newest, and the slot the next one is written into.
 SLOTS = 2
@@ -75,6 +75,7 @@ class _Slot:
     key: _Key
     files: dict[str, _MappedFile]
     dst: list[torch.Tensor]  #: every tensor's view, in the snapshot's order
+    dst_bytes: list[memoryview]  #: the same, as bytes
     param_bytes: list[memoryview]  #: the parameters' bytes, in order, adjacent ones merged
     judged: list[torch.Tensor]  #: flat runs of the parameters and optimizer tensors
     judged_views: list[tuple[str, torch.Tensor]]  #: the same tensors, one by one
@@ -163,6 +164,15 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
+def _source_bytes(src: list[torch.Tensor]) -> list[memoryview] | None:
+    """Every tensor of ``src`` as its bytes in place, or None when one is not on the host or
+    not contiguous (those are copied by torch)."""
+    try:
+        return [host_bytes(t.detach()) for t in src]
+    except ValueError:
+        return None
+
+
 class SlotWriter:
     """Writes snapshots into at most :data:`SLOTS` slot directories under ``mem_dir``.
 
@@ -174,14 +184,14 @@ class SlotWriter:
         self.dir = mem_dir
         self.ensure_room = ensure_room
         self.slots: list[_Slot] = []
-        self._last_key: tuple[dict, dict, _Key] | None = None
+        self._last_key: tuple[dict, dict, _Key, list[memoryview] | None] | None = None
         self._state_json: tuple[Any, str] | None = None
 
     def commit(self, snap: Snapshot, file_hash: str = hashing.FAST) -> Path:
         """Commit ``snap`` (the live tensors: they are copied here) as ``step-XXXXXXXX`` and
         return its path. Raises OSError, ValueError and :class:`NonFiniteSnapshot`; nothing of
         this snapshot is then left visible, and the newest earlier one is untouched."""
-        key = self._key_of(snap)
+        key, _ = self._key_of(snap)
         committed = self._committed()
         newest = committed[0][1] if committed else None
         reusable = [s for s in self.slots if s.path != newest and s.key == key]
@@ -225,14 +235,16 @@ class SlotWriter:
         self.slots = [s for s in self.slots if s.path in on_disk]
         return committed
 
-    def _key_of(self, snap: Snapshot) -> _Key:
-        # Snapshots from one plan (``liveplan``) share their tensor dicts: their key is known.
+    def _key_of(self, snap: Snapshot) -> tuple[_Key, list[memoryview] | None]:
+        """The slot key of ``snap``, and its tensors' bytes in place (None: copied by torch).
+        Snapshots from one plan (``liveplan``) share their tensor dicts, which hold the same
+        tensors at the same storage: both are known."""
         last = self._last_key
         if last is not None and last[0] is snap.model_tensors and last[1] is snap.optim_tensors:
-            return last[2]
-        key = _key(snap)
-        self._last_key = (snap.model_tensors, snap.optim_tensors, key)
-        return key
+            return last[2], last[3]
+        src = _source_bytes([t for tensors in _payload(snap).values() for t in tensors.values()])
+        self._last_key = (snap.model_tensors, snap.optim_tensors, _key(snap), src)
+        return self._last_key[2], src
 
     def _state_bytes(self, snap: Snapshot) -> bytes:
         """``state.json``: the model's aliases, the optimizer's skeleton and the scaler's state.
@@ -278,6 +290,11 @@ class SlotWriter:
             key,
             files,
             dst=[v for mapped in files.values() for v in mapped.views.values()],
+            dst_bytes=[
+                memoryview(mapped.data[a:b].numpy())  # type: ignore[arg-type]
+                for mapped in files.values()
+                for a, b in mapped.spans.values()
+            ],
             param_bytes=[memoryview(model.data[a:b].numpy()) for a, b in params],  # type: ignore[arg-type]
             judged=judged,
             judged_views=judged_views,
@@ -286,9 +303,15 @@ class SlotWriter:
         return slot
 
     def _write(self, slot: _Slot, snap: Snapshot, file_hash: str) -> Path:
-        src = [t for tensors in _payload(snap).values() for t in tensors.values()]
-        with torch.no_grad():
-            _copy_into(slot.dst, src)
+        _, src_bytes = self._key_of(snap)
+        if src_bytes is not None:
+            # A memcpy per tensor: less overhead than torch's copy, which dispatches per tensor.
+            for dst, src in zip(slot.dst_bytes, src_bytes, strict=True):
+                dst[:] = src
+        else:
+            src = [t for tensors in _payload(snap).values() for t in tensors.values()]
+            with torch.no_grad():
+                _copy_into(slot.dst, src)
         if not _all_finite(slot.judged):
             # Exact, tensor by tensor, on the copies: the sum may only have overflowed.
             bad = nonfinite_names(slot.judged_views)

@@ -37,7 +37,9 @@ _DTYPES = {
 _CHUNK = 8 << 20
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def host_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` in place, no copy. Raises ValueError unless it is contiguous and on
+    the host."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("tensors must be contiguous and on the host (snapshot them first)")
     if t.numel() == 0:
@@ -67,7 +69,7 @@ def header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[tuple[int, int
 
 def _pieces(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
     head, _ = header(tensors)
-    return head, [_bytes_of(t) for t in tensors.values()]
+    return head, [host_bytes(t) for t in tensors.values()]
 
 
 def _chunks(head: bytes, views: list[memoryview]) -> Iterator[memoryview]:
