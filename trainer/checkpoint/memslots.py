@@ -309,9 +309,9 @@ class SlotWriter:
             for dst, src in zip(slot.dst_bytes, src_bytes, strict=True):
                 dst[:] = src
         else:
-            src = [t for tensors in _payload(snap).values() for t in tensors.values()]
+            tensors = [t for named in _payload(snap).values() for t in named.values()]
             with torch.no_grad():
-                _copy_into(slot.dst, src)
+                _copy_into(slot.dst, tensors)
         if not _all_finite(slot.judged):
             # Exact, tensor by tensor, on the copies: the sum may only have overflowed.
             bad = nonfinite_names(slot.judged_views)
