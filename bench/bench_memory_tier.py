@@ -70,7 +70,8 @@ def _train_args(args: argparse.Namespace, steps: int, mem_every: int | str) -> l
         model=args.model, steps=steps, ckpt_every=args.ckpt_every, micro_batch=args.micro_batch,
         seq_len=args.seq_len,
     )  # fmt: skip
-    return [*train, "--mem-every", str(mem_every), "--log-every", "1"]
+    budget = ["--mem-budget", str(args.mem_budget)] if args.mem_budget is not None else []
+    return [*train, "--mem-every", str(mem_every), *budget, "--log-every", "1"]
 
 
 def fault_free(
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                         "[A, B] (default 2 8)")  # fmt: skip
     parser.add_argument("--mem-every", default="5", help="steps, or auto (default 5)")
     parser.add_argument("--ckpt-every", default="40", help="steps, or auto (default 40)")
+    parser.add_argument(
+        "--mem-budget", type=float, help="the trainer's --mem-budget (default: the trainer's)"
+    )
     parser.add_argument("--steps", type=int, default=200000, help="steps of the faulted runs")
     parser.add_argument("--clean-steps", type=int, default=300, help="steps of fault-free runs")
     parser.add_argument(
@@ -262,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     if args.in_run:
         return print_in_run(args)
+    budget = f" --mem-budget {args.mem_budget:g}" if args.mem_budget is not None else ""
     print(
         f"job: {args.model} preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
         f"{args.seq_len}, async disk checkpoint every {args.ckpt_every} steps; memory tier "
-        f"--mem-every {args.mem_every} vs 0; {args.kills} SIGKILLs of a random worker per "
+        f"--mem-every {args.mem_every}{budget} vs 0; {args.kills} SIGKILLs of a random worker per "
         f"mode, each {args.after[0]:g}-{args.after[1]:g} s (uniform) after the attempt's first "
         "step, the same random times in both modes"
     )

@@ -238,3 +238,15 @@ def test_a_tensor_that_is_not_contiguous_is_committed_bitwise(store: MemoryStore
     stored = load_file(str(slot / "model.safetensors"))
     assert torch.equal(stored["norm.odd"], model.norm.odd)
     assert torch.equal(stored["up.weight"], model.up.weight.detach())
+
+
+def test_a_plain_optimizer_value_that_changes_type_makes_a_new_walk() -> None:
+    model, opt = trained(2)
+    entry = next(iter(opt.state.values()))
+    entry["count"] = 1
+    plan = LivePlan()
+    first = plan.capture(2, model, opt, None, {}, {})
+    entry["count"] = 1.0  # equal to 1, but not the same JSON
+    second = plan.capture(3, model, opt, None, {}, {})
+    assert second.model_tensors is not first.model_tensors
+    _same_as_a_full_walk(second, model, opt)

@@ -63,9 +63,10 @@ def _walk(
         values = [v for entry in entries for v in entry.values()]
         plain = [v for v in values if not isinstance(v, torch.Tensor)]
         held += [v for v in values if isinstance(v, torch.Tensor)]
-        # Which parameters hold state, under which names: the places of the values.
-        others += [list(map(id, optimizer.state)), [k for entry in entries for k in entry]]
-        others.append(plain)
+        # Which parameters hold state, under which names: the places of the values. A plain
+        # value is compared with its type too (1, 1.0 and True are equal, not the same JSON).
+        others += [list(map(id, optimizer.state)), list(map(len, entries))]
+        others += [[k for entry in entries for k in entry], plain, list(map(type, plain))]
         if not all(isinstance(v, _PLAIN) for v in plain):
             others.append(object())  # a container may change in place, unseen: never reuse
         for group in optimizer.param_groups:
