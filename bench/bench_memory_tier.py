@@ -281,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir()
         env = {**clean_env(), MEM_ROOT: str(root)}
         # Fault-free runs in the order on, off, off, on: a drift in the machine's load over
-        # the runs weighs on both modes alike.
+        # the runs weighs on both modes alike. A first run, not counted, warms the machine: the
+        # first of an invocation was 2-4 % slower than the rest in every sample, and it was
+        # always a run with the tier on.
+        if args.clean_rounds:
+            warm = fault_free(Path(tmp) / "clean-warm-up", args, modes["off"], env)
+            print(f"  warm-up (not counted): {fmt(warm)} steps/s", file=sys.stderr, flush=True)
         speeds: dict[str, list[float]] = {name: [] for name in modes}
         for i, name in enumerate(["on", "off", "off", "on"] * args.clean_rounds):
             speed = fault_free(Path(tmp) / f"clean-{name}-{i}", args, modes[name], env)

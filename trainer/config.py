@@ -169,7 +169,7 @@ class TrainConfig:
         "on one node); 'auto': Young and Daly's interval, as for --ckpt-every",
     )
     mem_budget: float = option(
-        0.02,
+        0.03,
         "under --mem-every auto, the share of the training loop's time memory snapshots may "
         "take: a snapshot comes as often as that allows when Young and Daly's interval is "
         "longer (0: Young and Daly's interval alone)",
