@@ -110,8 +110,8 @@ def in_run_cost(
     times = {m["step"]: m["time"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m}
     if code != 0 or not times:
         return None
-    # (stretch with snapshots?, steps since the last snapshot step) -> wall times per step: the
-    # time from step s-1's record to step s's holds the snapshot of s-1, if one was taken.
+    # (a stretch with snapshots?, step s-1 a snapshot step?) -> wall times per step: the time
+    # from step s-1's record to step s's holds the snapshot of s-1, if one was taken.
     gaps: dict[tuple[bool, bool], list[float]] = {
         key: [] for key in product((True, False), repeat=2)
     }
@@ -120,13 +120,15 @@ def in_run_cost(
         if before in times and before > 20:
             with_snapshots = (before // args.stretch) % 2 == 0
             gaps[(with_snapshots, before % every == 0)].append(t - times[before])
-    if not all(gaps.values()):
+    if not all(gaps[key] for key in gaps if key[1] or every > 1):
         return None
-    on = [g for key, g in gaps.items() if key[0] for g in g]
-    off = [g for key, g in gaps.items() if not key[0] for g in g]
+    on = [*gaps[(True, True)], *gaps[(True, False)]]
+    off = [*gaps[(False, True)], *gaps[(False, False)]]
     mean = statistics.fmean
     in_step = mean(gaps[(True, True)]) - mean(gaps[(False, True)])
-    after = (mean(gaps[(True, False)]) - mean(gaps[(False, False)])) * (every - 1)
+    after = (
+        (mean(gaps[(True, False)]) - mean(gaps[(False, False)])) * (every - 1) if every > 1 else 0.0
+    )
     return {
         "on": mean(on) * 1e3,
         "off": mean(off) * 1e3,
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     args = parser.parse_args(argv)
 
+    if args.in_run and (min(args.in_run) < 1 or args.stretch < 1):
+        parser.error("--in-run intervals and --stretch must be at least 1 step")
     print(machine_line())
     if args.in_run:
         return print_in_run(args)
@@ -281,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir()
         env = {**clean_env(), MEM_ROOT: str(root)}
         # Fault-free runs in the order on, off, off, on: a drift in the machine's load over
-        # the runs weighs on both modes alike. A first run, not counted, warms the machine: the
-        # first of an invocation was 2-4 % slower than the rest in every sample, and it was
-        # always a run with the tier on.
+        # the runs weighs on both modes alike. A first run, not counted, warms the machine: in
+        # four samples without it, the first run (always one with the tier on) was 2-4 % slower
+        # than the three after it.
         if args.clean_rounds:
             warm = fault_free(Path(tmp) / "clean-warm-up", args, modes["off"], env)
             print(f"  warm-up (not counted): {fmt(warm)} steps/s", file=sys.stderr, flush=True)
