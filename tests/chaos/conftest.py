@@ -339,8 +339,9 @@ def assert_recovered(
     (a) exit 0; (b) the last step reached, every step in metrics.jsonl exactly once; (c) the
     final parameters equal the reference run's; (d) no process of the run left; (f) every
     checkpoint step a complete run commits is there and verifies, plus ``extra_steps``
-    (emergency checkpoints), less ``missing_steps`` (resumed from a memory snapshot of that
-    step, so never written to disk), and the quarantine holds exactly ``quarantined``.
+    (emergency checkpoints), less ``missing_steps`` (never written to disk: resumed from a
+    memory snapshot of that step, or lost in flight to a kill that resumed past it from memory),
+    and the quarantine holds exactly ``quarantined``.
     """
     events = events if events is not None else read_jsonl(run_dir / "events.jsonl")
     types = [e["type"] for e in events]
