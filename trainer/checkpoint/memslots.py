@@ -191,7 +191,7 @@ class SlotWriter:
         """Commit ``snap`` (the live tensors: they are copied here) as ``step-XXXXXXXX`` and
         return its path. Raises OSError, ValueError and :class:`NonFiniteSnapshot`; nothing of
         this snapshot is then left visible, and the newest earlier one is untouched."""
-        key, _ = self._key_of(snap)
+        key, src_bytes = self._key_of(snap)
         committed = self._committed()
         newest = committed[0][1] if committed else None
         reusable = [s for s in self.slots if s.path != newest and s.key == key]
@@ -210,7 +210,7 @@ class SlotWriter:
                 for name in os.listdir(tmp):  # manifest first: without it nothing verifies
                     if name not in slot.files:
                         os.unlink(tmp / name)
-            return self._write(slot, snap, file_hash)
+            return self._write(slot, snap, file_hash, src_bytes)
         except BaseException:
             if slot is not None:
                 self._forget(slot.path)
@@ -302,8 +302,9 @@ class SlotWriter:
         self.slots.append(slot)
         return slot
 
-    def _write(self, slot: _Slot, snap: Snapshot, file_hash: str) -> Path:
-        _, src_bytes = self._key_of(snap)
+    def _write(
+        self, slot: _Slot, snap: Snapshot, file_hash: str, src_bytes: list[memoryview] | None
+    ) -> Path:
         if src_bytes is not None:
             # A memcpy per tensor: less overhead than torch's copy, which dispatches per tensor.
             for dst, src in zip(slot.dst_bytes, src_bytes, strict=True):
