@@ -8,8 +8,14 @@ defaults (``--ckpt-every auto``, memory tier on), fixed disk intervals of 5, 20 
 (memory tier on), and the defaults with the memory tier off. Goodput and the work lost per
 failure come from the run report (``tools.report``).
 
+One cell moves by several percent from one invocation to the next, more than the differences
+between configurations; ``--rounds N`` runs every cell N times, with the configurations' order
+rotated each round so that a drift of the machine hits them alike, and ends with each ratio per
+round and its mean.
+
     python bench/bench_goodput.py                      # T = 60, 30 s; 6000 steps a run
     python bench/bench_goodput.py --every 30 --steps 3000 --configs auto "disk 20"
+    python bench/bench_goodput.py --rounds 3 --configs auto "auto, memory tier off" "disk 100"
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ CONFIGS = {
     "auto, memory tier off": ["--mem-every", "0"],
 }
 FIXED = ("disk 5", "disk 20", "disk 100")
+#: One run: its round (from 0), its faults, its configuration and its result.
+Row = tuple[int, str, str, dict[str, Any]]
 
 
 def one_run(
@@ -105,51 +113,28 @@ def one_run(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the fault-free job, then each configuration per T; print a Markdown table. Returns
-    0, or 1 when a run did not complete."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # A kill interval shorter than a recovery kills each attempt at its first step: the run
-    # then measures only the restart backoff, not goodput.
-    parser.add_argument("--every", type=float, nargs="+", default=[60.0, 30.0],
-                        help="seconds between kills (default 60 30)")  # fmt: skip
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                        help="save configurations (default: all)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=6000, help="steps per run (default 6000)")
-    parser.add_argument("--micro-batch", type=int, default=8, help="(default 8)")
-    parser.add_argument("--seq-len", type=int, default=64, help="(default 64)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
-    args = parser.parse_args(argv)
+def _ratios(rows: list[Row], faults: str, round_: int) -> dict[str, dict[str, float | None]]:
+    """Per configuration in one round at one kill rate: goodput over the best fixed setting's,
+    and over the memory tier off's (None where either is unknown)."""
+    same = {c: r["goodput"] for n, f, c, r in rows if n == round_ and f == faults and r["goodput"]}
+    fixed = [g for c, g in same.items() if c in FIXED]
+    best = max(fixed) if fixed else None
+    off = same.get("auto, memory tier off")
+    return {
+        c: {"best": g / best if best else None, "off": g / off if off else None}
+        for c, g in same.items()
+    }
 
-    print(machine_line())
-    print(
-        f"job: tiny preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
-        f"{args.seq_len}, {args.steps} steps; supervisor --backoff-initial 0.5; kills by "
-        "`python -m tools.chaos --fault kill-worker --every T --seed 1`; configurations: "
-        + "; ".join(f"{name}: {' '.join(CONFIGS[name]) or 'the defaults'}" for name in args.configs)
-    )
-    rows: list[tuple[str, str, dict[str, Any]]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-goodput-") as tmp:
-        plan = [(None, "auto"), *[(e, c) for e in args.every for c in args.configs]]
-        for i, (every, config) in enumerate(plan):
-            faults = "no faults" if every is None else f"SIGKILL every {every:g} s"
-            result = one_run(Path(tmp) / f"run-{i}", every, CONFIGS[config], args)
-            rows.append((faults, config, result))
-            print(f"  {faults}, {config}: goodput {fmt(result['goodput'])} steps/s, "
-                  f"{result['failures']} failures, lost {fmt(result['lost'], 1)}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-    print()
+
+def _cell_table(rows: list[Row], rounds: int) -> list[str]:
+    """Every run as a row of a Markdown table."""
     lines = [
-        "| faults | configuration | completed | wall (s) | failures | goodput (steps/s) | "
+        "| round | faults | configuration | completed | wall (s) | failures | goodput (steps/s) | "
         "vs best fixed | vs memory tier off | lost per failure (steps) | median recovery (s) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for faults, config, r in rows:
-        same = {c: x["goodput"] for f, c, x in rows if f == faults and x["goodput"]}
-        fixed = [g for c, g in same.items() if c in FIXED]
-        best = max(fixed) if fixed else None
-        off = same.get("auto, memory tier off")
-        good = r["goodput"]
+    for n, faults, config, r in rows:
+        ratio = _ratios(rows, faults, n).get(config, {})
         done = (
             "yes"
             if r["ok"]
@@ -158,19 +143,94 @@ def main(argv: list[str] | None = None) -> int:
             else f"no (exit {r['code']})"
         )
         lines.append(
-            f"| {faults} | {config} | {done} | {fmt(r['wall'], 1)} | {r['failures']} "
-            f"| {fmt(good, 2)} | {fmt(good / best if good and best else None, 3)} "
-            f"| {fmt(good / off if good and off else None, 3)} | {fmt(r['lost'], 1)} "
+            f"| {n + 1 if faults != 'no faults' else '-'} | {faults} | {config} | {done} "
+            f"| {fmt(r['wall'], 1)} | {r['failures']} | {fmt(r['goodput'], 2)} "
+            f"| {fmt(ratio.get('best'), 3)} | {fmt(ratio.get('off'), 3)} | {fmt(r['lost'], 1)} "
             f"| {fmt(r['recovery'], 2)} |"
         )
-    lines.append("")
+    if rounds == 1:  # the round column says nothing then
+        lines = ["|" + line.split("|", 2)[2] for line in lines]
+    return lines
+
+
+def _summary_table(rows: list[Row], rounds: int, every: list[float]) -> list[str]:
+    """Each ratio per round and its mean, per kill rate and configuration."""
+    lines = [
+        "| faults | configuration | vs best fixed, per round | mean "
+        "| vs memory tier off, per round | mean | lost per failure, mean (steps) |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    configs = list(dict.fromkeys(c for _, f, c, _ in rows if f != "no faults"))
+    for e in every:
+        faults = f"SIGKILL every {e:g} s"
+        for config in configs:
+            per = [_ratios(rows, faults, n).get(config, {}) for n in range(rounds)]
+            cells = []
+            for key in ("best", "off"):
+                values = [p.get(key) for p in per]
+                known = [v for v in values if v is not None]
+                cells.append(", ".join(fmt(v, 3) for v in values))
+                cells.append(fmt(statistics.mean(known) if known else None, 3))
+            lost = [r["lost"] for _, f, c, r in rows if f == faults and c == config]
+            lost_known = [v for v in lost if v is not None]
+            mean_lost = statistics.mean(lost_known) if lost_known else None
+            lines.append(f"| {faults} | {config} | {' | '.join(cells)} | {fmt(mean_lost, 1)} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the fault-free job, then each configuration per T, ``--rounds`` times; print
+    Markdown tables. Returns 0, or 1 when a run did not complete."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # A kill interval shorter than a recovery kills each attempt at its first step: the run
+    # then measures only the restart backoff, not goodput.
+    parser.add_argument("--every", type=float, nargs="+", default=[60.0, 30.0],
+                        help="seconds between kills (default 60 30)")  # fmt: skip
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="save configurations (default: all)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=6000, help="steps per run (default 6000)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of each cell, order rotated per round (default 1)")  # fmt: skip
+    parser.add_argument("--micro-batch", type=int, default=8, help="(default 8)")
+    parser.add_argument("--seq-len", type=int, default=64, help="(default 64)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if any(e <= 0 for e in args.every):
+        parser.error(f"--every takes positive seconds, got {' '.join(map(str, args.every))}")
+    configs = list(dict.fromkeys(args.configs))
+
+    print(machine_line())
+    print(
+        f"job: tiny preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
+        f"{args.seq_len}, {args.steps} steps; supervisor --backoff-initial 0.5; kills by "
+        "`python -m tools.chaos --fault kill-worker --every T --seed 1`; configurations: "
+        + "; ".join(f"{name}: {' '.join(CONFIGS[name]) or 'the defaults'}" for name in configs)
+    )
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-goodput-") as tmp:
+        plan: list[tuple[int, float | None, str]] = [(0, None, "auto")]
+        for n in range(args.rounds):
+            order = configs[n % len(configs) :] + configs[: n % len(configs)]
+            plan += [(n, e, c) for e in args.every for c in order]
+        for i, (n, every, config) in enumerate(plan):
+            faults = "no faults" if every is None else f"SIGKILL every {every:g} s"
+            result = one_run(Path(tmp) / f"run-{i}", every, CONFIGS[config], args)
+            rows.append((n, faults, config, result))
+            print(f"  round {n + 1}, {faults}, {config}: goodput {fmt(result['goodput'])} "
+                  f"steps/s, {result['failures']} failures, lost {fmt(result['lost'], 1)}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    lines = ["", *_cell_table(rows, args.rounds), ""]
     lines.append(
         "Lost per failure: the last step reached before the kill minus the step resumed from "
         "(from events.jsonl). Goodput: the run's final step over its wall time, starts and "
         "recoveries included."
     )
+    if args.rounds > 1:
+        lines += ["", *_summary_table(rows, args.rounds, args.every)]
     print("\n".join(lines))
-    return 0 if all(r["ok"] for _, _, r in rows) else 1
+    return 0 if all(r["ok"] for *_, r in rows) else 1
 
 
 if __name__ == "__main__":
