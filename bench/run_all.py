@@ -64,7 +64,7 @@ BENCHES = (
         "3. Goodput under failures",
         "bench_goodput.py",
         ("--every", "60", "30"),
-        ("--every", "60", "--steps", "60", "--ckpt-every", "10"),
+        ("--every", "60", "--steps", "60", "--configs", "auto", "disk 20"),
         "Useful steps per wall-clock second with a worker SIGKILLed every T seconds, against the "
         "same job with no faults; lost work per failure against half the checkpoint interval.",
     ),
