@@ -5,7 +5,8 @@ invocation: once without faults (the default configuration), then per T and conf
 the chaos tool (``python -m tools.chaos --fault kill-worker --every T``) killing a random worker
 every T seconds (each kill waits until the new attempt is training). The configurations are the
 defaults (``--ckpt-every auto``, memory tier on), fixed disk intervals of 5, 20 and 100 steps
-(memory tier on), and the defaults with the memory tier off. Goodput and the work lost per
+(memory tier on), the defaults with the memory tier off, and the memory tier at Young and
+Daly's interval alone (``--mem-budget 0``). Goodput and the work lost per
 failure come from the run report (``tools.report``).
 
 One cell moves by several percent from one invocation to the next, more than the differences
@@ -49,6 +50,8 @@ CONFIGS = {
     "disk 20": ["--ckpt-every", "20"],
     "disk 100": ["--ckpt-every", "100"],
     "auto, memory tier off": ["--mem-every", "0"],
+    # The memory tier at Young and Daly's interval alone, without the budget's extra snapshots.
+    "auto, memory budget 0": ["--mem-budget", "0"],
 }
 FIXED = ("disk 5", "disk 20", "disk 100")
 #: One run: its round (from 0), its faults, its configuration and its result.
