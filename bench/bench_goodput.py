@@ -6,8 +6,8 @@ the chaos tool (``python -m tools.chaos --fault kill-worker --every T``) killing
 every T seconds (each kill waits until the new attempt is training). The configurations are the
 defaults (``--ckpt-every auto``, memory tier on), fixed disk intervals of 5, 20 and 100 steps
 (memory tier on), the defaults with the memory tier off, and the memory tier at Young and
-Daly's interval alone (``--mem-budget 0``). Goodput and the work lost per
-failure come from the run report (``tools.report``).
+Daly's interval alone (``--mem-budget 0``). Goodput and the work lost per failure come from
+the run report (``tools.report``).
 
 One cell moves by several percent from one invocation to the next, more than the differences
 between configurations; ``--rounds N`` runs every cell N times, with the configurations' order
