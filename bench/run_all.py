@@ -65,8 +65,8 @@ BENCHES = (
         "bench_goodput.py",
         ("--every", "60", "30"),
         ("--every", "60", "--steps", "60", "--configs", "auto", "disk 20"),
-        "Useful steps per wall-clock second with a worker SIGKILLed every T seconds, against the "
-        "same job with no faults; lost work per failure against half the checkpoint interval.",
+        "Useful steps per wall-clock second with a worker SIGKILLed every T seconds, under each "
+        "save configuration, against the same job with no faults; the work lost per failure.",
     ),
     Bench(
         "checkpoint",
