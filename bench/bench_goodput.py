@@ -17,6 +17,7 @@ round and its mean.
     python bench/bench_goodput.py                      # T = 60, 30 s; 6000 steps a run
     python bench/bench_goodput.py --every 30 --steps 3000 --configs auto "disk 20"
     python bench/bench_goodput.py --rounds 3 --configs auto "auto, memory tier off" "disk 100"
+    python bench/bench_goodput.py --model small --steps 1000   # the trainer's default preset
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def one_run(
     """One supervised run with trainer ``flags``, a kill every ``every`` seconds (None: none)."""
     train = [
         *job_args(
-            steps=args.steps, ckpt_every="auto", micro_batch=args.micro_batch,
+            model=args.model, steps=args.steps, ckpt_every="auto", micro_batch=args.micro_batch,
             seq_len=args.seq_len,
         ),
         *flags,
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6000, help="steps per run (default 6000)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of each cell, order rotated per round (default 1)")  # fmt: skip
+    parser.add_argument("--model", default="tiny", help="model preset (default tiny)")
     parser.add_argument("--micro-batch", type=int, default=8, help="(default 8)")
     parser.add_argument("--seq-len", type=int, default=64, help="(default 64)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(machine_line())
     print(
-        f"job: tiny preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
+        f"job: {args.model} preset, 2 ranks (gloo), micro-batch {args.micro_batch} x seq-len "
         f"{args.seq_len}, {args.steps} steps; supervisor --backoff-initial 0.5; kills by "
         "`python -m tools.chaos --fault kill-worker --every T --seed 1`; configurations: "
         + "; ".join(f"{name}: {' '.join(CONFIGS[name]) or 'the defaults'}" for name in configs)

@@ -31,6 +31,10 @@ FAILURES = "ROSE_FAILURES"
 built-in trainer's auto checkpoint intervals estimate the mean time between failures from it."""
 RUN_SECONDS = "ROSE_RUN_SECONDS"
 """How many seconds the run's attempts ran before this one (with ``ROSE_FAILURES``)."""
+MEMORY_RECOVERIES = "ROSE_MEMORY_RECOVERIES"
+"""How many of those failures the next attempt resumed from the memory tier: the built-in
+trainer's disk interval counts only the others while its memory tier is on, since a failure the
+memory tier recovers costs no disk checkpoint's work."""
 CKPT_PAUSE_AT = "ROSE_CKPT_PAUSE_AT"
 """Test only: the checkpoint writer stops itself (SIGSTOP) at this phase of a write."""
 DIVERGE_AT_STEP = "ROSE_DIVERGE_AT_STEP"
@@ -45,7 +49,8 @@ stretch of N steps (steps 1 to N-1 on, N to 2N-1 off, ...), so that one run meas
 tier costs, stretch against stretch, free of the drift between separate runs."""
 
 SUPERVISED = (
-    RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID, EVENTS_FILE, FAILURES, RUN_SECONDS
+    RUN_DIR, ATTEMPT, RESUME_FROM, HEARTBEAT_DIR, SUPERVISOR_PID, EVENTS_FILE,
+    FAILURES, RUN_SECONDS, MEMORY_RECOVERIES,
 )  # fmt: skip
 """The variables the supervisor sets for every worker."""
 

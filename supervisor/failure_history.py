@@ -1,8 +1,10 @@
 """The failures a run has seen and how long its attempts ran, read from its events file.
 
-Handed to each attempt (``ROSE_FAILURES``, ``ROSE_RUN_SECONDS``) so that the built-in trainer
-can estimate the mean time between failures for its auto checkpoint intervals. Read from the
-events, not kept in memory, so that it spans supervisor restarts (a requeue, a relaunch).
+Handed to each attempt (``ROSE_FAILURES``, ``ROSE_RUN_SECONDS``, ``ROSE_MEMORY_RECOVERIES``) so
+that the built-in trainer can estimate the mean time between failures for its auto checkpoint
+intervals: of all failures for the memory tier, of those the memory tier did not recover for the
+disk. Read from the events, not kept in memory, so that it spans supervisor restarts (a requeue,
+a relaunch).
 """
 
 from __future__ import annotations
@@ -36,14 +38,23 @@ supervisor that was killed wrote no stop)."""
 class FailureHistory:
     failures: int
     seconds: float
+    memory_recoveries: int = 0
+    """Failures after which the next attempt resumed from the memory tier."""
 
     def environment(self) -> dict[str, str]:
-        return {env.FAILURES: str(self.failures), env.RUN_SECONDS: f"{self.seconds:.1f}"}
+        return {
+            env.FAILURES: str(self.failures),
+            env.RUN_SECONDS: f"{self.seconds:.1f}",
+            env.MEMORY_RECOVERIES: str(self.memory_recoveries),
+        }
 
 
 def failure_history(events: Iterable[dict[str, Any]]) -> FailureHistory:
-    """Count the failures, and add up the time from each ``launch`` to what ended it."""
-    failures, seconds = 0, 0.0
+    """Count the failures and those the memory tier recovered (the next ``checkpoint_selected``
+    after them chose a memory snapshot), and add up the time from each ``launch`` to what ended
+    it."""
+    failures, seconds, recovered = 0, 0.0, 0
+    unresumed = 0  # failures since the last checkpoint choice
     launched: float | None = None
     for event in events:
         if event.get("source") in OTHER_WRITERS:
@@ -53,12 +64,17 @@ def failure_history(events: Iterable[dict[str, Any]]) -> FailureHistory:
             continue
         if kind in FAILURES:
             failures += 1
+            unresumed += 1
+        if kind == EventType.CHECKPOINT_SELECTED:
+            if event.get("tier") == "memory":
+                recovered += unresumed
+            unresumed = 0
         if kind in ENDS and launched is not None:
             seconds += max(0.0, at - launched)
             launched = None
         if kind == EventType.LAUNCH:
             launched = at
-    return FailureHistory(failures, seconds)
+    return FailureHistory(failures, seconds, recovered)
 
 
 def read_failure_history(events_file: Path) -> FailureHistory:

@@ -254,7 +254,81 @@ def test_failure_history_counts_failures_and_attempt_time_across_supervisors() -
     history = failure_history(events)
     assert history.failures == 2
     assert history.seconds == pytest.approx(11 + 10 + 10 + 10)
-    assert history.environment() == {env.FAILURES: "2", env.RUN_SECONDS: "41.0"}
+    assert history.environment() == {
+        env.FAILURES: "2",
+        env.RUN_SECONDS: "41.0",
+        env.MEMORY_RECOVERIES: "0",
+    }
+
+
+def test_failure_history_counts_the_failures_the_memory_tier_recovered() -> None:
+    def failure(at: float) -> list[dict[str, Any]]:
+        return [
+            {"type": "launch", "time": at},
+            {"type": "worker_failed", "time": at + 5, "source": "worker"},
+            {"type": "stopped", "time": at + 6},
+        ]
+
+    def selected(at: float, tier: str | None) -> dict[str, Any]:
+        return {"type": "checkpoint_selected", "time": at, "tier": tier}
+
+    events = [
+        {"type": "supervisor_started", "time": 0.0},
+        selected(0.5, None),  # the first launch: no failure before it
+        *failure(1.0),
+        selected(7.0, "memory"),  # recovered from memory
+        *failure(8.0),
+        selected(14.0, "disk"),  # memory had nothing newer, or was lost with the node
+        *failure(15.0),
+        selected(21.0, None),  # nothing to resume from at all
+        *failure(22.0),
+        {"type": "hang_detected", "time": 28.0},  # two failures, one choice: both from memory
+        selected(29.0, "memory"),
+        *failure(30.0),  # not resumed yet: not counted either way
+    ]
+    history = failure_history(events)
+    assert (history.failures, history.memory_recoveries) == (6, 3)
+    assert history.environment()[env.MEMORY_RECOVERIES] == "3"
+
+
+def test_the_disk_interval_counts_only_failures_the_memory_tier_did_not_recover(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    # 400 s, 4 failures, 3 of them resumed from memory: M 100 s over all, 400 s for the disk.
+    mtbf = Mtbf(
+        prior=3600.0, failures=4, seconds=400.0, memory_recoveries=3, clock=clock, started=clock()
+    )
+    assert mtbf.value() == 100.0 and mtbf.value(beyond_memory=True) == 400.0
+    policy, events = _policy(mode=SYNC, mtbf=mtbf, mem_budget=0.0)
+    policy.memory_covers = True
+    _steps(policy, 30, seconds=0.1)
+    policy.disk_saved(30, SYNC, blocked=0.02)
+    policy.memory_saved(30, 0.005)
+    assert policy.disk.current == round(math.sqrt(2 * 0.02 * 400.0) / 0.1) == 40  # 4 s
+    assert policy.memory.current == round(math.sqrt(2 * 0.005 * 100.0) / 0.1) == 10  # 1 s
+    disk = [f for _, f in events if f.get("tier") == "disk"]
+    assert disk[-1]["mtbf"] == 400.0 and disk[-1]["mtbf_of"] == "failures not recovered from memory"
+    # The memory tier stops (a snapshot could not be written): every failure counts again, and
+    # the next disk save is placed anew from now, not 40 steps after the last.
+    policy.memory_off(35)
+    assert policy.disk.current == round(math.sqrt(2 * 0.02 * 100.0) / 0.1) == 20  # 2 s
+    assert policy.disk_due(55) and not policy.disk_due(54)
+    latest = [f for _, f in events if f.get("tier") == "disk"][-1]
+    assert latest["mtbf"] == 100.0 and latest["mtbf_of"] == "all failures"
+    # Without a memory tier the disk always counts every failure.
+    plain, _ = _policy(mode=SYNC, mtbf=mtbf)
+    _steps(plain, 30, seconds=0.1)
+    plain.disk_saved(30, SYNC, blocked=0.02)
+    assert plain.disk.current == 20
+    # From the supervisor's variables; a count above the failures is not believed.
+    monkeypatch.setenv(env.FAILURES, "4")
+    monkeypatch.setenv(env.RUN_SECONDS, "400.0")
+    for recovered, expected in (("3", 400.0), ("0", 100.0), ("9", 100.0), ("-1", 100.0)):
+        monkeypatch.setenv(env.MEMORY_RECOVERIES, recovered)
+        assert Mtbf.from_env(3600.0, clock).value(beyond_memory=True) == expected, recovered
+    monkeypatch.setenv(env.MEMORY_RECOVERIES, "x")
+    assert Mtbf.from_env(3600.0, clock).value(beyond_memory=True) == 3600.0  # all malformed
 
 
 def test_auto_mode_measures_both_ways_early_then_spaces_saves_by_young_daly() -> None:

@@ -18,15 +18,16 @@ import pytest
 
 from runcontract import exit_codes
 from runcontract.env import MEM_ROOT
-from tests.scripts.harness import FAST, Launched
+from tests.scripts.harness import FAST, Launched, wait_heartbeat
 
 pytestmark = [pytest.mark.distributed, pytest.mark.chaos, pytest.mark.slow]
 
 HELD_TRAINER = Path(__file__).parent / "scripts" / "held_trainer.py"
 # The kill comes once attempt 1 has measured both ways of writing (two saves, 2 s of training
-# apart); rank 0 holds itself near the end in case a fast machine gets there first. What is
-# left after the kill lasts well over the 2 s attempt 2 trains before its own first save.
-STEPS, HOLD = 1200, 1100
+# apart) and taken memory snapshots past the second; rank 0 holds itself near the end in case a
+# fast machine gets there first. What is left after the kill lasts well over the 4 s attempt 2
+# trains before it has measured both ways again and announces its disk interval.
+STEPS, HOLD = 1600, 1500
 TRAIN_ARGS = [
     "--model", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", str(STEPS),
     "--warmup-steps", "5", "--eval-every", "0", "--log-every", "0", "--threads", "1",
@@ -77,7 +78,10 @@ def test_auto_policy_chooses_announces_learns_and_stays_exact(
     try:
         workers = run.wait_event("workers_started", TIMEOUT)["workers"]
         rank0 = psutil.Process(int(workers["0"]))
-        run.wait_event("checkpoint_mode", TIMEOUT)  # attempt 1's: both ways measured
+        measured = run.wait_event("checkpoint_mode", TIMEOUT)  # attempt 1's: both ways
+        # Snapshots come every few steps, the next disk save seconds later: a kill 30 steps on
+        # resumes from memory.
+        wait_heartbeat(run, 0, 1, measured["step"] + 30, TIMEOUT)
         os.kill(int(workers["1"]), signal.SIGKILL)
         with contextlib.suppress(psutil.NoSuchProcess):
             rank0.send_signal(signal.SIGCONT)  # in case it held itself at HOLD
@@ -109,5 +113,17 @@ def test_auto_policy_chooses_announces_learns_and_stays_exact(
     later = intervals[2]
     # The supervisor counts attempt 1 up to its failure, in tenths of a second, and attempt 2's
     # first snapshot comes at its first step: M may fall short of launch -> stopped by a little.
-    assert later and all(attempt1 - 1.0 <= e["mtbf"] < 3600.0 for e in later), later
+    assert later and all(
+        attempt1 - 1.0 <= e["mtbf"] < 3600.0 for e in later if e["tier"] == "memory"
+    ), later
+    # Attempt 2 resumed from memory, and its disk interval counts only the failures the memory
+    # tier did not recover: none, so it still stands on the prior.
+    (selected,) = [e for e in events if e["type"] == "checkpoint_selected" and e["attempt"] == 2]
+    assert selected["tier"] == "memory", selected
+    disk = [e for e in later if e["tier"] == "disk"]
+    assert disk and all(
+        e["mtbf"] >= 3600.0 and e["failures"] == 0 and e["mtbf_of"].startswith("failures not")
+        for e in disk
+    ), disk
+    assert all(e["failures"] == 1 for e in later if e["tier"] == "memory"), later
     assert any(e["type"] == "memory_saved" for e in events)

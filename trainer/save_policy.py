@@ -15,7 +15,11 @@ their recent costs. After ``PROBE_EVERY`` saves one is written the other way onc
 change of load is seen; each such probe that confirms the choice doubles the wait for the next.
 
 The interval of a tier is T = sqrt(2·δ·M) (Young 1974, Daly 2006), M the mean time between
-failures (``Mtbf``), turned into steps with the median step time. Bounds: at least one step;
+failures (``Mtbf``), turned into steps with the median step time. While the memory tier is on,
+the disk's M counts only the failures the memory tier did not recover: a resume from memory
+loses no disk checkpoint's work, so saving to disk as if it did would pay both tiers' costs for
+one tier's protection (multi-level checkpointing: each level is spaced by the failures that only
+it survives, such as the loss of the node). Bounds: at least one step;
 for an asynchronous disk save, at least the time a write takes (a save due while the last one is
 still being written would be skipped); at most ``MAX_INTERVAL_SECONDS``. Before a tier's first
 save is measured, its first save comes after ``FIRST_SAVE_SECONDS`` of training.
@@ -72,15 +76,18 @@ by more than one step."""
 class Mtbf:
     """The mean time between failures, M, from the failures this run has seen.
 
-    ``failures`` and ``seconds`` come from the supervisor (``ROSE_FAILURES``,
-    ``ROSE_RUN_SECONDS``: the failures of earlier attempts, and how long they ran). Once a
-    failure was seen, M is the run's time over its failures; before, the larger of the prior and
-    the time run so far, since no failure in that time says M is at least that long.
+    ``failures``, ``seconds`` and ``memory_recoveries`` come from the supervisor
+    (``ROSE_FAILURES``, ``ROSE_RUN_SECONDS``, ``ROSE_MEMORY_RECOVERIES``: the failures of earlier
+    attempts, how long they ran, and how many of those failures were resumed from the memory
+    tier). Once a failure was seen, M is the run's time over its failures; before, the larger of
+    the prior and the time run so far, since no failure in that time says M is at least that
+    long.
     """
 
     prior: float
     failures: int = 0
     seconds: float = 0.0
+    memory_recoveries: int = 0
     started: float = field(default_factory=time.monotonic)
     clock: Callable[[], float] = time.monotonic
 
@@ -91,16 +98,26 @@ class Mtbf:
         try:
             failures = int(os.environ.get(env.FAILURES, "0"))
             seconds = float(os.environ.get(env.RUN_SECONDS, "0"))
+            recovered = int(os.environ.get(env.MEMORY_RECOVERIES, "0"))
         except ValueError:
-            failures, seconds = 0, 0.0
+            failures, seconds, recovered = 0, 0.0, 0
         if failures < 0 or not 0.0 <= seconds < math.inf:
-            failures, seconds = 0, 0.0
-        return cls(prior, failures, seconds, started=clock(), clock=clock)
+            failures, seconds, recovered = 0, 0.0, 0
+        if not 0 <= recovered <= failures:
+            recovered = 0  # every failure counts for the disk: the safe side
+        return cls(prior, failures, seconds, recovered, started=clock(), clock=clock)
 
-    def value(self) -> float:
+    def counted(self, beyond_memory: bool = False) -> int:
+        """The failures M is taken over."""
+        return self.failures - (self.memory_recoveries if beyond_memory else 0)
+
+    def value(self, beyond_memory: bool = False) -> float:
+        """M over every failure; with ``beyond_memory``, over the failures the memory tier did
+        not recover."""
         ran = self.seconds + max(0.0, self.clock() - self.started)
-        if self.failures:
-            return max(ran / self.failures, 1.0)
+        failures = self.counted(beyond_memory)
+        if failures:
+            return max(ran / failures, 1.0)
         return max(self.prior, ran)
 
 
@@ -171,6 +188,9 @@ class SavePolicy:
         self.mode_setting = mode
         self.mtbf = mtbf
         self.mem_budget = mem_budget
+        self.memory_covers = False
+        """The memory tier is taking snapshots: the disk interval then counts only the failures
+        it did not recover (set by the loop; see :meth:`memory_off`)."""
         self.emit = emit
         self.clock = clock
         self.disk = TierInterval("disk", ckpt_every)
@@ -240,6 +260,15 @@ class SavePolicy:
         next comes an interval later, or once that write's cost is known."""
         if self.disk.every is None:
             self.disk.due_at = step + self.disk.current if self.disk.current else NOT_YET
+
+    def memory_off(self, step: int) -> None:
+        """The memory tier stopped (a snapshot could not be written): from now on every failure
+        costs disk work, so the next disk save is placed again with M over all of them."""
+        if not self.memory_covers:
+            return
+        self.memory_covers = False
+        if self.disk.every is None and self.disk.current is not None and self._pending is None:
+            self._place(self.disk, step)
 
     def memory_saved(self, step: int, seconds: float) -> None:
         self._snapshots += 1
@@ -334,7 +363,8 @@ class SavePolicy:
             # Both ways of writing are measured early, one first save's time apart.
             tier.due_at = step + max(1, round(FIRST_SAVE_SECONDS / step_time))
             return
-        mtbf = self.mtbf.value()
+        beyond_memory = tier.tier == "disk" and self.memory_covers
+        mtbf = self.mtbf.value(beyond_memory)
         seconds = math.sqrt(2.0 * cost * mtbf)
         rule = "sqrt(2 x cost x mtbf)"
         if tier.tier == "memory" and self.mem_budget and cost / self.mem_budget < seconds:
@@ -357,6 +387,8 @@ class SavePolicy:
                 seconds=round(every * step_time, 3),
                 cost=round(cost, 5),
                 mtbf=round(mtbf, 1),
+                failures=self.mtbf.counted(beyond_memory),
+                mtbf_of="failures not recovered from memory" if beyond_memory else "all failures",
                 step_time=round(step_time, 5),
                 rule=rule,
             )

@@ -261,6 +261,7 @@ class Trainer:
             on_event=events,
             event_every=MEMORY_EVENT_SECONDS,
         )
+        self.policy.memory_covers = self.mem.enabled
         self._mem_seconds = float("inf")  # the first snapshot's cost is not known yet
         # Every checkpoint records the configuration; it does not change, and a memory
         # snapshot every few steps should not rebuild it each time (built at the first).
@@ -694,6 +695,8 @@ class Trainer:
         self.beat(self.step, phase=Phase.CHECKPOINT)
         offset = self._reset_to_start() if target is None else self._resume_on_every_rank(target)
         self.mem.drop_from(self.step + 1)  # snapshots past it hold the data that diverged
+        if not self.mem.enabled:
+            self.policy.memory_off(self.step)
         self.metrics.close()
         self.metrics.open(truncate_to=offset)
         count = self.rollbacks[self.step] = self.rollbacks.get(self.step, 0) + 1
@@ -834,7 +837,10 @@ class Trainer:
         state, meta = self._checkpoint_state()
         self.mem.save(self.step, self.model, self.optimizer, self.scaler, state, meta)
         self._mem_seconds = time.perf_counter() - started
-        self.policy.memory_saved(self.step, self._mem_seconds)
+        if self.mem.enabled:
+            self.policy.memory_saved(self.step, self._mem_seconds)
+        else:  # it could not write: the disk alone protects the run from now on
+            self.policy.memory_off(self.step)
         if slow:
             self.beat(self.step, phase=Phase.TRAIN)
 
