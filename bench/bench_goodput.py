@@ -105,6 +105,7 @@ def one_run(
     lost = [f.steps_lost for f in report.failures if f.steps_lost is not None]
     recoveries = [r.total for r in report.recoveries if r.total is not None]
     step_times = [m["step_time"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
+    saves = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("type") == "checkpoint_saved"]
     return {
         "ok": code == 0 and report.final_step == args.steps,
         "code": code,
@@ -114,6 +115,7 @@ def one_run(
         "lost": statistics.mean(lost) if lost else None,
         "recovery": statistics.median(recoveries) if recoveries else None,
         "step_time": statistics.median(step_times) if step_times else None,
+        "disk_saves": len(saves),
     }
 
 
@@ -134,8 +136,9 @@ def _cell_table(rows: list[Row], rounds: int) -> list[str]:
     """Every run as a row of a Markdown table."""
     lines = [
         "| round | faults | configuration | completed | wall (s) | failures | goodput (steps/s) | "
-        "vs best fixed | vs memory tier off | lost per failure (steps) | median recovery (s) |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "vs best fixed | vs memory tier off | lost per failure (steps) | median recovery (s) "
+        "| disk saves |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, faults, config, r in rows:
         ratio = _ratios(rows, faults, n).get(config, {})
@@ -150,7 +153,7 @@ def _cell_table(rows: list[Row], rounds: int) -> list[str]:
             f"| {n + 1 if faults != 'no faults' else '-'} | {faults} | {config} | {done} "
             f"| {fmt(r['wall'], 1)} | {r['failures']} | {fmt(r['goodput'], 2)} "
             f"| {fmt(ratio.get('best'), 3)} | {fmt(ratio.get('off'), 3)} | {fmt(r['lost'], 1)} "
-            f"| {fmt(r['recovery'], 2)} |"
+            f"| {fmt(r['recovery'], 2)} | {r['disk_saves']} |"
         )
     if rounds == 1:  # the round column says nothing then
         lines = ["|" + line.split("|", 2)[2] for line in lines]

@@ -595,6 +595,37 @@ def test_failed_saves_are_events_in_the_supervisors_file(
 
 
 @pytest.mark.timeout(900)
+def test_a_memory_tier_that_cannot_write_leaves_every_failure_to_the_disk_interval(
+    tmp_path: Path, train_env: dict[str, str]
+) -> None:
+    # Two earlier failures in 100 s, both resumed from memory. This attempt's memory root does not
+    # exist: its first snapshot fails, and the disk alone protects the run from then on, so its
+    # interval must count both failures (M about 50 s), not none (the 3600 s prior).
+    events_file = tmp_path / "events-node0.jsonl"
+    env = supervised_env(
+        train_env,
+        tmp_path / "run",
+        ROSE_EVENTS_FILE=str(events_file),
+        ROSE_MEM_ROOT=str(tmp_path / "no-such-root"),
+        ROSE_FAILURES="2",
+        ROSE_RUN_SECONDS="100.0",
+        ROSE_MEMORY_RECOVERIES="2",
+    )
+    # Enough steps for the 2 s of training before the first disk save, on a fast machine too.
+    args = [*TINY_ARGS, "--steps", "3000", "--ckpt-every", "auto", "--ckpt-mode", "sync"]
+    proc = run_supervised([*args, "--mem-every", "auto"], env)
+    assert proc.returncode == 0, proc.stderr
+    events = read_jsonl(events_file)
+    assert [e["type"] for e in events if e["type"].startswith("memory_")] == ["memory_save_failed"]
+    disk = [e for e in events if e["type"] == "checkpoint_interval" and e["tier"] == "disk"]
+    assert disk, [e["type"] for e in events]
+    assert all(
+        e["mtbf_of"] == "all failures" and e["failures"] == 2 and 50.0 <= e["mtbf"] < 3600.0
+        for e in disk
+    ), disk
+
+
+@pytest.mark.timeout(900)
 def test_checkpoints_dir_deleted_mid_run_is_made_again(
     tmp_path: Path, train_env: dict[str, str]
 ) -> None:
