@@ -27,6 +27,8 @@ import time
 POLL = 0.02
 """Seconds between looks at the gate: 50 ``stat`` calls a second, near zero CPU."""
 OPEN = "open.json"
+TORCHRUN_PID = "torchrun.pid"
+"""The standby torchrun's pid, written by the supervisor once it has started it."""
 
 
 def ready_name(rank: int) -> str:
@@ -61,9 +63,24 @@ def _parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
     return opts["--gate-dir"], preload, script
 
 
-def _wait_for_gate(gate_dir: str) -> dict[str, object]:
-    """Block until the gate opens; exit if torchrun (our parent) goes away first."""
-    parent = os.getppid()
+def _torchrun_pid(gate_dir: str, parent_at_start: int) -> int:
+    """The pid of the torchrun this worker belongs to: the one the supervisor recorded, else
+    the parent this worker had when it started."""
+    try:
+        with open(os.path.join(gate_dir, TORCHRUN_PID), encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return parent_at_start
+
+
+def _wait_for_gate(gate_dir: str, parent_at_start: int) -> dict[str, object]:
+    """Block until the gate opens. Exit if the gate is removed (the supervisor discarded this
+    standby) or this worker's torchrun is gone: either way the gate will never open.
+
+    The torchrun is not simply the parent seen now: it may have died while this worker was
+    still importing, or even before this interpreter started, and then the parent is already
+    whoever adopted the orphan."""
+    torchrun = _torchrun_pid(gate_dir, parent_at_start)
     path = os.path.join(gate_dir, OPEN)
     while True:
         try:
@@ -71,12 +88,13 @@ def _wait_for_gate(gate_dir: str) -> dict[str, object]:
                 return json.load(f)
         except FileNotFoundError:
             pass
-        if os.getppid() != parent:  # torchrun is gone: this standby will never be used
+        if os.getppid() != torchrun or not os.path.isdir(gate_dir):
             raise SystemExit(1)
         time.sleep(POLL)
 
 
 def main(argv: list[str]) -> None:
+    parent_at_start = os.getppid()
     gate_dir, preload, (script, *script_args) = _parse(argv)
     script = os.path.abspath(script)
     sys.path[0] = os.path.dirname(script)  # as if torchrun had started the script itself
@@ -99,7 +117,7 @@ def main(argv: list[str]) -> None:
         _write_json(os.path.join(gate_dir, ready_name(rank)), ready)
     except OSError as e:  # only the report is lost: the gate may still open
         print(f"gate.py: cannot say ready: {e}", file=sys.stderr, flush=True)
-    gate = _wait_for_gate(gate_dir)
+    gate = _wait_for_gate(gate_dir, parent_at_start)
     env = gate.get("env")
     if isinstance(env, dict):
         os.environ.update({str(k): str(v) for k, v in env.items()})

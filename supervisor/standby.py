@@ -89,7 +89,15 @@ class Standby:
         proc = start_in_new_session(
             gated, env, log_dir / "torchrun.log", parent_death_signal=signal.SIGTERM
         )
-        return cls(attempt, AttemptTree(proc), where, nproc, started_at, preload)
+        # The workers compare their parent against this pid: one orphaned while it was still
+        # importing would otherwise wait at a gate that never opens.
+        tree = AttemptTree(proc)
+        try:
+            _write_atomically(where / gate.TORCHRUN_PID, f"{proc.pid}\n")
+        except OSError:
+            tree.stop(0.0, torchrun_grace=0.0)
+            raise
+        return cls(attempt, tree, where, nproc, started_at, preload)
 
     @property
     def torchrun_pid(self) -> int:
@@ -132,11 +140,16 @@ class Standby:
 
     def open(self, env: dict[str, str]) -> None:
         """Let the workers run the script with ``env`` added to their environment."""
-        tmp = self.gate_dir / f".{gate.OPEN}.tmp"
-        tmp.write_text(json.dumps({"env": env, "opened_at": time.time()}), encoding="utf-8")
-        os.replace(tmp, self.gate_dir / gate.OPEN)
+        record = json.dumps({"env": env, "opened_at": time.time()})
+        _write_atomically(self.gate_dir / gate.OPEN, record)
 
     def discard(self) -> None:
         """Stop the standby's whole tree at once and remove its gate."""
         self.tree.stop(0.0, torchrun_grace=0.0)
         shutil.rmtree(self.gate_dir, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
