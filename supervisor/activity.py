@@ -5,9 +5,9 @@ Two signs, each held for the hang timeout, make a hang:
 - a rank stopped (state ``T`` or ``t``: SIGSTOP, a terminal stop, a debugger that never let go);
   that rank is named as the root cause;
 - every rank idle: the workers and their own children together used less than
-  ``IDLE_CPU_SHARE`` of one core, and no worker wrote a byte of output, since they were last
-  seen active. A rank waiting in a gloo collective for a peer that never comes sleeps in the
-  kernel, and its peers soon do too.
+  ``IDLE_CPU_SHARE`` of one core per live rank, and no worker wrote a byte of output, since they
+  were last seen active. A rank waiting in a gloo collective for a peer that never comes sleeps
+  in the kernel but for its library's polling threads, and its peers soon do too.
 
 What it cannot see: a rank that spins while stuck (NCCL busy-polls a collective on the GPU, a
 ``while True`` loop) looks busy, and a script that legitimately idles longer than the hang
@@ -27,8 +27,11 @@ import psutil
 from supervisor.attempt import Hang
 from supervisor.proctree import Worker
 
-IDLE_CPU_SHARE = 0.01
-"""Below this share of one core since the last activity, all ranks together count as idle."""
+IDLE_CPU_SHARE = 0.05
+"""Below this share of one core per live rank since the last activity, the ranks count as idle.
+A rank blocked for good still spends a little: one stuck in gloo's destroy_process_group after
+its peer had exited used 1.2 % of a core (two of the library's threads polling), so the bar
+sits well above that and far below any rank at work."""
 MIN_CPU_SECONDS = 0.05
 """CPU seconds that always count as activity, however short the time since the last look."""
 STOPPED_STATES = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
@@ -65,7 +68,7 @@ class ActivityMonitor:
                 self._cpu_by_pid[proc.pid] = max(seconds, self._cpu_by_pid.get(proc.pid, 0.0))
         cpu = sum(self._cpu_by_pid.values())
         output = self._output_sizes()
-        if self._active_at is None or self._active(now, cpu, output):
+        if self._active_at is None or self._active(now, cpu, output, len(workers)):
             self._active_at, self._cpu_at_active, self._output_at_active = now, cpu, output
             return None
         idle_for = now - self._active_at
@@ -83,10 +86,10 @@ class ActivityMonitor:
             f"{used:.2f} CPU seconds used in all and no output (no heartbeats to tell more)",
         )
 
-    def _active(self, now: float, cpu: float, output: tuple[int, ...]) -> bool:
+    def _active(self, now: float, cpu: float, output: tuple[int, ...], ranks: int) -> bool:
         assert self._active_at is not None
         used = cpu - self._cpu_at_active
-        share = IDLE_CPU_SHARE * (now - self._active_at)
+        share = IDLE_CPU_SHARE * max(1, ranks) * (now - self._active_at)
         # Output that changed in any way (a capped log starts again smaller) is activity.
         return used >= max(MIN_CPU_SECONDS, share) or output != self._output_at_active
 

@@ -55,7 +55,8 @@ class HangConfig:
     process_hang: str = option(
         "yes",
         "for a script that writes no heartbeats: a rank stopped (state T), or every rank idle "
-        "(under 1 %% of a core, no output), for the hang timeout (or --hang-floor) is a hang",
+        "(under 5 %% of a core per live rank, no output), for the hang timeout (or "
+        "--hang-floor) is a hang",
         choices=("yes", "no"),
         group=DETECTION,
     )
