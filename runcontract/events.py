@@ -100,7 +100,7 @@ class EventWriter:
     kernel places each such write at the end of the file whole, so lines from several processes
     never interleave, and a killed writer leaves its story up to the last event. A file that ends
     in a torn line (a write cut short by a full disk) gets a newline first, so the next event is
-    never glued onto it.
+    never glued onto it; a line another process is still appending is not torn.
     """
 
     def __init__(self, path: Path, source: str | None = None) -> None:
@@ -110,7 +110,7 @@ class EventWriter:
         self.path = path
         self.source = source
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if os.fstat(self._fd).st_size and not _ends_with_newline(path):
+        if _ends_in_a_torn_line(self._fd, path):
             self._write_all(b"\n")
 
     def write(self, type_: EventType | str, **fields: Any) -> dict[str, Any]:
@@ -139,6 +139,22 @@ class EventWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+TORN_LINE_SETTLE = 0.02
+"""Seconds a line without its newline must stay unchanged before it counts as torn."""
+
+
+def _ends_in_a_torn_line(fd: int, path: Path) -> bool:
+    # A reader can see another process's append half done (the kernel grows the file a page at
+    # a time), so a missing newline at the end is torn only if the file then stays the same
+    # size: a line still growing belongs to a live writer, which ends it itself. At worst a
+    # writer stalled mid-append costs one blank line, which every reader skips.
+    size = os.fstat(fd).st_size
+    if not size or _ends_with_newline(path):
+        return False
+    time.sleep(TORN_LINE_SETTLE)
+    return os.fstat(fd).st_size == size and not _ends_with_newline(path)
 
 
 def _ends_with_newline(path: Path) -> bool:

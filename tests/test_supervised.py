@@ -9,9 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from runcontract import events as events_module
+from runcontract.events import EventWriter, read_jsonl
 from trainer import supervised
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,12 +229,55 @@ def test_events_lines_never_interleave_with_another_writer(tmp_path: Path) -> No
         events({"type": "checkpoint_saved", "time": 0.0, "i": i, "pad": "y" * 3000})
     events.close()
     assert other.wait(timeout=120) == 0
-    from runcontract.events import read_jsonl
-
     records = read_jsonl(path)
-    assert len(path.read_text().splitlines()) == len(records) == 2 * n
+    # Every line parses whole (a blank one, left by an open that met a stalled append, is no
+    # event: readers skip it).
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    assert len(lines) == len(records) == 2 * n
     mine = [r for r in records if r.get("source") == "trainer"]
     assert [r["i"] for r in mine] == list(range(n))
     assert all(r["type"] == "checkpoint_saved" and r["time"] > 0 for r in mine)
     theirs = [r["i"] for r in records if "source" not in r]
     assert theirs == list(range(n))
+
+
+def test_an_events_file_that_ends_in_a_torn_line_gets_a_newline_before_the_next_event(
+    tmp_path: Path,
+) -> None:
+    # A write cut short by a full disk left half a line: the next writer must not glue its
+    # first event onto it.
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"time": 1, "type": "launch"}\n{"time": 2, "type": "che')
+    writer = EventWriter(path)
+    writer.write("done", step=3)
+    writer.close()
+    lines = path.read_text().splitlines()
+    assert lines[1] == '{"time": 2, "type": "che'
+    assert [r["type"] for r in read_jsonl(path)] == ["launch", "done"]
+
+
+def test_a_line_still_being_appended_is_not_taken_for_a_torn_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process's append seen half done: the file grows while the new writer waits to be
+    # sure, so no newline is added (it would leave a blank line behind). The other writer
+    # finishes its line during that wait, exactly.
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"time": 1, "type": "launch"}\n{"time": 2, ')
+    waits: list[float] = []
+
+    def the_other_writer_finishes(seconds: float) -> None:
+        waits.append(seconds)
+        with open(path, "a") as f:
+            f.write('"type": "done"}\n')
+
+    clock = SimpleNamespace(
+        sleep=the_other_writer_finishes, time=time.time, monotonic=time.monotonic
+    )
+    monkeypatch.setattr(events_module, "time", clock)
+    writer = EventWriter(path)
+    writer.write("exit", code=0)
+    writer.close()
+    assert waits == [events_module.TORN_LINE_SETTLE]
+    assert path.read_text().count("\n") == 3
+    assert [r["type"] for r in read_jsonl(path)] == ["launch", "done", "exit"]
