@@ -611,10 +611,30 @@ def test_a_memory_tier_that_cannot_write_leaves_every_failure_to_the_disk_interv
         ROSE_RUN_SECONDS="100.0",
         ROSE_MEMORY_RECOVERIES="2",
     )
-    # Enough steps for the 2 s of training before the first disk save, on a fast machine too.
-    args = [*TINY_ARGS, "--steps", "3000", "--ckpt-every", "auto", "--ckpt-mode", "sync"]
-    proc = run_supervised([*args, "--mem-every", "auto"], env)
-    assert proc.returncode == 0, proc.stderr
+    # Steps enough for the 2 s of training before the first disk save on any machine; the run
+    # is stopped (SIGTERM: a checkpoint, exit 75) once the disk interval has been announced.
+    args = [*TINY_ARGS, "--steps", "100000", "--ckpt-every", "auto", "--ckpt-mode", "sync"]
+    proc = subprocess.Popen(
+        train_command([*args, "--mem-every", "auto"]),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(
+            e["type"] == "checkpoint_interval" and e["tier"] == "disk"
+            for e in read_jsonl(events_file)
+        ):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no disk interval announced within 300 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == TrainerExit.PREEMPTED, err
+    finally:
+        kill_tree(proc)
     events = read_jsonl(events_file)
     assert [e["type"] for e in events if e["type"].startswith("memory_")] == ["memory_save_failed"]
     disk = [e for e in events if e["type"] == "checkpoint_interval" and e["tier"] == "disk"]
