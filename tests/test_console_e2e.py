@@ -21,7 +21,7 @@ import pytest
 
 from runcontract import exit_codes
 from tests.conftest import kill_tree
-from tests.scripts.harness import FAST, LAUNCH, ROOT, WORKER, Launched
+from tests.scripts.harness import FAST, FAST_WITH_PLOT, LAUNCH, ROOT, WORKER, Launched
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -106,7 +106,7 @@ def recovered(tmp_path_factory: pytest.TempPathFactory, train_env: dict[str, str
     run_dir = tmp_path_factory.mktemp("console") / "run"
     run = Launched(
         run_dir,
-        ["--nproc", "2", *FAST, "--max-restarts", "5", "--progress-every", "0.3",
+        ["--nproc", "2", *FAST_WITH_PLOT, "--max-restarts", "5", "--progress-every", "0.3",
          "--", *TRAIN_ARGS],
         env=train_env,
     )  # fmt: skip

@@ -45,10 +45,11 @@ TRAIN_ARGS = [
 MEMORY_ARGS = ["--mem-every", "1"]
 
 # Fast recovery for tests; the crash-loop guard is off (several tests fail attempts on purpose
-# before the first checkpoint exists) unless a test asks for it.
+# before the first checkpoint exists) unless a test asks for it; no report.png (tests/test_report.py
+# draws it).
 SUPERVISOR_ARGS = [
     "--nproc", "2", "--max-restarts", "8", "--crash-loop", "0", "--backoff-initial", "0.05",
-    "--backoff-max", "0.2", "--stop-grace", "1", "--require-heartbeats", "yes",
+    "--backoff-max", "0.2", "--stop-grace", "1", "--require-heartbeats", "yes", "--no-plot",
 ]  # fmt: skip
 
 

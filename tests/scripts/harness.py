@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch.py"
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
-# Fast settings for tests: quick backoff, short grace, no crash-loop guard unless asked.
-FAST = ["--backoff-initial", "0.05", "--backoff-max", "0.2", "--stop-grace", "1"]
+# Fast settings for tests: quick backoff, short grace, no crash-loop guard unless asked, and no
+# report.png at the end (importing matplotlib and drawing cost each run about a second of CPU;
+# the tests of the plot draw it).
+FAST = ["--backoff-initial", "0.05", "--backoff-max", "0.2", "--stop-grace", "1", "--no-plot"]
+FAST_WITH_PLOT = [flag for flag in FAST if flag != "--no-plot"]
 
 
 class Launched:
