@@ -28,8 +28,8 @@ GATE_SCRIPT = Path(gate.__file__).resolve()
 STANDBY_DIR = "standby"
 """Folder of the run directory that holds each standby's gate (``standby/attempt-<N>/``)."""
 
-# What every standby imports: torch and its distributed parts (torch._dynamo is imported by the
-# optimizers' first step, about a second of a cold start on its own).
+# What every standby imports: torch and its distributed parts (torch._dynamo is imported when an
+# optimizer is built, by add_param_group: 1.7 s of a cold start on its own).
 BASE_PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo")
 # What the built-in trainer imports besides: its whole module tree.
 TRAINER_PRELOAD = ("trainer.train",)
