@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(BIN)/python launch.py --nproc 2 --max-restarts 5 $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -537,6 +537,8 @@ class TorchrunRunner:
                 )
             else:
                 hang = self.activity.look(live, tree.others.values())
+                if hang is not None and hang.phase == "idle":
+                    hang = _after_peers_finished(hang, tree)
         if hang is None and monitor.silent() and not self._announced_silent:
             self._announced_silent = True
             if self.activity is not None:
@@ -751,3 +753,22 @@ def _stopped_rank_first(hang: Hang, live: list[Worker], monitor: HeartbeatMonito
                 f"its peers wait for it ({hang.reason})",
             )
     return hang
+
+
+def _after_peers_finished(hang: Hang, tree: AttemptTree) -> Hang:
+    """An idle hang of ranks whose peers already exited 0 says so: ranks left behind after their
+    peers finished are most often stuck in their teardown (gloo's destroy_process_group() is
+    known to hang now and then once a peer is gone), and the script only has to end them."""
+    finished = sorted(
+        w.rank
+        for w in tree.workers.values()
+        if w.gone_at is not None and w.exit_code == 0 and w.rank is not None
+    )
+    if not finished:
+        return hang
+    ranks = ", ".join(str(r) for r in finished)
+    note = (
+        f"; rank(s) {ranks} had already exited 0: the ranks left may be stuck in their teardown "
+        "(destroy_process_group) after the work was done"
+    )
+    return dataclasses.replace(hang, reason=hang.reason + note)

@@ -58,6 +58,22 @@ def test_ranks_idle_in_a_collective_are_a_hang_without_heartbeats(tmp_path: Path
         run.kill_all()
 
 
+def test_a_rank_left_idle_after_its_peers_exited_0_is_a_hang_that_says_so(tmp_path: Path) -> None:
+    # Attempt 1: rank 0 finishes and exits 0; rank 1 never ends (as in a teardown stuck after its
+    # peer left). The hang names the finished rank, so the user looks at the teardown.
+    run = _run(tmp_path, "--hang-timeout", "3", str(SILENT), "behind,work", "--seconds", "1")
+    try:
+        assert run.wait(3 * ATTEMPT_TIMEOUT) == exit_codes.SUCCESS, run.stderr[-3000:]
+        hangs = [e for e in run.events() if e["type"] == "hang_detected"]
+        assert [(e["attempt"], e["phase"]) for e in hangs] == [(1, "idle")]
+        assert "every rank idle" in hangs[0]["reason"]
+        assert "rank(s) 0 had already exited 0" in hangs[0]["reason"], hangs[0]["reason"]
+        assert "teardown" in hangs[0]["reason"]
+        assert run.leftovers(timeout=5.0) == []
+    finally:
+        run.kill_all()
+
+
 def test_busy_or_talking_ranks_are_not_hung(tmp_path: Path) -> None:
     # Work longer than the timeout, then sleep while printing: neither is a hang.
     run = _run(tmp_path, "--hang-timeout", "1", str(SILENT), "work", "--seconds", "3")

@@ -9,7 +9,9 @@ MODE (one per attempt, from ``ROSE_ATTEMPT``; the last one repeats):
 - ``talk``: every rank sleeps ``--seconds`` seconds, printing a line every 0.2 s, then exits 0;
 - ``save``: every rank burns CPU until stopped; rank 0 rewrites ``--save-to`` every 0.2 s;
 - ``stop``: rank R sends itself SIGSTOP; the others burn CPU until stopped;
-- ``stuck``: rank R sleeps forever; the others wait for it in a gloo barrier that never ends.
+- ``stuck``: rank R sleeps forever; the others wait for it in a gloo barrier that never ends;
+- ``behind``: the other ranks exit 0 at once; rank R sleeps forever, as a rank stuck in its
+  teardown after its peers finished does.
 
 ``--done-marker PATH``: rank 0 creates PATH once its work is done. ``--abort``: after the work
 every rank ends with SIGABRT, as a gloo teardown sometimes does at exit.
@@ -71,6 +73,10 @@ elif mode == "stuck":
         while True:
             time.sleep(3600)
     dist.barrier()
+elif mode == "behind":
+    if rank == args.rank:
+        while True:
+            time.sleep(3600)
 else:
     sys.exit(f"unknown mode {mode!r}")
 
