@@ -758,7 +758,7 @@ def _stopped_rank_first(hang: Hang, live: list[Worker], monitor: HeartbeatMonito
 def _after_peers_finished(hang: Hang, tree: AttemptTree) -> Hang:
     """An idle hang of ranks whose peers already exited 0 says so: ranks left behind after their
     peers finished are most often stuck in their teardown (gloo's destroy_process_group() is
-    known to hang now and then once a peer is gone), and the script only has to end them."""
+    known to hang now and then once a peer is gone), not in their training."""
     finished = sorted(
         w.rank
         for w in tree.workers.values()
